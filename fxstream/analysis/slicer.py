@@ -1,0 +1,337 @@
+"""Feature Slicer: decide which chains of ops are sliced along which axis. Analysis only; nothing is rewritten.
+
+For each named axis of the video latent (batch, frames, height, width) the slicer floods the graph from the
+latent input: every op reached gets the cut its rule allows (``flood``). Ops connected by edges whose cuts agree
+form candidate regions (``_components``); a region must not need its own values whole, and must be convex
+(no path leaves it and comes back), so both are enforced. Regions of all axes then compete greedily by the bytes
+they keep from ever being materialised; a node belongs to at most one region.
+
+NOTE [Why flood from the input]
+An axis is a fact about the data (the height of the video), not about one tensor. Starting from the latent and
+following rules forwards and backwards names every tensor's copy of that axis, however it is reshaped
+(``(B*F, C, H, W)``, ``(B*H*W, F, C)``, ...), so the report can say "height" instead of "dim 0".
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from ..errors import CantSlice
+from ..policy import AXIS_KIND, Policy
+from .cuts import PARTIAL, Cut, slice_bounds
+from .rules import WHOLE, RuleContext, rule_for, val_shape
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Axis", "Region", "SlicePlan", "plan_slicing", "LAYOUTS", "find_axes", "tensor_bytes"]
+
+# Layout of the video latent (the first 5-D input) per model class; a model not listed gets no named axes.
+LAYOUTS = {
+    "UNetSpatioTemporalConditionModel": "BFCHW",
+    "UNetMotionModel": "BCFHW",
+    "UNet3DConditionModel": "BCFHW",
+    "I2VGenXLUNet": "BCFHW",
+}
+_AXIS_NAMES = {"B": "batch", "F": "frames", "H": "height", "W": "width"}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A named axis of the latent input: which placeholder and dim it starts from, and its length."""
+
+    name: str
+    source: str  # placeholder name
+    dim: int
+    length: int
+
+
+@dataclass
+class Region:
+    """A connected chain of ops that share one slicing along ``axis``."""
+
+    axis: Axis
+    count: int
+    nodes: list  # in graph order
+    cuts: dict  # node -> Cut | PARTIAL
+    inputs: list = field(default_factory=list)  # [(node, Cut | None)]
+    outputs: list = field(default_factory=list)  # [(node, Cut | PARTIAL)]
+    saved_bytes: int = 0
+    largest_interior_bytes: int = 0
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        return slice_bounds(self.axis.length, self.count)
+
+    @property
+    def module(self) -> str:
+        return common_module_path(self.nodes)
+
+
+@dataclass
+class SlicePlan:
+    regions: list
+    reasons: dict  # node -> why it is not sliced
+
+
+def tensor_bytes(n: Node) -> int:
+    v = n.meta.get("val")
+    vs = v if isinstance(v, (list, tuple)) else [v]
+    return sum(t.numel() * t.element_size() for t in vs if isinstance(t, torch.Tensor))
+
+
+def module_path(n: Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def common_module_path(nodes) -> str:
+    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
+    if not paths:
+        return ""
+    common = paths[0]
+    for p in paths[1:]:
+        i = 0
+        while i < min(len(common), len(p)) and common[i] == p[i]:
+            i += 1
+        common = common[:i]
+    return ".".join(common)
+
+
+def find_axes(gm: GraphModule, layout: str | None) -> list[Axis]:
+    """Named axes of the first 5-D tensor input, from ``layout`` (e.g. ``"BFCHW"``)."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder" or n.name.startswith(("p_", "b_", "c_")):
+            continue
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dim() == 5 and layout:
+            return [Axis(_AXIS_NAMES[c], n.name, i, int(v.shape[i])) for i, c in enumerate(layout)
+                    if c in _AXIS_NAMES and int(v.shape[i]) > 1]
+    return []
+
+
+def _candidate_cuts(node: Node, length: int):
+    try:
+        shape = val_shape(node)
+    except CantSlice:
+        return
+    for e, s in enumerate(shape):
+        if s % length:
+            continue
+        rest = s // length
+        for outer in range(1, rest + 1):
+            if rest % outer == 0:
+                yield Cut(e, outer, rest // outer)
+    yield PARTIAL
+
+
+def _carry(n: Node, u: Node, c: Cut):
+    """Where no rule lets the cut through ``u``, still name the axis in its output (same dim index, new
+    length): a 3x3 convolution keeps the height, a strided one halves it. Used for naming only, never slicing."""
+    if c is PARTIAL or not isinstance(u.meta.get("val"), torch.Tensor):
+        return None
+    try:
+        su, sn = val_shape(u), val_shape(n)
+    except CantSlice:
+        return None
+    k = c.outer * c.inner
+    if len(su) != len(sn) or su[c.dim] % k or su[c.dim] // k < 2:
+        return None
+    return c, su[c.dim] // k
+
+
+class _Flood:
+    """Every node reached from an axis, with its cut and axis length; for nodes a rule lets slice, the input
+    requirements the rule gives (``req``)."""
+
+    def __init__(self, gm: GraphModule, axis: Axis, excluded: set):
+        self.cut: dict = {}
+        self.length: dict = {}
+        self.req: dict = {}
+        self.reason: dict = {}
+        self.excluded = excluded
+        src = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == axis.source)
+        self.cut[src], self.length[src] = Cut(axis.dim), axis.length
+        self._run(src)
+
+    def ctx(self, length: int) -> RuleContext:
+        return RuleContext(length, lambda p: self.cut.get(p) if self.length.get(p) == length else None)
+
+    def _try(self, node: Node, cut, length: int):
+        rule = rule_for(node)
+        if rule is None:
+            self.reason[node] = f"no slice rule for {node.target}"
+            return None
+        try:
+            return rule.inputs(node, cut, self.ctx(length))
+        except CantSlice as e:
+            self.reason[node] = str(e)
+            return None
+
+    def _set(self, node, cut, length, req):
+        self.cut[node], self.length[node] = cut, length
+        if req is not None:
+            self.req[node] = req
+
+    def _forward(self, n: Node, u: Node) -> bool:
+        c, length = self.cut[n], self.length[n]
+        if u not in self.excluded:
+            for cand in _candidate_cuts(u, length):
+                req = self._try(u, cand, length)
+                if req is not None and req.get(n, WHOLE) == c:
+                    self._set(u, cand, length, req)
+                    return True
+        carried = _carry(n, u, c)
+        if carried is not None:
+            self._set(u, *carried, None)
+            return True
+        return False
+
+    def _run(self, src: Node):
+        work = [src]
+        while work:
+            n = work.pop()
+            for u in n.users:
+                if u.op == "call_function" and u not in self.cut and self._forward(n, u):
+                    work.append(u)
+            for p, c in self.req.get(n, {}).items():
+                if isinstance(c, Cut) and p.op == "call_function" and p not in self.cut and p not in self.excluded:
+                    req = self._try(p, c, self.length[n])
+                    if req is not None:
+                        self._set(p, c, self.length[n], req)
+                        work.append(p)
+
+
+def _components(flood: _Flood, allowed: set) -> list[set]:
+    g = nx.Graph()
+    g.add_nodes_from(allowed)
+    for n in allowed:
+        for p, c in flood.req[n].items():
+            if p in allowed and c == flood.cut[p]:
+                g.add_edge(p, n)
+    return [set(c) for c in nx.connected_components(g)]
+
+
+def _conflicts(flood: _Flood, comp: set) -> set:
+    """Nodes needing a value of their own region whole (or cut otherwise) must leave it."""
+    bad = set()
+    for n in comp:
+        for p, c in flood.req[n].items():
+            if p in comp and c != flood.cut[p]:
+                bad.add(n)
+        if flood.cut[n] is PARTIAL and any(u in comp for u in n.users):
+            bad.update(u for u in n.users if u in comp)
+    return bad
+
+
+def _nonconvex(comp: set, order: dict) -> set:
+    """Region nodes reached from the region through a node outside it: they must leave it."""
+    lo, hi = min(order[n] for n in comp), max(order[n] for n in comp)
+    tainted, bad = set(), set()
+    for n in sorted((m for m in order if lo <= order[m] <= hi), key=order.get):
+        inputs = n.all_input_nodes
+        if n in comp:
+            if any(p in tainted for p in inputs):
+                bad.add(n)
+                tainted.add(n)
+        elif any(p in tainted or (p in comp and p not in bad) for p in inputs):
+            tainted.add(n)
+    return bad
+
+
+def _regions_of(flood: _Flood, allowed: set, order: dict) -> list[set]:
+    pending, done = [set(allowed)], []
+    while pending:
+        s = pending.pop()
+        for comp in _components(flood, s):
+            bad = _conflicts(flood, comp)
+            if bad:  # these need a value of their own region whole: they stay outside
+                for b in bad:
+                    flood.reason[b] = "needs a value of the region it would join whole"
+                pending.append(comp - bad)
+                continue
+            later = _nonconvex(comp, order)
+            if later:  # a path leaves the region and comes back: what it reaches starts a region of its own
+                pending.extend([comp - later, later])
+            else:
+                done.append(comp)
+    return done
+
+
+def _make_region(axis: Axis, count: int, comp: set, flood: _Flood, order: dict, output_nodes: set) -> Region:
+    nodes = sorted(comp, key=order.get)
+    inputs, seen = [], set()
+    for n in nodes:
+        for p, c in flood.req[n].items():
+            if p not in comp and p not in seen:
+                seen.add(p)
+                inputs.append((p, c))
+        for p in n.all_input_nodes:  # inputs no rule mentioned (none today) enter whole
+            if p not in comp and p not in seen:
+                seen.add(p)
+                inputs.append((p, WHOLE))
+    outputs, interior = [], []
+    for n in nodes:
+        if any(u not in comp for u in n.users) or n in output_nodes:
+            outputs.append((n, flood.cut[n]))
+        else:
+            interior.append(tensor_bytes(n))
+    return Region(axis, count, nodes, {n: flood.cut[n] for n in nodes}, inputs, outputs,
+                  sum(interior), max(interior, default=0))
+
+
+def plan_slicing(gm: GraphModule, policy: Policy, layout: str | None) -> SlicePlan:
+    """Choose the regions for ``gm`` under ``policy``. ``gm`` must carry ``meta["val"]`` on every node."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    output_nodes = set(out_node.all_input_nodes)
+    biggest = max((tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
+    floor = policy.min_region_fraction * biggest
+    axes = [a for a in find_axes(gm, layout) if policy.count_for(AXIS_KIND[a.name]) > 1]
+    taken: set = set()
+    regions, reasons = [], {}
+
+    def candidates(axis):
+        flood = _Flood(gm, axis, taken)
+        for n, r in flood.reason.items():
+            reasons.setdefault(n, f"{axis.name}: {r}")
+        out = []
+        for length in sorted(set(flood.length[n] for n in flood.req)):
+            allowed = {n for n in flood.req if flood.length[n] == length and n not in taken}
+            sub = Axis(axis.name, axis.source, axis.dim, length)
+            count = min(policy.count_for(AXIS_KIND[axis.name]), length)
+            out.extend(_keep_large(sub, count, _regions_of(flood, allowed, order), flood))
+        return out
+
+    def _keep_large(axis, count, comps, flood):
+        out = []
+        for comp in comps:
+            reg = _make_region(axis, count, comp, flood, order, output_nodes)
+            if count > 1 and reg.largest_interior_bytes > 0 and reg.largest_interior_bytes >= floor:
+                out.append(reg)
+            else:
+                for n in comp:
+                    reasons.setdefault(n, f"{axis.name}: region too small to pay for its loop")
+        return out
+
+    axis_by_name = {a.name: a for a in axes}
+    pool = [r for a in axes for r in candidates(a)]
+    while pool:
+        best = max(pool, key=lambda r: r.saved_bytes)
+        pool.remove(best)
+        if taken.isdisjoint(best.nodes):
+            regions.append(best)
+            taken.update(best.nodes)
+        else:  # it overlaps a chosen region: that axis is planned again without the taken nodes
+            pool = [r for r in pool if r.axis.name != best.axis.name] + candidates(axis_by_name[best.axis.name])
+    regions.sort(key=lambda r: order[r.nodes[0]])
+    for r in regions:
+        for n in r.nodes:
+            reasons.pop(n, None)
+    log.debug("planned %d regions", len(regions))
+    return SlicePlan(regions, reasons)

@@ -1,0 +1,80 @@
+"""The pipeline from a captured graph to a sliced one: a straight list of steps.
+
+capture (torch.export) -> strip asserts -> split GroupNorms -> plan slicing (analysis) -> group regions (rewrite)
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from .analysis.slicer import LAYOUTS, SlicePlan, plan_slicing
+from .errors import CaptureError
+from .graph_utils import strip_asserts
+from .passes.group_regions import group_regions
+from .passes.split_group_norm import TAG, split_group_norm, splittable_group_norms
+from .policy import Policy
+
+log = logging.getLogger(__name__)
+
+__all__ = ["capture", "compile_graph", "CompiledGraph", "layout_of"]
+
+
+def layout_of(module: torch.nn.Module) -> str | None:
+    """Layout of the video latent for a known model class (see ``LAYOUTS``), else None."""
+    return LAYOUTS.get(type(module).__name__)
+
+
+def capture(module: torch.nn.Module, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` of one forward with these keyword arguments; CaptureError quoting export's reason."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, (), kwargs, strict=False)
+    except Exception as e:  # export raises many types; all mean the same to the user
+        raise CaptureError(
+            f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {e}\n"
+            "fxstream needs a module that torch.export.export(module, (), kwargs, strict=False) accepts."
+        ) from e
+
+
+@dataclass
+class CompiledGraph:
+    """The result of compiling one captured graph: the graph to run, the plan, and the graph it came from."""
+
+    graph_module: GraphModule
+    plan: SlicePlan
+    original: GraphModule
+    prepared: GraphModule  # after the preparing passes, before grouping (what the plan's nodes belong to)
+
+
+def _prepare(gm: GraphModule, split: set) -> GraphModule:
+    gm = copy.deepcopy(gm)
+    strip_asserts(gm)
+    if split:
+        split_group_norm(gm, split)
+    return gm
+
+
+def compile_graph(gm: GraphModule, policy: Policy, layout: str | None) -> CompiledGraph:
+    """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged."""
+    if not policy.slices_anything:
+        return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
+    # GroupNorms are split only where a region uses the split (unsliced ops stay as they were): plan with all
+    # candidates split, then again with just the ones used, until the set is stable.
+    split = set(splittable_group_norms(gm)) if policy.count_for("temporal") > 1 else set()
+    for _ in range(4):
+        prepared = _prepare(gm, split)
+        plan = plan_slicing(prepared, policy, layout)
+        used = {n.meta[TAG] for r in plan.regions for n in r.nodes if TAG in n.meta}
+        if used == split:
+            break
+        split = used
+    else:
+        prepared = _prepare(gm, split)
+        plan = plan_slicing(prepared, policy, layout)
+    out = group_regions(prepared, plan)
+    log.info("compiled: %d regions", len(plan.regions))
+    return CompiledGraph(out, plan, gm, prepared)

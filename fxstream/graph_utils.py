@@ -1,0 +1,40 @@
+"""Small helpers on fx graphs shared by the passes: fake-tensor metadata and node metadata copies."""
+from __future__ import annotations
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import GraphModule, Node
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+__all__ = ["fake_mode_of", "propagate_meta", "copy_meta", "strip_asserts"]
+
+_KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
+
+
+def fake_mode_of(gm: GraphModule):
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:
+        raise ValueError("graph: placeholders carry no fake tensors in meta['val']; capture it with torch.export")
+    return mode
+
+
+def propagate_meta(gm: GraphModule, inputs, mode) -> None:
+    """Recompute ``meta["val"]`` of every node from fake ``inputs`` (one per placeholder)."""
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def copy_meta(src: Node, dst: Node) -> None:
+    """Give ``dst`` the module path and source location of ``src`` (not its value)."""
+    for k in _KEEP_META:
+        if k in src.meta:
+            dst.meta[k] = src.meta[k]
+
+
+def strip_asserts(gm: GraphModule) -> GraphModule:
+    """Remove ``_assert_tensor_metadata`` checks: they would keep sliced values alive whole."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return gm

@@ -1,0 +1,145 @@
+"""Video UNets built from the architecture configs shipped inside the package.
+
+No weights can be downloaded, so every model here has random weights: built on the ``meta`` device for
+full-size planning (no memory, no compute) or on the CPU for real runs at small sizes. ``example_inputs``
+gives the keyword arguments of one UNet forward for each model, shaped as the diffusers pipelines call it.
+
+    >>> unet = build_unet("svd-tiny")
+    >>> out = unet(**example_inputs("svd-tiny", unet))
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+__all__ = ["MODELS", "ModelSpec", "build_unet", "example_inputs", "load_config"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One named UNet: its kind, config files and the default input size (latent height, width, frames)."""
+
+    kind: str  # "svd" or "animatediff"
+    unet_config: str | dict
+    adapter_config: str | dict | None
+    height: int
+    width: int
+    frames: int
+    batch: int = 2
+
+
+# Tiny configs in the shape of the ones diffusers' own tests use.
+_SVD_TINY = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"],
+    "up_block_types": ["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
+    "cross_attention_dim": 32,
+    "num_attention_heads": [8, 16],
+    "projection_class_embeddings_input_dim": 96,
+    "addition_time_embed_dim": 32,
+    "in_channels": 8,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 16,
+    "num_frames": 4,
+}
+_AD_TINY_UNET = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "norm_num_groups": 2,
+}
+_AD_TINY_ADAPTER = {
+    "block_out_channels": [32, 64],
+    "motion_layers_per_block": 2,
+    "motion_norm_num_groups": 2,
+    "motion_num_attention_heads": 4,
+    "motion_max_seq_length": 32,
+}
+
+MODELS: dict[str, ModelSpec] = {
+    "svd": ModelSpec("svd", "svd.json", None, 72, 128, 14),
+    "svd-xt": ModelSpec("svd", "svd-xt.json", None, 72, 128, 25),
+    "svd-mid": ModelSpec("svd", "svd-mid.json", None, 64, 64, 8),
+    "svd-tiny": ModelSpec("svd", _SVD_TINY, None, 16, 16, 4),
+    "animatediff": ModelSpec("animatediff", "sd15-unet.json", "animatediff-motion-adapter.json", 64, 64, 16),
+    "animatediff-mid": ModelSpec(
+        "animatediff", "animatediff-mid-unet.json", "animatediff-mid-motion-adapter.json", 64, 64, 8
+    ),
+    "animatediff-tiny": ModelSpec("animatediff", _AD_TINY_UNET, _AD_TINY_ADAPTER, 16, 16, 4),
+}
+
+
+def load_config(name: str | dict) -> dict:
+    """A config dict, from a file shipped in ``fxstream/configs`` or given directly; private keys removed."""
+    if isinstance(name, dict):
+        cfg = dict(name)
+    else:
+        text = resources.files("fxstream").joinpath("configs").joinpath(name).read_text()
+        cfg = json.loads(text)
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"model: unknown name {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def build_unet(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The named UNet with random weights (seeded), on ``device`` (``"meta"`` builds without memory)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel, UNetSpatioTemporalConditionModel
+
+    spec = _spec(name)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        if spec.kind == "svd":
+            unet = UNetSpatioTemporalConditionModel.from_config(load_config(spec.unet_config))
+        else:
+            base = UNet2DConditionModel.from_config(load_config(spec.unet_config))
+            adapter = MotionAdapter.from_config(load_config(spec.adapter_config))
+            unet = UNetMotionModel.from_unet2d(base, adapter)
+    # AlphaBlender's mix_factor is made with torch.Tensor([alpha]) and lands on the CPU; move everything.
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def example_inputs(name: str, unet, *, batch: int | None = None, frames: int | None = None,
+                   height: int | None = None, width: int | None = None, seed: int = 0) -> dict:
+    """Keyword arguments for one forward of ``unet`` (built by :func:`build_unet` for ``name``)."""
+    spec = _spec(name)
+    b = spec.batch if batch is None else batch
+    f = spec.frames if frames is None else frames
+    h = spec.height if height is None else height
+    w = spec.width if width is None else width
+    p = next(unet.parameters())
+    device, dtype = p.device, p.dtype
+    cfg = unet.config
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float32) if device.type != "meta" else torch.empty(shape)
+        return t.to(device=device, dtype=dtype)
+
+    if spec.kind == "svd":
+        return {
+            "sample": randn(b, f, cfg.in_channels, h, w),
+            "timestep": torch.tensor(700.0, device=device),
+            "encoder_hidden_states": randn(b, 1, cfg.cross_attention_dim),
+            "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * b, device=device, dtype=dtype),
+            "return_dict": False,
+        }
+    return {
+        "sample": randn(b, cfg.in_channels, f, h, w),
+        "timestep": torch.tensor(700.0, device=device),
+        "encoder_hidden_states": randn(b * f, 77, cfg.cross_attention_dim),
+        "return_dict": False,
+    }

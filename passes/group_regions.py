@@ -1,0 +1,129 @@
+"""Operator Grouping: turn each planned region into one ``call_module`` node running a loop-tiled body.
+
+Recipe: build one body GraphModule per distinct slice size, wrap them in a :class:`~fxstream.runtime.LoopRegion`,
+emit the graph again in a topological order of the condensed DAG (a region counts as one node), and let
+``getitem`` nodes stand for the region's outputs. Every new node keeps the module path of what it replaces.
+"""
+from __future__ import annotations
+
+import operator
+
+import networkx as nx
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from fxstream.analysis.cuts import PARTIAL, Cut, cut_size
+from fxstream.analysis.rules import rule_for
+from fxstream.analysis.slicer import Region, SlicePlan
+from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta
+from fxstream.runtime import LoopRegion, _as_body_input
+
+__all__ = ["group_regions", "build_body"]
+
+
+def build_body(region: Region, n: int, mode) -> GraphModule:
+    """The region's ops for a slice of ``n`` elements of its axis, as a GraphModule with fake metadata."""
+    g = Graph()
+    env: dict = {}
+    fake_inputs = []
+    for p, c in region.inputs:
+        ph = g.placeholder(p.name)
+        copy_meta(p, ph)
+        env[p] = ph
+        v = p.meta["val"]
+        with mode:
+            fake_inputs.append(v if c is None else _as_body_input(v, c, 0, n, region.axis.length))
+    for node in region.nodes:
+        cut = region.cuts[node]
+        rule = rule_for(node)
+        target, args, kwargs = node.target, node.args, node.kwargs
+        if rule.rewrite is not None and isinstance(cut, Cut):
+            target, args, kwargs = rule.rewrite(node, cut, n, region.axis.length)
+        new = g.call_function(target, torch.fx.map_arg(args, env.__getitem__),
+                              torch.fx.map_arg(kwargs, env.__getitem__))
+        copy_meta(node, new)
+        env[node] = new
+    g.output(tuple(env[o] for o, _ in region.outputs))
+    body = GraphModule(torch.nn.Module(), g)
+    propagate_meta(body, fake_inputs, mode)
+    return body
+
+
+def _check_body(region: Region, body: GraphModule, n: int) -> None:
+    """Each body output must have exactly the slice's shape: a wrong rule is caught here, at compile time."""
+    out = next(x for x in body.graph.nodes if x.op == "output").args[0]
+    for (o, c), b in zip(region.outputs, out):
+        want = list(o.meta["val"].shape)
+        if isinstance(c, Cut):
+            want = cut_size(want, c, n)
+        got = list(b.meta["val"].shape)
+        if got != want:
+            raise AssertionError(f"region at {region.module}: body output {o.name} has shape {got}, expected {want}")
+
+
+def make_loop(region: Region, mode) -> LoopRegion:
+    sizes = sorted({n for _, n in region.bounds})
+    bodies = {}
+    for n in sizes:
+        bodies[n] = build_body(region, n, mode)
+        _check_body(region, bodies[n], n)
+    out_meta = [(tuple(o.meta["val"].shape), o.meta["val"].dtype) for o, _ in region.outputs]
+    return LoopRegion(bodies, region.axis.length, region.bounds, [c for _, c in region.inputs],
+                      [c for _, c in region.outputs], out_meta, axis=region.axis.name)
+
+
+def _condensed_order(gm: GraphModule, regions) -> list:
+    region_of = {n: i for i, r in enumerate(regions) for n in r.nodes}
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def unit(n):
+        return ("region", region_of[n]) if n in region_of else ("node", index[n])
+
+    first = {}
+    dag = nx.DiGraph()
+    for n in gm.graph.nodes:
+        u = unit(n)
+        first.setdefault(u, index[n])
+        dag.add_node(u)
+        for p in n.all_input_nodes:
+            if unit(p) != u:
+                dag.add_edge(unit(p), u)
+    return list(nx.lexicographical_topological_sort(dag, key=first.__getitem__))
+
+
+def group_regions(gm: GraphModule, plan: SlicePlan) -> GraphModule:
+    """A new GraphModule in which every region of ``plan`` is a loop-tiled ``call_module`` node."""
+    if not plan.regions:
+        return gm
+    mode = fake_mode_of(gm)
+    nodes = list(gm.graph.nodes)
+    new_graph = Graph()
+    new_graph._codegen = gm.graph._codegen
+    env: dict = {}
+    loops = {}
+    for kind, key in _condensed_order(gm, plan.regions):
+        if kind == "node":
+            old = nodes[key]
+            env[old] = new_graph.node_copy(old, env.__getitem__)
+            continue
+        region = plan.regions[key]
+        name = f"region_{key}"
+        loops[name] = make_loop(region, mode)
+        call = new_graph.call_module(name, tuple(env[p] for p, _ in region.inputs))
+        copy_meta(region.nodes[0], call)
+        call.meta["val"] = tuple(o.meta["val"] for o, _ in region.outputs)
+        call.meta["fxstream.region"] = region
+        for j, (o, c) in enumerate(region.outputs):
+            item = new_graph.call_function(operator.getitem, (call, j))
+            copy_meta(o, item)
+            item.meta["val"] = o.meta["val"]
+            env[o] = item
+    root = torch.nn.Module()
+    for name, mod in gm.named_children():
+        root.add_module(name, mod)
+    for name, loop in loops.items():
+        root.add_module(name, loop)
+    out = GraphModule(root, new_graph)
+    out.graph.lint()
+    out.recompile()
+    return out
