@@ -181,11 +181,18 @@ class _Flood:
     def _forward(self, n: Node, u: Node) -> bool:
         c, length = self.cut[n], self.length[n]
         if u not in self.excluded:
+            why = {}
             for cand in _candidate_cuts(u, length):
                 req = self._try(u, cand, length)
                 if req is not None and req.get(n, WHOLE) == c:
                     self._set(u, cand, length, req)
+                    self.reason.pop(u, None)
                     return True
+                if u in self.reason:
+                    why[cand] = self.reason.pop(u)
+            same_dim = [r for k, r in why.items() if isinstance(k, Cut) and k.dim == getattr(c, "dim", -1)]
+            if why:
+                self.reason[u] = (same_dim or list(why.values()))[0]
         carried = _carry(n, u, c)
         if carried is not None:
             self._set(u, *carried, None)
