@@ -180,19 +180,19 @@ class _Flood:
 
     def _forward(self, n: Node, u: Node) -> bool:
         c, length = self.cut[n], self.length[n]
-        if u not in self.excluded:
-            why = {}
-            for cand in _candidate_cuts(u, length):
-                req = self._try(u, cand, length)
-                if req is not None and req.get(n, WHOLE) == c:
-                    self._set(u, cand, length, req)
-                    self.reason.pop(u, None)
-                    return True
-                if u in self.reason:
-                    why[cand] = self.reason.pop(u)
-            same_dim = [r for k, r in why.items() if isinstance(k, Cut) and k.dim == getattr(c, "dim", -1)]
-            if why:
-                self.reason[u] = (same_dim or list(why.values()))[0]
+        why = {}
+        for cand in _candidate_cuts(u, length):
+            req = self._try(u, cand, length)
+            if req is not None and req.get(n, WHOLE) == c:
+                # an excluded node names the axis for its users but is not sliced itself
+                self._set(u, cand, length, None if u in self.excluded else req)
+                self.reason.pop(u, None)
+                return True
+            if u in self.reason:
+                why[cand] = self.reason.pop(u)
+        same_dim = [r for k, r in why.items() if isinstance(k, Cut) and k.dim == getattr(c, "dim", -1)]
+        if why:
+            self.reason[u] = (same_dim or list(why.values()))[0]
         carried = _carry(n, u, c)
         if carried is not None:
             self._set(u, *carried, None)
@@ -292,6 +292,46 @@ def _make_region(axis: Axis, count: int, comp: set, flood: _Flood, order: dict, 
                   sum(interior), max(interior, default=0))
 
 
+# Ops that treat some dims as batch and others as features: each is sliced along its outermost sliceable axis.
+ANCHOR_KINDS = frozenset({"linear", "conv", "norm", "attention", "softmax"})
+
+
+def _anchor_bans(gm: GraphModule, axes) -> dict:
+    """For each axis, the nodes that belong to another axis.
+
+    NOTE [Outermost axis first]
+    An op that can be cut along several axes (a linear over ``(B*F, H*W, C)`` along frames or along height) is
+    cut along the one in its outermost dim: there each slice is a contiguous block and the op sees the dim as
+    batch. This puts spatial layers on frames and temporal layers on height, as the paper does, without
+    knowing which layer is which. Pointwise and view ops ("glue") have no preference of their own: each goes
+    with the axis of its nearest anchor op, counting steps along edges whose cuts agree.
+    """
+    floods = {a.name: _Flood(gm, a, set()) for a in axes}
+    best: dict = {}
+    for name, flood in floods.items():
+        for n, c in flood.cut.items():
+            rule = rule_for(n)
+            if n in flood.req and isinstance(c, Cut) and rule is not None and rule.kind in ANCHOR_KINDS:
+                if n not in best or c.dim < best[n][0]:
+                    best[n] = (c.dim, name)
+    owner = {n: name for n, (_, name) in best.items()}
+    dist: dict = {}
+    for name, flood in floods.items():
+        g = nx.Graph()
+        for n, req in flood.req.items():
+            for p, c in req.items():
+                if p in flood.req and c == flood.cut[p]:
+                    g.add_edge(p, n)
+        glue = {n for n in g if n not in best}
+        sources = [n for n in g if owner.get(n) == name]
+        for n, d in nx.multi_source_dijkstra_path_length(g.subgraph(glue | set(sources)), sources).items() \
+                if sources else []:
+            if n in glue and (n not in dist or d < dist[n][0]):
+                dist[n] = (d, name)
+    owner.update({n: name for n, (_, name) in dist.items()})
+    return {a.name: {n for n, name in owner.items() if name != a.name} for a in axes}
+
+
 def plan_slicing(gm: GraphModule, policy: Policy, layout: str | None) -> SlicePlan:
     """Choose the regions for ``gm`` under ``policy``. ``gm`` must carry ``meta["val"]`` on every node."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -302,9 +342,10 @@ def plan_slicing(gm: GraphModule, policy: Policy, layout: str | None) -> SlicePl
     axes = [a for a in find_axes(gm, layout) if policy.count_for(AXIS_KIND[a.name]) > 1]
     taken: set = set()
     regions, reasons = [], {}
+    banned = _anchor_bans(gm, axes)
 
     def candidates(axis):
-        flood = _Flood(gm, axis, taken)
+        flood = _Flood(gm, axis, taken | banned[axis.name])
         for n, r in flood.reason.items():
             reasons.setdefault(n, f"{axis.name}: {r}")
         out = []
