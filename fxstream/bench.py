@@ -1,0 +1,89 @@
+"""Measure one UNet forward: the original module, its exported graph, and the fxstream-compiled module.
+
+Peak memory is measured with :class:`~fxstream.memory.MemoryTracker` (live storages created during the call,
+weights and inputs excluded); latency is the median of timed runs after one warm-up run. Used by the demo
+(``python -m fxstream.demo``) and by ``tools/bench_memory.py``.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .api import compile as fx_compile
+from .memory import measure_peak
+from .models import build_unet, example_inputs
+from .policy import Policy
+
+__all__ = ["Measurement", "measure_model", "environment"]
+
+
+@dataclass
+class Measurement:
+    model: str
+    variant: str
+    peak_bytes: int
+    planned_bytes: int | None
+    median_s: float
+    min_s: float
+    max_s: float
+    max_abs_diff: float
+    compile_s: float | None = None
+    regions: int | None = None
+
+
+def _time(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def environment() -> dict:
+    return {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "os": platform.platform(),
+    }
+
+
+def measure_model(model: str, policy: Policy, repeats: int = 3, log=print) -> list[Measurement]:
+    """Measurements of the original, exported and compiled forward of ``model`` (a name from ``MODELS``)."""
+    unet = build_unet(model)
+    kw = example_inputs(model, unet)
+    with torch.no_grad():
+        ref = unet(**kw)[0]
+    rows = []
+
+    def record(variant, fn, planned=None, compile_s=None, regions=None):
+        log(f"{model}: measuring {variant}")
+        out, peak = measure_peak(fn)
+        times = _time(fn, repeats)
+        diff = (out[0] - ref).abs().max().item()
+        rows.append(Measurement(model, variant, peak, planned, statistics.median(times), min(times), max(times),
+                                diff, compile_s, regions))
+
+    record("original (eager)", lambda: unet(**kw))
+    compiled = fx_compile(unet, policy=Policy())
+    t = time.perf_counter()
+    with torch.no_grad():
+        compiled(**kw)
+    export_s = time.perf_counter() - t
+    base = compiled.explain()
+    record("exported graph", lambda: compiled(**kw), base.original_peak_bytes, export_s, 0)
+    sliced = fx_compile(unet, policy=policy)
+    t = time.perf_counter()
+    with torch.no_grad():
+        sliced(**kw)
+    compile_s = time.perf_counter() - t
+    report = sliced.explain()
+    record(f"fxstream {policy.describe()}", lambda: sliced(**kw), report.peak_bytes, compile_s, len(report.regions))
+    return rows
