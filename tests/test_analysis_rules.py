@@ -4,7 +4,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxstream.analysis.cuts import Cut, slice_bounds
@@ -154,3 +154,27 @@ def test_ops_of_the_video_unets_have_rules(svd_tiny, animatediff_tiny):
         missing = {str(n.target) for n in ep.graph.nodes
                    if n.op == "call_function" and n.target not in RULES and n.target not in creation}
         assert not missing, missing
+
+
+SHAPED = {
+    "pointwise": lambda d: (lambda x, y: F.gelu(x) * y, [(d[0], d[1], d[2]), (d[1], 1)]),
+    "linear": lambda d: (lambda x, w: F.linear(x, w), [(d[0], d[1], d[2]), (d[3], d[2])]),
+    "conv3d_temporal": lambda d: (lambda x, w: F.conv3d(x, w, padding=(1, 0, 0)),
+                                  [(d[0], 2, d[1], d[2], d[3]), (3, 2, 3, 1, 1)]),
+    "views": lambda d: (lambda x: x.reshape(d[0] * d[1], d[2], d[3]).transpose(0, 1).flatten(1),
+                        [(d[0], d[1], d[2], d[3])]),
+    "attention": lambda d: (lambda q, k: F.scaled_dot_product_attention(q, k, k),
+                            [(d[0], 2, d[1], 4), (d[0], 2, d[2], 4)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHAPED))
+@settings(max_examples=10)
+@given(dims=st.lists(st.integers(1, 6), min_size=4, max_size=4), count=st.integers(1, 7))
+def test_rule_matches_whole_op_for_random_shapes(case, dims, count):
+    fn, shapes = SHAPED[case](dims)
+    inputs = [torch.randn(*s) for s in shapes]
+    ep, nodes = _op_nodes(fn, inputs)
+    env = _run_all(ep, inputs)
+    for n in nodes:
+        _check_node(n, env, count)

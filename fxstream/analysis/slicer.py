@@ -1,10 +1,11 @@
 """Feature Slicer: decide which chains of ops are sliced along which axis. Analysis only; nothing is rewritten.
 
 For each named axis of the video latent (batch, frames, height, width) the slicer floods the graph from the
-latent input: every op reached gets the cut its rule allows (``flood``). Ops connected by edges whose cuts agree
-form candidate regions (``_components``); a region must not need its own values whole, and must be convex
-(no path leaves it and comes back), so both are enforced. Regions of all axes then compete greedily by the bytes
-they keep from ever being materialised; a node belongs to at most one region.
+latent input: every op reached gets the cut its rule allows (``_Flood``). Each op that could be cut along
+several axes is given one (``_anchor_bans``, see NOTE [Outermost axis first]). Ops connected by edges whose cuts
+agree form candidate regions (``_components``); a region must not need its own values whole, and must be convex
+(no path leaves it and comes back), so both are enforced. Candidates that still overlap (ops no anchor claims)
+are settled greedily by the bytes they keep from ever being materialised; a node belongs to at most one region.
 
 NOTE [Why flood from the input]
 An axis is a fact about the data (the height of the video), not about one tensor. Starting from the latent and
