@@ -72,6 +72,13 @@ def make_loop(region: Region, mode) -> LoopRegion:
                       [c for _, c in region.outputs], out_meta, axis=region.axis.name)
 
 
+def _common_stack(region: Region) -> dict:
+    """The module stack of the region's first op cut down to the modules every op of the region is inside."""
+    stack = region.nodes[0].meta.get("nn_module_stack") or {}
+    common = region.module
+    return {k: v for k, v in stack.items() if common == v[0] or common.startswith(v[0] + ".")} if common else {}
+
+
 def _condensed_order(gm: GraphModule, regions) -> list:
     region_of = {n: i for i, r in enumerate(regions) for n in r.nodes}
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -111,6 +118,7 @@ def group_regions(gm: GraphModule, plan: SlicePlan) -> GraphModule:
         loops[name] = make_loop(region, mode)
         call = new_graph.call_module(name, tuple(env[p] for p, _ in region.inputs))
         copy_meta(region.nodes[0], call)
+        call.meta["nn_module_stack"] = _common_stack(region)
         call.meta["val"] = tuple(o.meta["val"] for o, _ in region.outputs)
         call.meta["fxstream.region"] = region
         for j, (o, c) in enumerate(region.outputs):
