@@ -16,9 +16,9 @@ from .policy import Policy
 
 
 def table(rows) -> str:
-    base = next(r for r in rows if r.variant == "exported graph")
     body = []
     for r in rows:
+        base = next(b for b in rows if b.model == r.model and b.variant == "exported graph")
         body.append((r.model, r.variant, f"{r.peak_bytes / 2**20:.1f}",
                      "-" if r.planned_bytes is None else f"{r.planned_bytes / 2**20:.1f}",
                      f"{r.peak_bytes / base.peak_bytes:.2f}x", f"{r.median_s:.2f}",

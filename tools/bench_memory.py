@@ -42,7 +42,7 @@ def plan_full_size(models, slices: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["svd-mid", "animatediff-mid"])
+    ap.add_argument("--models", nargs="*", default=["svd-mid", "animatediff-mid"])
     ap.add_argument("--slices", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--full", nargs="*", default=["svd", "svd-xt", "animatediff"],
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     for m in args.models:
         rows += measure_model(m, Policy(slices=args.slices), repeats=args.repeats,
                               log=lambda s: print(s, file=sys.stderr))
-    text = table(rows)
+    text = table(rows) if rows else ""
     print(text)
     full = plan_full_size(args.full, args.slices) if args.full else ""
     print(full)
