@@ -25,11 +25,12 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
     """The region's ops for a slice of ``n`` elements of its axis, as a GraphModule with fake metadata."""
     g = Graph()
     env: dict = {}
+    outside: dict = {}  # (input node, cut) -> placeholder
     fake_inputs = []
-    for p, c in region.inputs:
-        ph = g.placeholder(p.name)
+    for i, (p, c) in enumerate(region.inputs):
+        ph = g.placeholder(f"{p.name}_{'whole' if c is None else 'slice'}{i}")
         copy_meta(p, ph)
-        env[p] = ph
+        outside[(p, c)] = ph
         v = p.meta["val"]
         with mode:
             fake_inputs.append(v if c is None else _as_body_input(v, c, 0, n, region.axis.length))
@@ -39,8 +40,12 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
         target, args, kwargs = node.target, node.args, node.kwargs
         if rule.rewrite is not None and isinstance(cut, Cut):
             target, args, kwargs = rule.rewrite(node, cut, n, region.axis.length)
-        new = g.call_function(target, torch.fx.map_arg(args, env.__getitem__),
-                              torch.fx.map_arg(kwargs, env.__getitem__))
+        req = region.reqs[node]
+
+        def arg(a, req=req):
+            return env[a] if a in env else outside[(a, req.get(a))]
+
+        new = g.call_function(target, torch.fx.map_arg(args, arg), torch.fx.map_arg(kwargs, arg))
         copy_meta(node, new)
         env[node] = new
     g.output(tuple(env[o] for o, _ in region.outputs))

@@ -47,7 +47,7 @@ def test_regions_are_loops_in_the_graph(svd_tiny):
     loops = [m for m in gm.modules() if isinstance(m, LoopRegion)]
     assert len(loops) == len(compiled.explain().regions)
     calls = [n for n in gm.graph.nodes if n.op == "call_module"]
-    assert all(n.meta.get("nn_module_stack") for n in calls)
+    assert all("nn_module_stack" in n.meta for n in calls)  # {} for a region at the root module
     for loop in loops:  # every body node keeps its module path
         for body in loop.bodies.values():
             assert all("nn_module_stack" in n.meta for n in body.graph.nodes if n.op == "call_function")

@@ -15,6 +15,7 @@ following rules forwards and backwards names every tensor's copy of that axis, h
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -62,6 +63,7 @@ class Region:
     outputs: list = field(default_factory=list)  # [(node, Cut | PARTIAL)]
     saved_bytes: int = 0
     largest_interior_bytes: int = 0
+    reqs: dict = field(default_factory=dict)  # node -> {input: Cut | PARTIAL | WHOLE} from its rule
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
@@ -234,6 +236,12 @@ def _conflicts(flood: _Flood, comp: set) -> set:
                 bad.add(n)
         if flood.cut[n] is PARTIAL and any(u in comp for u in n.users):
             bad.update(u for u in n.users if u in comp)
+        # a list (chunk, split) is sliced only together with every getitem of it
+        if isinstance(n.meta.get("val"), (list, tuple)) and any(u not in comp for u in n.users):
+            bad.add(n)
+            bad.update(u for u in n.users if u in comp)
+        if n.target is operator.getitem and n.args[0] not in comp:
+            bad.add(n)
     return bad
 
 
@@ -273,16 +281,11 @@ def _regions_of(flood: _Flood, allowed: set, order: dict) -> list[set]:
 
 def _make_region(axis: Axis, count: int, comp: set, flood: _Flood, order: dict, output_nodes: set) -> Region:
     nodes = sorted(comp, key=order.get)
-    inputs, seen = [], set()
+    inputs = []  # (node, cut): a value needed both sliced and whole enters twice
     for n in nodes:
-        for p, c in flood.req[n].items():
-            if p not in comp and p not in seen:
-                seen.add(p)
-                inputs.append((p, c))
-        for p in n.all_input_nodes:  # inputs no rule mentioned (none today) enter whole
-            if p not in comp and p not in seen:
-                seen.add(p)
-                inputs.append((p, WHOLE))
+        for p in n.all_input_nodes:
+            if p not in comp and (p, flood.req[n].get(p, WHOLE)) not in inputs:
+                inputs.append((p, flood.req[n].get(p, WHOLE)))
     outputs, interior = [], []
     for n in nodes:
         if any(u not in comp for u in n.users) or n in output_nodes:
@@ -290,7 +293,7 @@ def _make_region(axis: Axis, count: int, comp: set, flood: _Flood, order: dict, 
         else:
             interior.append(tensor_bytes(n))
     return Region(axis, count, nodes, {n: flood.cut[n] for n in nodes}, inputs, outputs,
-                  sum(interior), max(interior, default=0))
+                  sum(interior), max(interior, default=0), {n: flood.req[n] for n in nodes})
 
 
 # Ops that treat some dims as batch and others as features: each is sliced along its outermost sliceable axis.
