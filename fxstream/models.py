@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 
-__all__ = ["MODELS", "ModelSpec", "build_unet", "example_inputs", "load_config"]
+__all__ = ["MODELS", "ModelSpec", "build_unet", "example_inputs", "load_config", "load_unet"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,28 @@ def build_unet(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
             unet = UNetMotionModel.from_unet2d(base, adapter)
     # AlphaBlender's mix_factor is made with torch.Tensor([alpha]) and lands on the CPU; move everything.
     return unet.to(device=device, dtype=dtype).eval()
+
+
+_UNET_CLASSES = ("UNetSpatioTemporalConditionModel", "UNetMotionModel", "UNet3DConditionModel", "I2VGenXLUNet")
+
+
+def load_unet(path, dtype: torch.dtype = torch.float32, subfolder: str | None = None):
+    """A video UNet with trained weights from a local diffusers folder (``from_pretrained``, never the hub).
+
+    ``path`` is a UNet folder (``config.json`` + weights) or a pipeline folder with ``subfolder="unet"``.
+    """
+    import diffusers
+
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"path: no config.json in {folder}; expected a diffusers UNet folder "
+                                "(or a pipeline folder with subfolder='unet')")
+    name = json.loads(cfg_file.read_text()).get("_class_name")
+    if name not in _UNET_CLASSES:
+        raise ValueError(f"path: {folder} holds a {name!r}; expected one of {list(_UNET_CLASSES)}")
+    cls = getattr(diffusers, name)
+    return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).eval()
 
 
 def example_inputs(name: str, unet, *, batch: int | None = None, frames: int | None = None,

@@ -140,3 +140,15 @@ def test_bad_arguments_are_clear():
         fxstream.compile(torch.nn.Linear(2, 2), policy={"slices": 2})
     with pytest.raises(TypeError, match="module: expected a torch.nn.Module"):
         fxstream.compile(lambda x: x)
+
+
+def test_load_local_folder_and_compile(tmp_path, svd_tiny):
+    from fxstream.models import load_unet
+    unet, kw = svd_tiny
+    unet.save_pretrained(tmp_path / "unet")
+    loaded = load_unet(tmp_path, subfolder="unet")
+    compiled = fxstream.compile(loaded, policy=fxstream.Policy(slices=2))
+    with torch.no_grad():
+        assert _max_diff(compiled(**kw)[0], unet(**kw)[0]) <= 1e-5
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_unet(tmp_path)
