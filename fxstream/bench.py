@@ -55,8 +55,9 @@ def environment() -> dict:
     }
 
 
-def measure_model(model: str, policy: Policy, repeats: int = 3, log=print) -> list[Measurement]:
-    """Measurements of the original, exported and compiled forward of ``model`` (a name from ``MODELS``)."""
+def measure_model(model: str, policies, repeats: int = 3, log=print) -> list[Measurement]:
+    """Measurements of the original and exported forward of ``model`` (a name from ``MODELS``) and of the
+    compiled forward under each policy."""
     unet = build_unet(model)
     kw = example_inputs(model, unet)
     with torch.no_grad():
@@ -79,11 +80,12 @@ def measure_model(model: str, policy: Policy, repeats: int = 3, log=print) -> li
     export_s = time.perf_counter() - t
     base = compiled.explain()
     record("exported graph", lambda: compiled(**kw), base.original_peak_bytes, export_s, 0)
-    sliced = fx_compile(unet, policy=policy)
-    t = time.perf_counter()
-    with torch.no_grad():
-        sliced(**kw)
-    compile_s = time.perf_counter() - t
-    report = sliced.explain()
-    record(f"fxstream {policy.describe()}", lambda: sliced(**kw), report.peak_bytes, compile_s, len(report.regions))
+    for pol in policies:
+        sliced = fx_compile(unet, policy=pol)
+        t = time.perf_counter()
+        with torch.no_grad():
+            sliced(**kw)
+        compile_s = time.perf_counter() - t
+        report = sliced.explain()
+        record(f"fxstream {pol.describe()}", lambda: sliced(**kw), report.peak_bytes, compile_s, len(report.regions))
     return rows

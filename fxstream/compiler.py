@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import GraphModule
@@ -48,6 +48,12 @@ class CompiledGraph:
     plan: SlicePlan
     original: GraphModule
     prepared: GraphModule  # after the preparing passes, before grouping (what the plan's nodes belong to)
+    inner: list = field(default_factory=list)  # CompiledGraphs of batch-region bodies (one per slice size)
+
+
+def _loops(gm: GraphModule) -> list:
+    from .runtime import LoopRegion
+    return [m for m in gm.children() if isinstance(m, LoopRegion)]
 
 
 def _prepare(gm: GraphModule, split: set) -> GraphModule:
@@ -59,9 +65,22 @@ def _prepare(gm: GraphModule, split: set) -> GraphModule:
 
 
 def compile_graph(gm: GraphModule, policy: Policy, layout: str | None) -> CompiledGraph:
-    """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged."""
+    """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
+
+    With a batch split and other slicing both asked for, the batch is split first and each batch region's body
+    (the graph for part of the batch) is compiled again with the rest of the policy: regions inside regions.
+    """
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
+    rest = replace(policy, batch=None)
+    if policy.count_for("batch") > 1 and rest.slices_anything:
+        outer = compile_graph(gm, Policy(batch=policy.batch, min_region_fraction=policy.min_region_fraction), layout)
+        for loop in _loops(outer.graph_module):
+            for key, body in list(loop.bodies.items()):
+                inner = compile_graph(body, rest, layout)
+                loop.bodies[key] = inner.graph_module
+                outer.inner.append(inner)
+        return outer
     # GroupNorms are split only where a region uses the split (unsliced ops stay as they were): plan with all
     # candidates split, then again with just the ones used, until the set is stable.
     split = set(splittable_group_norms(gm)) if policy.count_for("temporal") > 1 else set()

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     if MODELS[args.model].height > 64:
         ap.error(f"--model {args.model} is full size: too large to run on a CPU; use fxstream.explain to plan it")
     policy = Policy(slices=args.slices)
-    rows = measure_model(args.model, policy, repeats=args.repeats, log=lambda m: print(m, file=sys.stderr))
+    rows = measure_model(args.model, [policy], repeats=args.repeats, log=lambda m: print(m, file=sys.stderr))
     print(table(rows))
     worst = max(r.max_abs_diff for r in rows)
     ok = worst <= 1e-5 and rows[0].max_abs_diff == 0.0 and rows[1].max_abs_diff == 0.0

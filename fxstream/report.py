@@ -62,8 +62,9 @@ class Report:
 
 
 def build_report(compiled, policy: Policy) -> Report:
+    plans = [compiled.plan] + [c.plan for c in compiled.inner]
     regions = [RegionInfo(r.module, r.axis.name, r.axis.length, r.count, len(r.nodes), r.saved_bytes)
-               for r in compiled.plan.regions]
+               for plan in plans for r in plan.regions]
     in_region = {n for r in compiled.plan.regions for n in r.nodes}
     unsliced = []
     for n in compiled.prepared.graph.nodes:

@@ -152,3 +152,17 @@ def test_load_local_folder_and_compile(tmp_path, svd_tiny):
         assert _max_diff(compiled(**kw)[0], unet(**kw)[0]) <= 1e-5
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_unet(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["svd_tiny", "animatediff_tiny"])
+def test_batch_split_with_regions_inside(model, request):
+    unet, kw = request.getfixturevalue(model)
+    compiled = fxstream.compile(unet, policy=fxstream.Policy(batch=2, slices=3))
+    with torch.no_grad():
+        out = compiled(**kw)[0]
+        ref = unet(**kw)[0]
+    assert _max_diff(out, ref) <= 1e-5
+    report = compiled.explain()
+    dims = {r.dim for r in report.regions}
+    assert "batch" in dims and "frames" in dims and ("height" in dims or "width" in dims)
+    assert report.peak_bytes < report.original_peak_bytes
