@@ -6,6 +6,7 @@ weights and inputs excluded); latency is the median of timed runs after one warm
 """
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import time
@@ -19,6 +20,8 @@ from .models import build_unet, example_inputs
 from .policy import Policy
 
 __all__ = ["Measurement", "measure_model", "environment"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +58,7 @@ def environment() -> dict:
     }
 
 
-def measure_model(model: str, policies, repeats: int = 3, log=print) -> list[Measurement]:
+def measure_model(model: str, policies, repeats: int = 3, log=_log.info) -> list[Measurement]:
     """Measurements of the original and exported forward of ``model`` (a name from ``MODELS``) and of the
     compiled forward under each policy."""
     unet = build_unet(model)

@@ -10,7 +10,7 @@ import torch
 
 from .analysis.cuts import PARTIAL, Cut
 
-__all__ = ["LoopRegion", "slice_view"]
+__all__ = ["LoopRegion", "slice_view", "body_input"]
 
 
 def slice_view(x: torch.Tensor, cut: Cut, start: int, n: int, length: int) -> torch.Tensor:
@@ -21,7 +21,8 @@ def slice_view(x: torch.Tensor, cut: Cut, start: int, n: int, length: int) -> to
     return x.narrow(cut.dim + 1, start * cut.inner, n * cut.inner)
 
 
-def _as_body_input(x: torch.Tensor, cut: Cut, start: int, n: int, length: int) -> torch.Tensor:
+def body_input(x: torch.Tensor, cut: Cut, start: int, n: int, length: int) -> torch.Tensor:
+    """What a body receives for a sliced input: the slice view, with ``outer > 1`` merged back into one dim."""
     v = slice_view(x, cut, start, n, length)
     return v if cut.outer == 1 else v.flatten(cut.dim, cut.dim + 1)
 
@@ -51,7 +52,7 @@ class LoopRegion(torch.nn.Module):
         outs = [torch.empty(shape, dtype=dtype, device=device) if isinstance(c, Cut) else None
                 for c, (shape, dtype) in zip(self.out_cuts, self.out_meta)]
         for start, n in self.bounds:
-            body_args = [a if c is None else _as_body_input(a, c, start, n, self.length)
+            body_args = [a if c is None else body_input(a, c, start, n, self.length)
                          for a, c in zip(args, self.in_cuts)]
             results = self.bodies[str(n)](*body_args)
             for j, (r, c) in enumerate(zip(results, self.out_cuts)):

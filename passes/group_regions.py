@@ -16,7 +16,7 @@ from fxstream.analysis.cuts import PARTIAL, Cut, cut_size
 from fxstream.analysis.rules import rule_for
 from fxstream.analysis.slicer import Region, SlicePlan
 from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta
-from fxstream.runtime import LoopRegion, _as_body_input
+from fxstream.runtime import LoopRegion, body_input
 
 __all__ = ["group_regions", "build_body"]
 
@@ -33,7 +33,7 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
         outside[(p, c)] = ph
         v = p.meta["val"]
         with mode:
-            fake_inputs.append(v if c is None else _as_body_input(v, c, 0, n, region.axis.length))
+            fake_inputs.append(v if c is None else body_input(v, c, 0, n, region.axis.length))
     for node in region.nodes:
         cut = region.cuts[node]
         rule = rule_for(node)

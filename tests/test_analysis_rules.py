@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from fxstream.analysis.cuts import Cut, slice_bounds
 from fxstream.analysis.rules import RULES, WHOLE, RuleContext, rule_for
 from fxstream.errors import CantSlice
-from fxstream.runtime import _as_body_input, slice_view
+from fxstream.runtime import body_input, slice_view
 
 aten = torch.ops.aten
 
@@ -60,7 +60,7 @@ def _check_node(node, inputs_by_name, count):
         for start, n in slice_bounds(int(length), count):
             local = {}
             for p, c in req.items():
-                local[p.name] = env[p.name] if c is WHOLE else _as_body_input(env[p.name], c, start, n, int(length))
+                local[p.name] = env[p.name] if c is WHOLE else body_input(env[p.name], c, start, n, int(length))
             target, args, kwargs = node.target, node.args, node.kwargs
             if rule.rewrite is not None:
                 target, args, kwargs = rule.rewrite(node, cut, n, int(length))
