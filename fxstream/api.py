@@ -56,29 +56,15 @@ class _Entry:
     def __init__(self, module: torch.nn.Module, kwargs: dict, policy: Policy):
         self.program = capture(module, kwargs)
         self.compiled: CompiledGraph = compile_graph(self.program.graph_module, policy, layout_of(module))
-        sig = self.program.graph_signature
-        self.state = []
-        for spec in sig.input_specs:
-            if spec.kind == InputKind.USER_INPUT:
-                continue
-            if spec.kind == InputKind.PARAMETER:
-                self.state.append(("param", spec.target))
-            elif spec.kind == InputKind.BUFFER:
-                self.state.append(("buffer", spec.target))
-            else:
-                self.state.append(("constant", spec.target))
+        # how to fetch each lifted input at call time: weights from the live module, constants from the program
+        fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
+        self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
+                      for spec in self.program.graph_signature.input_specs if spec.kind != InputKind.USER_INPUT]
         self.report: Report = build_report(self.compiled, policy)
 
     def run(self, module: torch.nn.Module, kwargs: dict):
-        flat, spec = pytree.tree_flatten(((), kwargs))
-        state = []
-        for kind, target in self.state:
-            if kind == "param":
-                state.append(module.get_parameter(target))
-            elif kind == "buffer":
-                state.append(module.get_buffer(target))
-            else:
-                state.append(self.program.constants[target])
+        flat, _ = pytree.tree_flatten(((), kwargs))
+        state = [get(module, target) for get, target in self.state]
         out = self.compiled.graph_module(*state, *flat)
         return pytree.tree_unflatten(list(out), self.program.call_spec.out_spec)
 

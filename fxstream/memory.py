@@ -36,9 +36,18 @@ def planned_peak(gm: GraphModule) -> tuple[int, str]:
     held_by_caller = set()
     owner_count: dict = {}  # storage -> number of live values holding it
     size: dict = {}
+    values: dict = {}
     live = peak = 0
     peak_at = ""
-    values: dict = {}
+
+    def release(node):
+        nonlocal live
+        for s in values.get(node, []):
+            if s in owner_count:
+                owner_count[s] -= 1
+                if owner_count[s] == 0:
+                    live -= size[s]
+
     for i, n in enumerate(nodes):
         sts = list(_storages(n.meta.get("val")))
         extra = 0
@@ -59,19 +68,11 @@ def planned_peak(gm: GraphModule) -> tuple[int, str]:
             peak, peak_at = live + extra, n.name
         if n.op == "output":
             break
-        for p in set(n.all_input_nodes):
+        for p in set(n.all_input_nodes):  # graph outputs stay live
             if last_use.get(p) == i and nodes[-1] not in p.users:
-                for s in values.get(p, []):
-                    if s in owner_count:
-                        owner_count[s] -= 1
-                        if owner_count[s] == 0:
-                            live -= size[s]
-        if not n.users and n.op != "output":
-            for s in values.get(n, []):
-                if s in owner_count:
-                    owner_count[s] -= 1
-                    if owner_count[s] == 0:
-                        live -= size[s]
+                release(p)
+        if not n.users:
+            release(n)
     return peak, peak_at
 
 

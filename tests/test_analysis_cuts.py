@@ -35,10 +35,10 @@ def reshapes(draw):
             j = draw(st.integers(i + 1, len(xs)))
             out.append(math.prod(xs[i:j]))
             i = j
-        return out, None
+        return out
 
-    a, _ = group(flat)
-    b, _ = group(flat)
+    a = group(flat)
+    b = group(flat)
     return a, b, flat, pos, length
 
 
