@@ -15,6 +15,7 @@ from .analysis.slicer import LAYOUTS, SlicePlan, plan_slicing
 from .errors import CaptureError
 from .graph_utils import strip_asserts
 from .passes.group_regions import group_regions
+from .passes.reuse_buffers import reuse_region_buffers
 from .passes.split_group_norm import TAG, split_group_norm, splittable_group_norms
 from .policy import Policy
 
@@ -94,6 +95,6 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None) -> Compil
     else:
         prepared = _prepare(gm, split)
         plan = plan_slicing(prepared, policy, layout)
-    out = group_regions(prepared, plan)
+    out = reuse_region_buffers(group_regions(prepared, plan))
     log.info("compiled: %d regions", len(plan.regions))
     return CompiledGraph(out, plan, gm, prepared)

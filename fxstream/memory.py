@@ -10,13 +10,15 @@ Tracker: a TorchDispatchMode that records every storage an op creates and counts
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch.fx import GraphModule
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["planned_peak", "MemoryTracker", "measure_peak"]
+__all__ = ["plan_memory", "MemoryPlan", "TimelinePoint", "planned_peak", "MemoryTracker", "measure_peak"]
 
 
 def _storages(val):
@@ -26,8 +28,49 @@ def _storages(val):
             yield StorageWeakRef(st), st.nbytes()
 
 
-def planned_peak(gm: GraphModule) -> tuple[int, str]:
-    """Planned peak bytes of running ``gm`` (activations only) and the name of the node where it happens."""
+@dataclass(frozen=True)
+class TimelinePoint:
+    """Planned bytes live at one node of a graph (activations only; inputs and weights are the caller's)."""
+
+    node: str
+    module: str  # module path of the node ("" for the top level)
+    live_bytes: int  # live after the node ran
+    peak_bytes: int  # the most live while it ran (a region: its outputs plus the slices' working set)
+
+
+@dataclass
+class MemoryPlan:
+    """The static plan of one graph: its peak, where it happens, and the bytes live after every node."""
+
+    peak_bytes: int
+    peak_node: str
+    peak_module: str
+    timeline: list = field(default_factory=list)  # [TimelinePoint], in execution order
+    region_peaks: dict = field(default_factory=dict)  # region node name -> bytes live at its own peak
+    region_working_bytes: dict = field(default_factory=dict)  # region node name -> working set of its slices
+
+
+def _node_module(n) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _working_set(gm: GraphModule, node, in_flight: int) -> int:
+    """Bytes a ``call_module`` node needs beyond its outputs: a loop region's body peak, times slices in flight."""
+    sub = gm.get_submodule(node.target)
+    bodies = getattr(sub, "bodies", None)
+    if not bodies:
+        return 0
+    return in_flight * max(plan_memory(b, in_flight).peak_bytes for b in bodies.values())
+
+
+def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
+    """Walk ``gm`` in order with liveness per storage (``meta["val"]``) and return its :class:`MemoryPlan`.
+
+    A node's output costs its storage's bytes unless the storage is already live (views, aliases, in-place
+    results); a storage is freed after the last use of every value holding it; placeholders are the caller's;
+    graph outputs stay. A loop region costs its full-size outputs plus ``in_flight`` times its body's peak.
+    """
     nodes = list(gm.graph.nodes)
     last_use = {}
     for i, n in enumerate(nodes):
@@ -37,8 +80,8 @@ def planned_peak(gm: GraphModule) -> tuple[int, str]:
     owner_count: dict = {}  # storage -> number of live values holding it
     size: dict = {}
     values: dict = {}
-    live = peak = 0
-    peak_at = ""
+    live = 0
+    plan = MemoryPlan(0, "", "")
 
     def release(node):
         nonlocal live
@@ -54,8 +97,7 @@ def planned_peak(gm: GraphModule) -> tuple[int, str]:
         if n.op == "placeholder":
             held_by_caller.update(s for s, _ in sts)
         elif n.op == "call_module":
-            sub = gm.get_submodule(n.target)
-            extra = max((planned_peak(b)[0] for b in getattr(sub, "bodies", {}).values()), default=0)
+            extra = _working_set(gm, n, in_flight)
         values[n] = [s for s, _ in sts]
         for s, b in sts:
             if s in held_by_caller:
@@ -64,16 +106,29 @@ def planned_peak(gm: GraphModule) -> tuple[int, str]:
                 live += b
                 size[s] = b
             owner_count[s] = owner_count.get(s, 0) + 1
-        if live + extra > peak:
-            peak, peak_at = live + extra, n.name
+        during = live + extra
+        if n.op == "call_module":
+            plan.region_peaks[n.name] = during
+            plan.region_working_bytes[n.name] = extra
+        if during > plan.peak_bytes:
+            plan.peak_bytes, plan.peak_node, plan.peak_module = during, n.name, _node_module(n)
         if n.op == "output":
+            plan.timeline.append(TimelinePoint(n.name, "", live, live))
             break
         for p in set(n.all_input_nodes):  # graph outputs stay live
             if last_use.get(p) == i and nodes[-1] not in p.users:
                 release(p)
         if not n.users:
             release(n)
-    return peak, peak_at
+        if n.op != "placeholder":
+            plan.timeline.append(TimelinePoint(n.name, _node_module(n), live, during))
+    return plan
+
+
+def planned_peak(gm: GraphModule) -> tuple[int, str]:
+    """Planned peak bytes of running ``gm`` (activations only) and the name of the node where it happens."""
+    plan = plan_memory(gm)
+    return plan.peak_bytes, plan.peak_node
 
 
 class MemoryTracker(TorchDispatchMode):

@@ -16,7 +16,9 @@ from fxstream.analysis.cuts import PARTIAL, Cut, cut_size
 from fxstream.analysis.rules import rule_for
 from fxstream.analysis.slicer import Region, SlicePlan
 from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta
-from fxstream.runtime import LoopRegion, body_input
+from fxstream.runtime import LoopRegion, buffer_layout, slice_view
+
+aten = torch.ops.aten
 
 __all__ = ["group_regions", "build_body"]
 
@@ -33,7 +35,13 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
         outside[(p, c)] = ph
         v = p.meta["val"]
         with mode:
-            fake_inputs.append(v if c is None else body_input(v, c, 0, n, region.axis.length))
+            fake_inputs.append(v if c is None else slice_view(v, c, 0, n, region.axis.length))
+        if c is not None and c.outer > 1:
+            # the slice is a strided view (outer, n*inner) in two dims: the body merges them (a copy it pays for)
+            merged = list(fake_inputs[-1].shape)
+            merged[c.dim:c.dim + 2] = [c.outer * n * c.inner]
+            outside[(p, c)] = g.call_function(aten.reshape.default, (ph, merged))
+            copy_meta(p, outside[(p, c)])
     for node in region.nodes:
         cut = region.cuts[node]
         rule = rule_for(node)
@@ -72,7 +80,7 @@ def make_loop(region: Region, mode) -> LoopRegion:
     for n in sizes:
         bodies[n] = build_body(region, n, mode)
         _check_body(region, bodies[n], n)
-    out_meta = [(tuple(o.meta["val"].shape), o.meta["val"].dtype) for o, _ in region.outputs]
+    out_meta = [buffer_layout(o.meta["val"]) for o, _ in region.outputs]
     return LoopRegion(bodies, region.axis.length, region.bounds, [c for _, c in region.inputs],
                       [c for _, c in region.outputs], out_meta, axis=region.axis.name)
 
@@ -124,12 +132,16 @@ def group_regions(gm: GraphModule, plan: SlicePlan) -> GraphModule:
         call = new_graph.call_module(name, tuple(env[p] for p, _ in region.inputs))
         copy_meta(region.nodes[0], call)
         call.meta["nn_module_stack"] = _common_stack(region)
-        call.meta["val"] = tuple(o.meta["val"] for o, _ in region.outputs)
+        # the runtime allocates every output afresh (see buffer_layout), whatever the original value aliased
+        with mode:
+            fresh = tuple(torch.empty_strided(*buffer_layout(o.meta["val"])[:2], dtype=o.meta["val"].dtype,
+                                              device=o.meta["val"].device) for o, _ in region.outputs)
+        call.meta["val"] = fresh
         call.meta["fxstream.region"] = region
         for j, (o, c) in enumerate(region.outputs):
             item = new_graph.call_function(operator.getitem, (call, j))
             copy_meta(o, item)
-            item.meta["val"] = o.meta["val"]
+            item.meta["val"] = fresh[j]
             env[o] = item
     root = torch.nn.Module()
     for name, mod in gm.named_children():
@@ -139,4 +151,6 @@ def group_regions(gm: GraphModule, plan: SlicePlan) -> GraphModule:
     out = GraphModule(root, new_graph)
     out.graph.lint()
     out.recompile()
+    # values downstream of a region alias its fresh output buffers now, not the interior values they came from
+    propagate_meta(out, [n.meta["val"] for n in out.graph.nodes if n.op == "placeholder"], mode)
     return out

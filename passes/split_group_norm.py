@@ -69,8 +69,9 @@ def _emit_split(gm: GraphModule, gn: Node) -> Node:
         rstd = op(aten.rsqrt.default, op(aten.add.Scalar, var, eps))
         mean_c = op(aten.reshape.default, op(aten.to.dtype, mean, compute), [n_, groups, *ones])
         rstd_c = op(aten.reshape.default, op(aten.to.dtype, rstd, compute), [n_, groups, *ones])
-        xc = xg if compute == dtype else op(aten.to.dtype, xg, compute)
-        y = op(aten.mul.Tensor, op(aten.sub.Tensor, xc, mean_c), rstd_c)
+        # x - mean with x in fp16/bf16 and mean in float32 computes in float32 (type promotion), exactly as a cast
+        # first would, without a float32 copy of x that a region boundary would have to hold whole
+        y = op(aten.mul.Tensor, op(aten.sub.Tensor, xg, mean_c), rstd_c)
         y = op(aten.reshape.default, y, shape)
         affine = [1] * len(spatial)
         if weight is not None:

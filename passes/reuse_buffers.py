@@ -1,0 +1,117 @@
+"""Buffer reuse: a loop region writes an output into the storage of a sliced input that dies at the region.
+
+A region boundary costs two full-size tensors while the region runs: the input it reads and the output it
+writes. When the input's storage has no use after the region (no later reader, no alias, not the caller's, not
+a graph output), no body returns a view of it, and slice ``i`` of the output occupies exactly the bytes slice
+``i`` of the input occupies (checked on the fake tensors, slice by slice, as canonical strided layouts), the
+output takes the input's storage over: each slice overwrites only bytes it has already read, and slices are disjoint, so the result is
+the same. The boundary then costs one tensor. ``LoopRegion.reuse`` records the choice; metadata is propagated
+again so the planner sees the shared storage.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
+
+from fxstream.analysis.cuts import Cut
+from fxstream.graph_utils import fake_mode_of, propagate_meta
+from fxstream.runtime import LoopRegion, slice_view
+
+__all__ = ["reuse_region_buffers", "canonical_layout"]
+
+
+def canonical_layout(t: torch.Tensor) -> tuple:
+    """(storage offset, ((size, stride), ...)) with size-1 dims dropped, dims ordered by stride and mergeable
+    dims merged: two non-overlapping views of one storage cover the same bytes in the same order iff equal."""
+    dims = sorted(((int(s), int(st)) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda d: -d[1])
+    merged: list = []
+    for size, stride in dims:
+        if merged and merged[-1][1] == size * stride:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    return int(t.storage_offset()), tuple(merged)
+
+
+def _storages(val) -> list:
+    return [StorageWeakRef(t.untyped_storage()) for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
+
+
+def _fits(val: torch.Tensor, in_cut: Cut, layout, out_cut: Cut, loop: LoopRegion, mode) -> bool:
+    shape, stride, dtype = layout
+    if val.dtype != dtype or val.untyped_storage().nbytes() != math.prod(shape) * val.element_size():
+        return False
+    with mode:
+        buf = val.as_strided(shape, stride, 0)
+        return all(canonical_layout(slice_view(val, in_cut, s, n, loop.length))
+                   == canonical_layout(slice_view(buf, out_cut, s, n, loop.length)) for s, n in loop.bounds)
+
+
+def _passed_through(loop: LoopRegion, i: int) -> bool:
+    """Whether some body returns a view of its argument ``i``: overwriting that argument's slice would then
+    change a result not yet copied out."""
+    for body in loop.bodies.values():
+        ph = [n for n in body.graph.nodes if n.op == "placeholder"][i]
+        mine = set(_storages(ph.meta.get("val")))
+        out = next(n for n in body.graph.nodes if n.op == "output")
+        if any(mine & set(_storages(o.meta.get("val"))) for o in out.all_input_nodes):
+            return True
+    return False
+
+
+def reuse_region_buffers(gm: GraphModule) -> GraphModule:
+    """Let each loop region of ``gm`` write outputs into dying inputs' storages where that is safe, in place."""
+    mode = fake_mode_of(gm)
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    last: dict = {}  # storage -> index of the last node that uses a value holding it
+    for n in nodes:
+        end = max((index[u] for u in n.users), default=index[n])
+        for s in _storages(n.meta.get("val")):
+            last[s] = max(last.get(s, -1), end)
+    pinned = {s for n in nodes if n.op == "placeholder" for s in _storages(n.meta.get("val"))}
+    pinned |= {s for p in nodes[-1].all_input_nodes for s in _storages(p.meta.get("val"))}
+    moved: dict = {}  # storage -> the storage it now lives in
+
+    def home(s):
+        while s in moved:
+            s = moved[s]
+        return s
+
+    changed = False
+    for n in nodes:
+        loop = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if not isinstance(loop, LoopRegion):
+            continue
+        arg_storages = [[home(s) for s in _storages(a.meta.get("val"))] if isinstance(a, Node) else []
+                        for a in n.args]
+        taken = set()
+        for j, (out_cut, layout) in enumerate(zip(loop.out_cuts, loop.out_meta)):
+            if not isinstance(out_cut, Cut):
+                continue
+            for i, (a, in_cut) in enumerate(zip(n.args, loop.in_cuts)):
+                sts = arg_storages[i]
+                if in_cut is None or i in taken or len(sts) != 1:
+                    continue
+                s = sts[0]
+                if s in pinned or last[s] > index[n] or any(s in arg_storages[k] for k in range(len(n.args)) if k != i):
+                    continue
+                if _passed_through(loop, i) or not _fits(a.meta["val"], in_cut, layout, out_cut, loop, mode):
+                    continue
+                loop.reuse[j] = i
+                taken.add(i)
+                fresh = home(_storages(n.meta["val"][j])[0])
+                moved[fresh] = s
+                last[s] = max(last[s], last.get(fresh, index[n]))
+                if fresh in pinned:
+                    pinned.add(s)
+                changed = True
+                break
+    if changed:
+        propagate_meta(gm, [n.meta["val"] for n in nodes if n.op == "placeholder"], mode)
+    return gm
