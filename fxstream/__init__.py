@@ -2,11 +2,13 @@
 
     >>> import fxstream
     >>> pipe.unet = fxstream.compile(pipe.unet, policy=fxstream.Policy(slices=8))
+    >>> pipe.unet = fxstream.compile(pipe.unet, policy=fxstream.Policy(max_memory="6GiB"))
 """
 from .api import CompiledModule, compile, explain
-from .errors import CaptureError, FxstreamError
+from .errors import CaptureError, FxstreamError, MemoryBudgetError
 from .policy import Policy
 from .report import Report
 
-__all__ = ["compile", "explain", "Policy", "CompiledModule", "Report", "FxstreamError", "CaptureError"]
+__all__ = ["compile", "explain", "Policy", "CompiledModule", "Report", "FxstreamError", "CaptureError",
+           "MemoryBudgetError"]
 __version__ = "0.1.0"

@@ -13,7 +13,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
+from .budget import choose_slicing, lower_bound
 from .compiler import CompiledGraph, capture, compile_graph, layout_of
+from .memory import weight_bytes
 from .errors import FxstreamError
 from .policy import Policy
 from .report import Report, build_report
@@ -55,12 +57,19 @@ class _Entry:
 
     def __init__(self, module: torch.nn.Module, kwargs: dict, policy: Policy):
         self.program = capture(module, kwargs)
-        self.compiled: CompiledGraph = compile_graph(self.program.graph_module, policy, layout_of(module))
+        gm, layout = self.program.graph_module, layout_of(module)
+        weights = weight_bytes(self.program)
+        if policy.max_memory is not None:
+            self.compiled, floor = choose_slicing(gm, policy, layout, weights)
+            bound = floor.peak_bytes
+        else:
+            self.compiled = compile_graph(gm, policy, layout)
+            bound = lambda: lower_bound(gm, policy, layout).peak_bytes  # noqa: E731  (a compile: only on demand)
         # how to fetch each lifted input at call time: weights from the live module, constants from the program
         fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
         self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
                       for spec in self.program.graph_signature.input_specs if spec.kind != InputKind.USER_INPUT]
-        self.report: Report = build_report(self.compiled, policy)
+        self.report: Report = build_report(self.compiled, policy, weights, bound)
 
     def run(self, module: torch.nn.Module, kwargs: dict):
         flat, _ = pytree.tree_flatten(((), kwargs))

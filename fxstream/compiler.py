@@ -21,7 +21,7 @@ from .policy import Policy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "compile_graph", "CompiledGraph", "layout_of"]
+__all__ = ["capture", "compile_graph", "CompiledGraph", "layout_of", "region_id"]
 
 
 def layout_of(module: torch.nn.Module) -> str | None:
@@ -65,22 +65,27 @@ def _prepare(gm: GraphModule, split: set) -> GraphModule:
     return gm
 
 
-def compile_graph(gm: GraphModule, policy: Policy, layout: str | None) -> CompiledGraph:
+def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: dict | None = None,
+                  inner_counts: list | None = None) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
     (the graph for part of the batch) is compiled again with the rest of the policy: regions inside regions.
+    ``counts`` ({region id: slice count}, see :func:`region_id`) overrides the policy's count for single regions (1: leave the
+    region unsliced); ``inner_counts`` does the same for each inner graph, in the order of ``inner``.
     """
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
     rest = replace(policy, batch=None)
     if policy.count_for("batch") > 1 and rest.slices_anything:
         outer = compile_graph(gm, Policy(batch=policy.batch, min_region_fraction=policy.min_region_fraction), layout)
+        k = 0
         for loop in _loops(outer.graph_module):
             for key, body in list(loop.bodies.items()):
-                inner = compile_graph(body, rest, layout)
+                inner = compile_graph(body, rest, layout, (inner_counts or [None] * (k + 1))[k])
                 loop.bodies[key] = inner.graph_module
                 outer.inner.append(inner)
+                k += 1
         return outer
     # GroupNorms are split only where a region uses the split (unsliced ops stay as they were): plan with all
     # candidates split, then again with just the ones used, until the set is stable.
@@ -95,6 +100,26 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None) -> Compil
     else:
         prepared = _prepare(gm, split)
         plan = plan_slicing(prepared, policy, layout)
+    if counts:
+        plan = _with_counts(plan, counts)
     out = reuse_region_buffers(group_regions(prepared, plan))
     log.info("compiled: %d regions", len(plan.regions))
     return CompiledGraph(out, plan, gm, prepared)
+
+
+def region_id(region) -> str:
+    """A name for a region that is the same in every compile of one graph: its first op's node name."""
+    return region.nodes[0].name
+
+
+def _with_counts(plan: SlicePlan, counts: dict) -> SlicePlan:
+    """The plan with per-region slice counts; a region given 1 slice is left out (its ops run whole)."""
+    regions, reasons = [], dict(plan.reasons)
+    for r in plan.regions:
+        c = counts.get(region_id(r), r.count)
+        if c > 1:
+            regions.append(replace(r, count=min(c, r.axis.length)))
+        else:
+            for n in r.nodes:
+                reasons[n] = f"{r.axis.name}: the memory budget is met without slicing here"
+    return SlicePlan(regions, reasons)

@@ -10,5 +10,16 @@ class CaptureError(FxstreamError):
     """``torch.export`` could not capture the module; the message quotes export's reason."""
 
 
+class MemoryBudgetError(FxstreamError):
+    """``Policy(max_memory=...)`` is below what any slicing the rules allow can reach (weights plus the lower
+    bound of the activations); raised before any compute, with both figures."""
+
+    def __init__(self, message: str, *, max_memory: int, weight_bytes: int, lower_bound_bytes: int):
+        super().__init__(message)
+        self.max_memory = max_memory
+        self.weight_bytes = weight_bytes
+        self.lower_bound_bytes = lower_bound_bytes
+
+
 class CantSlice(Exception):
     """Internal: a rule refuses a cut. Caught in one place (the slicer) and reported as a reason."""

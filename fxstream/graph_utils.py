@@ -6,7 +6,7 @@ from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-__all__ = ["fake_mode_of", "propagate_meta", "copy_meta", "strip_asserts"]
+__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts"]
 
 _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
@@ -22,6 +22,15 @@ def fake_mode_of(gm: GraphModule):
 def propagate_meta(gm: GraphModule, inputs, mode) -> None:
     """Recompute ``meta["val"]`` of every node from fake ``inputs`` (one per placeholder)."""
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def propagate_nodes(nodes, mode) -> None:
+    """Compute ``meta["val"]`` of just these ``call_function`` nodes (in order) from their inputs' values:
+    for passes that insert a few nodes into a graph whose other values are already known."""
+    with mode:
+        for n in nodes:
+            args, kwargs = torch.fx.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
+            n.meta["val"] = n.target(*args, **kwargs)
 
 
 def copy_meta(src: Node, dst: Node) -> None:

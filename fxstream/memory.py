@@ -18,7 +18,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["plan_memory", "MemoryPlan", "TimelinePoint", "planned_peak", "MemoryTracker", "measure_peak"]
+__all__ = ["plan_memory", "MemoryPlan", "TimelinePoint", "planned_peak", "weight_bytes", "MemoryTracker", "measure_peak"]
 
 
 def _storages(val):
@@ -55,13 +55,10 @@ def _node_module(n) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _working_set(gm: GraphModule, node, in_flight: int) -> int:
-    """Bytes a ``call_module`` node needs beyond its outputs: a loop region's body peak, times slices in flight."""
-    sub = gm.get_submodule(node.target)
-    bodies = getattr(sub, "bodies", None)
-    if not bodies:
-        return 0
-    return in_flight * max(plan_memory(b, in_flight).peak_bytes for b in bodies.values())
+def _body_plans(gm: GraphModule, node, in_flight: int) -> list:
+    """Plans of a ``call_module`` node's loop bodies (none for other modules)."""
+    bodies = getattr(gm.get_submodule(node.target), "bodies", None)
+    return [plan_memory(b, in_flight) for b in bodies.values()] if bodies else []
 
 
 def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
@@ -70,6 +67,8 @@ def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
     A node's output costs its storage's bytes unless the storage is already live (views, aliases, in-place
     results); a storage is freed after the last use of every value holding it; placeholders are the caller's;
     graph outputs stay. A loop region costs its full-size outputs plus ``in_flight`` times its body's peak.
+    A region whose body holds regions of its own (a batch split) is expanded in the timeline, and a peak inside
+    it is named ``outer/inner``.
     """
     nodes = list(gm.graph.nodes)
     last_use = {}
@@ -93,11 +92,11 @@ def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
 
     for i, n in enumerate(nodes):
         sts = list(_storages(n.meta.get("val")))
-        extra = 0
+        body = None
         if n.op == "placeholder":
             held_by_caller.update(s for s, _ in sts)
         elif n.op == "call_module":
-            extra = _working_set(gm, n, in_flight)
+            body = max(_body_plans(gm, n, in_flight), key=lambda b: b.peak_bytes, default=None)
         values[n] = [s for s, _ in sts]
         for s, b in sts:
             if s in held_by_caller:
@@ -106,15 +105,21 @@ def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
                 live += b
                 size[s] = b
             owner_count[s] = owner_count.get(s, 0) + 1
+        extra = in_flight * body.peak_bytes if body is not None else 0
         during = live + extra
         if n.op == "call_module":
             plan.region_peaks[n.name] = during
             plan.region_working_bytes[n.name] = extra
         if during > plan.peak_bytes:
             plan.peak_bytes, plan.peak_node, plan.peak_module = during, n.name, _node_module(n)
+            if body is not None and body.region_peaks:  # a graph with regions inside: name the inner peak
+                plan.peak_node, plan.peak_module = f"{n.name}/{body.peak_node}", body.peak_module
         if n.op == "output":
             plan.timeline.append(TimelinePoint(n.name, "", live, live))
             break
+        if body is not None and body.region_peaks:
+            plan.timeline += [TimelinePoint(f"{n.name}/{t.node}", t.module, live + t.live_bytes, live + t.peak_bytes)
+                              for t in body.timeline]
         for p in set(n.all_input_nodes):  # graph outputs stay live
             if last_use.get(p) == i and nodes[-1] not in p.users:
                 release(p)
@@ -123,6 +128,17 @@ def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
         if n.op != "placeholder":
             plan.timeline.append(TimelinePoint(n.name, _node_module(n), live, during))
     return plan
+
+
+def weight_bytes(program) -> int:
+    """Bytes of the parameters, buffers and constant tensors an exported program lifts into inputs."""
+    from torch.export.graph_signature import InputKind
+    placeholders = [n for n in program.graph_module.graph.nodes if n.op == "placeholder"]
+    seen = {}  # tied weights share one storage
+    for spec, node in zip(program.graph_signature.input_specs, placeholders):
+        if spec.kind != InputKind.USER_INPUT:
+            seen.update(_storages(node.meta.get("val")))
+    return sum(seen.values())
 
 
 def planned_peak(gm: GraphModule) -> tuple[int, str]:

@@ -3,12 +3,37 @@
     >>> Policy()                          # slices nothing: the compiled module is the exported graph
     >>> Policy(slices=8)                  # 8 slices in every spatial and temporal region
     >>> Policy(spatial=8, temporal=4)     # per kind
+    >>> Policy(max_memory="6GiB")         # the fewest slices (and a batch split if needed) that fit 6 GiB
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 
-__all__ = ["Policy", "AXIS_KIND"]
+__all__ = ["Policy", "AXIS_KIND", "parse_bytes", "format_bytes"]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value, name: str = "max_memory") -> int:
+    """Bytes from an int or a string such as ``"6GiB"``, ``"6 GB"``, ``"512MiB"`` (GiB = 2**30, GB = 10**9)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected bytes (an int) or a string such as '6GiB', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{name}: expected a positive number of bytes, got {value}")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        unit = m.group(2).upper() if m else None
+        if m and unit in _UNITS and float(m.group(1)) > 0:
+            return int(float(m.group(1)) * _UNITS[unit])
+    raise ValueError(f"{name}: expected bytes (an int) or a string such as '6GiB', '6GB' or '512MiB', got {value!r}")
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 # Which policy field governs a region sliced along a named axis.
 AXIS_KIND = {"frames": "spatial", "batch": "batch", "height": "temporal", "width": "temporal"}
@@ -30,6 +55,10 @@ class Policy:
         spatial: slice count for spatial layers (cut along frames); overrides ``slices``.
         temporal: slice count for temporal layers (cut along height or width); overrides ``slices``.
         batch: split the video batch into this many parts (``None`` or 1: no split).
+        max_memory: a memory budget, weights included (bytes, or a string such as ``"6GiB"``). The compiler
+            chooses for each region the fewest slices, and whether to split the batch, whose planned peak fits;
+            ``slices``/``spatial``/``temporal``/``batch`` are then the most it may use. A budget no slicing can
+            meet raises :class:`~fxstream.MemoryBudgetError` before any compute.
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
             the graph's largest activation (small regions cost loop overhead and save nothing).
     """
@@ -38,11 +67,14 @@ class Policy:
     spatial: int | None = None
     temporal: int | None = None
     batch: int | None = None
+    max_memory: int | str | None = None
     min_region_fraction: float = 0.05
 
     def __post_init__(self):
         for name in ("slices", "spatial", "temporal", "batch"):
             _check_count(name, getattr(self, name))
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "Policy.max_memory"))
         f = self.min_region_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ValueError(f"Policy.min_region_fraction: expected a number in [0, 1], got {f!r}")
@@ -63,5 +95,9 @@ class Policy:
         return any(self.count_for(k) > 1 for k in ("spatial", "temporal", "batch"))
 
     def describe(self) -> str:
-        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
+        parts = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v != f.default:
+                parts.append(f"{f.name}={format_bytes(v)!r}" if f.name == "max_memory" else f"{f.name}={v!r}")
         return "Policy(" + ", ".join(parts) + ")"

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tabulate import tabulate
 
 from .analysis.slicer import module_path, tensor_bytes
-from .memory import planned_peak
-from .policy import Policy
+from .memory import MemoryPlan, plan_memory
+from .policy import Policy, format_bytes
 
 __all__ = ["Report", "RegionInfo", "UnslicedOp", "build_report"]
 
@@ -20,6 +21,8 @@ class RegionInfo:
     slices: int
     ops: int
     saved_bytes: int  # bytes of interior values that never exist whole
+    peak_bytes: int = 0  # planned bytes live while the region runs (whole values around it + working set)
+    working_bytes: int = 0  # the slices' working set: its share of that peak
 
 
 @dataclass(frozen=True)
@@ -33,27 +36,53 @@ class UnslicedOp:
 
 @dataclass
 class Report:
+    """What ``fxstream.explain`` says. Bytes are activations unless named ``weight_bytes``.
+
+    ``timeline`` holds, for ``"original"`` and ``"compiled"``, a list of
+    :class:`~fxstream.memory.TimelinePoint` (node, module, bytes live after it, most bytes live while it ran).
+    ``lower_bound_bytes`` is the smallest activation peak any slicing the rules allow plans for this graph and
+    input (see :mod:`fxstream.budget`); computed on first access when the policy did not need it.
+    """
+
     policy: Policy
     regions: list = field(default_factory=list)
     unsliced: list = field(default_factory=list)
+    weight_bytes: int = 0
     original_peak_bytes: int = 0
     peak_bytes: int = 0
     original_peak_node: str = ""
     peak_node: str = ""
+    original_peak_module: str = ""
+    peak_module: str = ""
+    timeline: dict = field(default_factory=dict)
+    _lower_bound: Callable | int | None = field(default=None, repr=False)
+
+    @property
+    def lower_bound_bytes(self) -> int:
+        if callable(self._lower_bound):
+            self._lower_bound = self._lower_bound()
+        return self._lower_bound
 
     @property
     def sliced_ops(self) -> int:
         return sum(r.ops for r in self.regions)
 
     def table(self) -> str:
-        rows = [(r.module or "(top)", r.dim, r.length, r.slices, r.ops, f"{r.saved_bytes / 2**20:.1f}")
-                for r in self.regions]
-        head = tabulate(rows, headers=["module", "dim", "length", "slices", "ops", "MiB never whole"])
+        rows = [(r.module or "(top)", r.dim, r.length, r.slices, r.ops, f"{r.saved_bytes / 2**20:.1f}",
+                 f"{r.peak_bytes / 2**20:.1f}", f"{r.working_bytes / 2**20:.1f}") for r in self.regions]
+        head = tabulate(rows, headers=["module", "dim", "length", "slices", "ops", "MiB never whole",
+                                       "MiB at its peak", "MiB its slices"])
         big = sorted(self.unsliced, key=lambda u: -u.bytes)[:10]
         rows2 = [(u.module or "(top)", u.op, f"{u.bytes / 2**20:.2f}", u.reason) for u in big]
         tail = tabulate(rows2, headers=["largest unsliced: module", "op", "MiB", "reason"])
-        mem = (f"planned activation peak: {self.original_peak_bytes / 2**20:.1f} MiB original "
-               f"(at {self.original_peak_node}), {self.peak_bytes / 2**20:.1f} MiB compiled (at {self.peak_node})")
+        mem = tabulate([
+            ("weights", format_bytes(self.weight_bytes), ""),
+            ("activations, original", format_bytes(self.original_peak_bytes),
+             f"{self.original_peak_node} ({self.original_peak_module or 'top'})"),
+            ("activations, compiled", format_bytes(self.peak_bytes),
+             f"{self.peak_node} ({self.peak_module or 'top'})"),
+            ("activations, lower bound", format_bytes(self.lower_bound_bytes), "any slicing the rules allow"),
+        ], headers=["planned peak", "bytes", "where"])
         return f"{self.policy.describe()}: {len(self.regions)} regions, {self.sliced_ops} ops sliced\n" \
                f"{head}\n\n{tail}\n\n{mem}"
 
@@ -61,18 +90,36 @@ class Report:
         return self.table()
 
 
-def build_report(compiled, policy: Policy) -> Report:
-    plans = [compiled.plan] + [c.plan for c in compiled.inner]
-    regions = [RegionInfo(r.module, r.axis.name, r.axis.length, r.count, len(r.nodes), r.saved_bytes)
-               for plan in plans for r in plan.regions]
+def _region_infos(plan, mem: MemoryPlan, offset: int = 0) -> list:
+    out = []
+    for i, r in enumerate(plan.regions):
+        name = f"region_{i}"
+        out.append(RegionInfo(r.module, r.axis.name, r.axis.length, r.count, len(r.nodes), r.saved_bytes,
+                              offset + mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0)))
+    return out
+
+
+def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=None) -> Report:
+    """The report of a :class:`~fxstream.compiler.CompiledGraph`; ``lower_bound`` is bytes or a callable."""
+    original = plan_memory(compiled.original)
+    mem = plan_memory(compiled.graph_module)
+    regions = _region_infos(compiled.plan, mem)
+    if compiled.inner:  # regions inside batch regions: their peaks sit on top of what the outer graph holds
+        loops = [n.name for n in compiled.graph_module.graph.nodes if n.op == "call_module"]
+        around = [mem.region_peaks[n] - mem.region_working_bytes[n] for n in loops]
+        per_loop = max(1, len(compiled.inner) // max(1, len(loops)))
+        for k, inner in enumerate(compiled.inner):
+            regions += _region_infos(inner.plan, plan_memory(inner.graph_module), around[min(k // per_loop,
+                                                                                           len(around) - 1)])
     in_region = {n for r in compiled.plan.regions for n in r.nodes}
     unsliced = []
     for n in compiled.prepared.graph.nodes:
         if n.op != "call_function" or n in in_region:
             continue
         reason = compiled.plan.reasons.get(n) or (
+            "the memory budget is met without slicing" if policy.max_memory is not None and not in_region else
             "policy slices nothing" if not policy.slices_anything else "not reached by any sliced axis")
         unsliced.append(UnslicedOp(n.name, str(n.target), module_path(n), reason, tensor_bytes(n)))
-    orig_peak, orig_at = planned_peak(compiled.original)
-    peak, at = planned_peak(compiled.graph_module)
-    return Report(policy, regions, unsliced, orig_peak, peak, orig_at, at)
+    return Report(policy, regions, unsliced, weight_bytes, original.peak_bytes, mem.peak_bytes,
+                  original.peak_node, mem.peak_node, original.peak_module, mem.peak_module,
+                  {"original": original.timeline, "compiled": mem.timeline}, lower_bound)

@@ -15,7 +15,7 @@ from torch.fx import Graph, GraphModule, Node
 from fxstream.analysis.cuts import PARTIAL, Cut, cut_size
 from fxstream.analysis.rules import rule_for
 from fxstream.analysis.slicer import Region, SlicePlan
-from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta
+from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta, propagate_nodes
 from fxstream.runtime import LoopRegion, buffer_layout, slice_view
 
 aten = torch.ops.aten
@@ -58,7 +58,9 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
         env[node] = new
     g.output(tuple(env[o] for o, _ in region.outputs))
     body = GraphModule(torch.nn.Module(), g)
-    propagate_meta(body, fake_inputs, mode)
+    for ph, v in zip([x for x in g.nodes if x.op == "placeholder"], fake_inputs):
+        ph.meta["val"] = v
+    propagate_nodes([x for x in g.nodes if x.op == "call_function"], mode)
     return body
 
 

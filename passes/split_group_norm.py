@@ -21,7 +21,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta
+from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_nodes
 
 aten = torch.ops.aten
 
@@ -36,7 +36,7 @@ def splittable_group_norms(gm: GraphModule) -> list[str]:
             if n.op == "call_function" and n.target is aten.group_norm.default and n.args[0].meta["val"].dim() == 5]
 
 
-def _emit_split(gm: GraphModule, gn: Node) -> Node:
+def _emit_split(gm: GraphModule, gn: Node) -> tuple[Node, list]:
     g = gm.graph
     x, groups = gn.args[0], gn.args[1]
     weight = gn.args[2] if len(gn.args) > 2 else None
@@ -80,7 +80,7 @@ def _emit_split(gm: GraphModule, gn: Node) -> Node:
             y = op(aten.add.Tensor, y, op(aten.reshape.default, bias, [c, *affine]))
         if compute != dtype:
             y = op(aten.to.dtype, y, dtype)
-    return y
+    return y, made
 
 
 def split_group_norm(gm: GraphModule, names=None) -> GraphModule:
@@ -90,10 +90,10 @@ def split_group_norm(gm: GraphModule, names=None) -> GraphModule:
         return gm
     mode = fake_mode_of(gm)
     for gn in [n for n in gm.graph.nodes if n.name in names]:
-        y = _emit_split(gm, gn)
+        y, made = _emit_split(gm, gn)
+        propagate_nodes(made, mode)  # y has the GroupNorm's shape, dtype and (contiguous) strides
         gn.replace_all_uses_with(y)
         gm.graph.erase_node(gn)
     gm.graph.lint()
     gm.recompile()
-    propagate_meta(gm, [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"], mode)
     return gm

@@ -46,6 +46,9 @@ class _Partial:
     def __repr__(self) -> str:
         return "PARTIAL"
 
+    def __reduce__(self):  # one marker, compared with ``is``: copies and pickles give it back
+        return "PARTIAL"
+
 
 PARTIAL = _Partial()
 

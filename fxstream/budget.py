@@ -1,0 +1,153 @@
+"""Memory budget: choose the slicing whose planned peak fits ``Policy(max_memory=...)``. Decides; rewrites nothing.
+
+1. *Floor of a structure.* Compile with every slice count at its upper limit (the policy's counts, else one
+   element of the axis per slice) and plan it. Two structures are tried: the whole video batch at once, and the
+   batch split into parts (each part compiled as a graph of its own, regions inside regions). The smaller floor
+   is the lower bound: no slicing the rules allow plans below it.
+2. *Fewest slices per region.* While a region runs, the bytes live are the whole values around it (they do not
+   depend on slice counts) plus its working set, which grows with the slice size. The working set at the
+   floor's slice size, scaled to other sizes, gives the largest slice that fits; a region that fits whole is
+   left unsliced.
+3. *Least expected slowdown.* Among structures that fit, the one with the fewest op launches (a region's ops
+   run once per slice; a batch split runs everything inside it once per part). Its compile is planned again
+   exactly, and a region still over the budget gets twice the slices until the plan fits.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from torch.fx import GraphModule
+
+from .analysis.slicer import find_axes
+from .compiler import CompiledGraph, compile_graph, region_id
+from .errors import MemoryBudgetError
+from .memory import MemoryPlan, plan_memory
+from .policy import Policy, format_bytes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["choose_slicing", "lower_bound", "Floor"]
+
+_NO_LIMIT = 1 << 30  # "as many slices as the axis has elements"
+
+
+@dataclass
+class Floor:
+    """A structure compiled at its upper-limit slice counts, and its plan."""
+
+    batch: int | None
+    compiled: CompiledGraph
+    plan: MemoryPlan
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.plan.peak_bytes
+
+
+def _caps(policy: Policy, batch: int | None) -> Policy:
+    return Policy(slices=policy.slices or _NO_LIMIT, spatial=policy.spatial, temporal=policy.temporal,
+                  batch=batch, min_region_fraction=policy.min_region_fraction)
+
+
+def _batch_choices(gm: GraphModule, policy: Policy, layout) -> list:
+    size = next((a.length for a in find_axes(gm, layout) if a.name == "batch"), 1)
+    parts = policy.batch if policy.batch is not None else size
+    return [None] + ([parts] if size > 1 and parts > 1 else [])
+
+
+def floor(gm: GraphModule, policy: Policy, layout, batch: int | None) -> Floor:
+    cg = compile_graph(gm, _caps(policy, batch), layout)
+    return Floor(batch, cg, plan_memory(cg.graph_module))
+
+
+def lower_bound(gm: GraphModule, policy: Policy, layout) -> Floor:
+    """The floor of the most divided structure the policy allows (see the module docstring)."""
+    return floor(gm, policy, layout, _batch_choices(gm, policy, layout)[-1])
+
+
+def _graphs(f: Floor, budget: int):
+    """(compiled graph, its plan, activation budget for it) for each graph whose regions get counts."""
+    if not f.compiled.inner:
+        return [(f.compiled, f.plan, budget)]
+    out = []
+    loops = [n for n in f.compiled.graph_module.graph.nodes if n.op == "call_module"]
+    k = 0
+    for n in loops:
+        loop = f.compiled.graph_module.get_submodule(n.target)
+        around = f.plan.region_peaks[n.name] - f.plan.region_working_bytes[n.name]
+        for _ in loop.bodies:
+            inner = f.compiled.inner[k]
+            out.append((inner, plan_memory(inner.graph_module), budget - around))
+            k += 1
+    return out
+
+
+def _fit_counts(cg: CompiledGraph, plan: MemoryPlan, budget: int) -> dict:
+    counts = {}
+    for i, r in enumerate(cg.plan.regions):
+        name = f"region_{i}"
+        work = plan.region_working_bytes[name]
+        room = budget - (plan.region_peaks[name] - work)
+        n_cap = max(n for _, n in r.bounds)
+        n = r.axis.length if work <= 0 else min(r.axis.length, max(n_cap, room * n_cap // work))
+        counts[region_id(r)] = math.ceil(r.axis.length / n)
+    return counts
+
+
+def _launches(cg: CompiledGraph, counts: dict) -> int:
+    inside = sum(len(r.nodes) for r in cg.plan.regions)
+    ops = sum(1 for n in cg.prepared.graph.nodes if n.op == "call_function") - inside
+    return ops + sum(counts.get(region_id(r), r.count) * len(r.nodes) for r in cg.plan.regions)
+
+
+def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -> tuple[CompiledGraph, Floor]:
+    """Compile ``gm`` with the cheapest slicing whose planned peak plus ``weight_bytes`` fits
+    ``policy.max_memory``; MemoryBudgetError when none can. Returns the compiled graph and the lower bound."""
+    budget = policy.max_memory - weight_bytes
+    floors = [floor(gm, policy, layout, b) for b in _batch_choices(gm, policy, layout)]
+    lowest = min(floors, key=lambda f: f.peak_bytes)
+    if budget < lowest.peak_bytes:
+        raise MemoryBudgetError(
+            f"Policy.max_memory={format_bytes(policy.max_memory)} cannot be met: the weights take "
+            f"{format_bytes(weight_bytes)} and no slicing the rules allow plans the activations below "
+            f"{format_bytes(lowest.peak_bytes)} (lower bound), so at least "
+            f"{format_bytes(weight_bytes + lowest.peak_bytes)} is needed. Raise max_memory, or make the input "
+            f"smaller (frames, resolution, batch) or the dtype narrower.",
+            max_memory=policy.max_memory, weight_bytes=weight_bytes, lower_bound_bytes=lowest.peak_bytes)
+    if plan_memory(gm).peak_bytes <= budget:
+        return compile_graph(gm, Policy(), layout), lowest
+    best = None
+    for f in floors:
+        if f.peak_bytes > budget:
+            continue
+        graphs = _graphs(f, budget)
+        counts = [_fit_counts(cg, plan, b) for cg, plan, b in graphs]
+        cost = sum(_launches(cg, c) for (cg, _, _), c in zip(graphs, counts))
+        if f.batch is not None:  # ops outside the batch regions run once
+            cost += _launches(f.compiled, {})
+        if best is None or cost < best[0]:
+            best = (cost, f, counts)
+    _, f, counts = best
+    for attempt in range(6):
+        pol = _caps(policy, f.batch)
+        if f.batch is None:
+            cg = compile_graph(gm, pol, layout, counts=counts[0])
+        else:
+            cg = compile_graph(gm, pol, layout, inner_counts=counts)
+        fitted = Floor(f.batch, cg, plan_memory(cg.graph_module))
+        if fitted.peak_bytes <= budget:
+            log.info("budget %s met with batch=%s after %d compiles", format_bytes(budget), f.batch, attempt + 1)
+            return cg, lowest
+        # the scaled working sets were optimistic somewhere: double the slices of every region over budget
+        changed = False
+        for (g, plan, b), c in zip(_graphs(fitted, budget), counts):
+            for i, r in enumerate(g.plan.regions):
+                if plan.region_peaks[f"region_{i}"] > b and r.count < r.axis.length:
+                    c[region_id(r)] = min(r.axis.length, 2 * r.count)
+                    changed = True
+        if not changed:
+            break
+    log.info("budget %s: using the floor's slicing (batch=%s)", format_bytes(budget), f.batch)
+    return f.compiled, lowest  # the floor fits by construction
