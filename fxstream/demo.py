@@ -2,6 +2,7 @@
 
     python -m fxstream.demo                 # svd-mid, batch 2, 8 frames, 64x64 latent, fp32, slices=8
     python -m fxstream.demo --model svd-tiny --slices 4
+    python -m fxstream.demo --max-memory 400MiB   # the fewest slices whose planned peak (weights included) fits
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from tabulate import tabulate
 
 from .bench import measure_model
+from .errors import MemoryBudgetError
 from .models import MODELS
 from .policy import Policy
 
@@ -33,12 +35,21 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="svd-mid", choices=sorted(MODELS), help="model (default: svd-mid)")
     ap.add_argument("--slices", type=int, default=8, help="slices per region (default: 8)")
+    ap.add_argument("--max-memory", default=None,
+                    help="memory budget, weights included (e.g. 400MiB); replaces --slices by the budget policy")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default: 3)")
     args = ap.parse_args(argv)
     if MODELS[args.model].height > 64:
         ap.error(f"--model {args.model} is full size: too large to run on a CPU; use fxstream.explain to plan it")
-    policy = Policy(slices=args.slices)
-    rows = measure_model(args.model, [policy], repeats=args.repeats, log=lambda m: print(m, file=sys.stderr))
+    try:
+        policy = Policy(max_memory=args.max_memory) if args.max_memory else Policy(slices=args.slices)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        rows = measure_model(args.model, [policy], repeats=args.repeats, log=lambda m: print(m, file=sys.stderr))
+    except MemoryBudgetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table(rows))
     worst = max(r.max_abs_diff for r in rows)
     ok = worst <= 1e-5 and rows[0].max_abs_diff == 0.0 and rows[1].max_abs_diff == 0.0

@@ -23,3 +23,17 @@ def test_mid_size_equal_and_half_the_memory(model):
     assert torch.equal(out_b[0], ref)
     assert (out_s[0] - ref).abs().max().item() <= 1e-5
     assert peak_s <= 0.5 * peak_b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["svd-mid", "animatediff-mid"])
+@pytest.mark.parametrize("policy", [fxstream.Policy(), fxstream.Policy(batch=2, slices=8)], ids=str)
+def test_mid_size_planner_within_5_percent(model, policy):
+    unet = build_unet(model)
+    kw = example_inputs(model, unet)
+    compiled = fxstream.compile(unet, policy=policy)
+    with torch.no_grad():
+        compiled(**kw)
+    _, measured = measure_peak(compiled, **kw)
+    planned = compiled.explain().peak_bytes
+    assert abs(planned - measured) <= 0.05 * measured
