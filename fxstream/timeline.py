@@ -18,7 +18,7 @@ import numpy as np
 from .viz import human_bytes
 
 _QUANTILE = 0.5  # where in a block the two graphs are matched: its median node (see _block_marks)
-_LABEL_GAP = 0.02  # a block start closer than this share of the axis to the last labelled one gets no label
+_LABEL_GAP = 0.02  # a block start closer than this share of the axis to the next labelled one gets no label
 
 __all__ = ["Series", "Boundary", "MemoryTimeline", "memory_timeline", "plot_memory", "block_of"]
 
@@ -140,13 +140,14 @@ def plot_memory(tl: MemoryTimeline, path, dpi: int = 150) -> None:
         ax.annotate(f"{s.name} peak {human_bytes(s.peak_bytes)}\n{s.peak_node}\n({s.peak_module or 'top level'})",
                     xy=(s.peak_x, s.peak_bytes / scale), xytext=(12, -4 if s.name == "original" else 18),
                     textcoords="offset points", fontsize=7.5, color=colour, va="top" if s.name == "original" else
-                    "bottom", arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.8})
+                    "bottom", arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.8},
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
         ax.plot([s.peak_x], [s.peak_bytes / scale], "o", color=colour, ms=4)
-    labelled = -np.inf
     span = max(tl.series[0].x, default=1) or 1
-    for b in tl.boundaries:
+    labelled = np.inf
+    for b in reversed(tl.boundaries):  # of starts crowded together, label the last: the block that follows them
         ax.axvline(b.x, color="#bbbbbb", lw=0.6, ls="--", zorder=0)
-        if b.x - labelled < _LABEL_GAP * span:
+        if labelled - b.x < _LABEL_GAP * span:
             continue
         labelled = b.x
         ax.text(b.x, 1.0, f" {b.block}", transform=ax.get_xaxis_transform(), rotation=90, fontsize=7,
