@@ -6,7 +6,7 @@
     fxstream memory --model svd-xt --slices 8 -o out/       # out/svd-xt-memory.png: bytes live per node
 
 Named models are built from the configs shipped in the package on the ``meta`` device (no memory, no compute;
-full-size SVD plans in seconds); ``--model PATH`` loads a local diffusers UNet or pipeline folder.
+full-size SVD plans in 10-20 s on two CPU cores); ``--model PATH`` loads a local diffusers UNet or pipeline folder.
 Exit status: 0 done, 1 an fxstream error (one line on stderr), 2 a usage error.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import sys
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -151,9 +152,6 @@ def _policy_options() -> argparse.ArgumentParser:
     g.add_argument("--min-region-fraction", type=_fraction, metavar="F",
                    help="skip regions whose largest tensor is below this share of the largest activation "
                         "(default: 0.05). Example: --min-region-fraction 0.1")
-    if "pipeline" in {f for f in Policy.__dataclass_fields__}:
-        g.add_argument("--pipeline", type=_count, metavar="K",
-                       help="slices of a region in flight at once (Policy.pipeline). Example: --pipeline 2")
     return p
 
 
@@ -173,6 +171,10 @@ def _output_options(files: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=100, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(prog="fxstream", description=__doc__, formatter_class=fmt)
@@ -182,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", parents=common + [_output_options(False)], formatter_class=fmt,
                        epilog=_EXAMPLES["explain"],
                        help="what was sliced, what was not and why, planned memory (a table or --json)",
-                       description="Plan the model under the policy and print the explain report: each region "
-                                   "(module, axis, slices), the largest unsliced ops with the reason, planned peaks.")
+                       description=_wrap("Plan the model under the policy and print the explain report: each region "
+                                   "(module, axis, slices), the largest unsliced ops with the reason, planned peaks."))
     e.add_argument("--lower-bound", action="store_true",
                    help="also compute the lowest peak any slicing allows (about doubles the time). "
                         "Example: --lower-bound")
@@ -192,11 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_explain)
     v = sub.add_parser("viz", parents=common + [_output_options(True)], formatter_class=fmt, epilog=_EXAMPLES["viz"],
                        help="draw the original and the compiled graph (SVG via Graphviz, self-contained HTML)",
-                       description="Draw the exported graph and the compiled one side by side, one box per module "
+                       description=_wrap("Draw the exported graph and the compiled one side by side, one box per module "
                                    "(regions coloured by slice axis, labelled with their slice count; the planned "
                                    "peak in red; arrows labelled with shapes and bytes). Writes STEM-viz.svg and "
                                    "STEM-viz.html (pan: drag, zoom: wheel, click a box for its details). SVG and "
-                                   "HTML need Graphviz's dot: sudo apt-get install graphviz.")
+                                   "HTML need Graphviz's dot: sudo apt-get install graphviz."))
     v.add_argument("--depth", type=_count, default=2, metavar="N",
                    help="module levels per box: 1 = down_blocks.0, 2 = down_blocks.0.resnets.1 (default: 2), "
                         "3 = down_blocks.0.resnets.1.temporal_res_block. Example: --depth 1")
@@ -212,19 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memory", parents=common + [_output_options(True)], formatter_class=fmt,
                        epilog=_EXAMPLES["memory"],
                        help="plot the memory timeline, original against compiled (PNG)",
-                       description="Plot the planned bytes live after every node, the exported graph against the "
+                       description=_wrap("Plot the planned bytes live after every node, the exported graph against the "
                                    "compiled one, lined up block by block, with the start of each UNet block "
-                                   "marked and both peaks annotated. Writes STEM-memory.png.")
+                                   "marked and both peaks annotated. Writes STEM-memory.png."))
     m.set_defaults(func=cmd_memory)
     return ap
 
 
 def _policy(args) -> Policy:
     """The Policy the options ask for (their types already checked each value; Policy checks them again)."""
-    extra = {"pipeline": args.pipeline} if getattr(args, "pipeline", None) is not None else {}
     fraction = {} if args.min_region_fraction is None else {"min_region_fraction": args.min_region_fraction}
     return Policy(slices=args.slices, spatial=args.spatial, temporal=args.temporal, batch=args.batch_split,
-                  max_memory=args.max_memory, **fraction, **extra)
+                  max_memory=args.max_memory, **fraction)
 
 
 # -- commands ----------------------------------------------------------------------------------------------
