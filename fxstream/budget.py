@@ -8,7 +8,9 @@
    depend on slice counts) plus its working set, which grows with the slice size. The working set at the
    floor's slice size, scaled to other sizes, gives the largest slice that fits; a region that fits whole is
    left unsliced.
-3. *Least expected slowdown.* Among structures that fit, the one with the fewest op launches (a region's ops
+3. *Slices in flight.* ``Policy(pipeline=k)`` is the most: the floors are planned with ``k`` working sets per
+   region, and ``k`` is halved until one fits.
+4. *Least expected slowdown.* Among structures that fit, the one with the fewest op launches (a region's ops
    run once per slice; a batch split runs everything inside it once per part). Its compile is planned again
    exactly, and a region still over the budget gets twice the slices until the plan fits.
 """
@@ -25,6 +27,7 @@ from .compiler import CompiledGraph, compile_graph, region_id
 from .errors import MemoryBudgetError
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
+from .runtime import LoopRegion
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +49,9 @@ class Floor:
         return self.plan.peak_bytes
 
 
-def _caps(policy: Policy, batch: int | None) -> Policy:
+def _caps(policy: Policy, batch: int | None, pipeline: int = 1) -> Policy:
     return Policy(slices=policy.slices or _NO_LIMIT, spatial=policy.spatial, temporal=policy.temporal,
-                  batch=batch, min_region_fraction=policy.min_region_fraction)
+                  batch=batch, pipeline=pipeline, cpu_workers=policy.cpu_workers, min_region_fraction=policy.min_region_fraction)
 
 
 def _batch_choices(gm: GraphModule, policy: Policy, layout) -> list:
@@ -58,8 +61,14 @@ def _batch_choices(gm: GraphModule, policy: Policy, layout) -> list:
 
 
 def floor(gm: GraphModule, policy: Policy, layout, batch: int | None) -> Floor:
+    """The structure at its upper-limit counts, one slice in flight."""
     cg = compile_graph(gm, _caps(policy, batch), layout)
     return Floor(batch, cg, plan_memory(cg.graph_module))
+
+
+def _in_flight(f: Floor, k: int) -> Floor:
+    """The same floor planned with ``k`` slices in flight per region (nothing is compiled again)."""
+    return f if k == 1 else Floor(f.batch, f.compiled, plan_memory(f.compiled.graph_module, in_flight=k))
 
 
 def lower_bound(gm: GraphModule, policy: Policy, layout) -> Floor:
@@ -67,7 +76,7 @@ def lower_bound(gm: GraphModule, policy: Policy, layout) -> Floor:
     return floor(gm, policy, layout, _batch_choices(gm, policy, layout)[-1])
 
 
-def _graphs(f: Floor, budget: int):
+def _graphs(f: Floor, budget: int, k: int = 1):
     """(compiled graph, its plan, activation budget for it) for each graph whose regions get counts."""
     if not f.compiled.inner:
         return [(f.compiled, f.plan, budget)]
@@ -79,7 +88,7 @@ def _graphs(f: Floor, budget: int):
         around = f.plan.region_peaks[n.name] - f.plan.region_working_bytes[n.name]
         for _ in loop.bodies:
             inner = f.compiled.inner[k]
-            out.append((inner, plan_memory(inner.graph_module), budget - around))
+            out.append((inner, plan_memory(inner.graph_module, in_flight=k), budget - around))
             k += 1
     return out
 
@@ -118,11 +127,16 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
             max_memory=policy.max_memory, weight_bytes=weight_bytes, lower_bound_bytes=lowest.peak_bytes)
     if plan_memory(gm).peak_bytes <= budget:
         return compile_graph(gm, Policy(), layout), lowest
+    # slices in flight: the most the policy allows whose floor fits (each one holds a working set of its own)
+    k = policy.pipeline
+    while k > 1 and min(_in_flight(f, k).peak_bytes for f in floors) > budget:
+        k //= 2
+    floors = [_in_flight(f, k) for f in floors]
     best = None
     for f in floors:
         if f.peak_bytes > budget:
             continue
-        graphs = _graphs(f, budget)
+        graphs = _graphs(f, budget, k)
         counts = [_fit_counts(cg, plan, b) for cg, plan, b in graphs]
         cost = sum(_launches(cg, c) for (cg, _, _), c in zip(graphs, counts))
         if f.batch is not None:  # ops outside the batch regions run once
@@ -131,7 +145,7 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
             best = (cost, f, counts)
     _, f, counts = best
     for attempt in range(6):
-        pol = _caps(policy, f.batch)
+        pol = _caps(policy, f.batch, k)
         if f.batch is None:
             cg = compile_graph(gm, pol, layout, counts=counts[0])
         else:
@@ -142,7 +156,7 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
             return cg, lowest
         # the scaled working sets were optimistic somewhere: double the slices of every region over budget
         changed = False
-        for (g, plan, b), c in zip(_graphs(fitted, budget), counts):
+        for (g, plan, b), c in zip(_graphs(fitted, budget, k), counts):
             for i, r in enumerate(g.plan.regions):
                 if plan.region_peaks[f"region_{i}"] > b and r.count < r.axis.length:
                     c[region_id(r)] = min(r.axis.length, 2 * r.count)
@@ -150,4 +164,8 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
         if not changed:
             break
     log.info("budget %s: using the floor's slicing (batch=%s)", format_bytes(budget), f.batch)
-    return f.compiled, lowest  # the floor fits by construction
+    for loop in f.compiled.graph_module.modules():  # the floor fits by construction, with k in flight
+        if isinstance(loop, LoopRegion):
+            loop.pipeline = k
+            loop.cpu_mode = {None: None, True: "workers", False: "serial"}[policy.cpu_workers]
+    return f.compiled, lowest

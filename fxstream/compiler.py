@@ -18,6 +18,7 @@ from .passes.group_regions import group_regions
 from .passes.reuse_buffers import reuse_region_buffers
 from .passes.split_group_norm import TAG, split_group_norm, splittable_group_norms
 from .policy import Policy
+from .runtime import LoopRegion
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ class CompiledGraph:
 
 
 def _loops(gm: GraphModule) -> list:
-    from .runtime import LoopRegion
     return [m for m in gm.children() if isinstance(m, LoopRegion)]
 
 
@@ -76,6 +76,15 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
     """
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
+    cg = _compile(gm, policy, layout, counts, inner_counts)
+    for loop in cg.graph_module.modules():
+        if isinstance(loop, LoopRegion):
+            loop.pipeline = policy.pipeline
+            loop.cpu_mode = {None: None, True: "workers", False: "serial"}[policy.cpu_workers]
+    return cg
+
+
+def _compile(gm: GraphModule, policy: Policy, layout: str | None, counts, inner_counts) -> CompiledGraph:
     rest = replace(policy, batch=None)
     if policy.count_for("batch") > 1 and rest.slices_anything:
         outer = compile_graph(gm, Policy(batch=policy.batch, min_region_fraction=policy.min_region_fraction), layout)

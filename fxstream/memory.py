@@ -3,7 +3,8 @@
 Planner: walk the graph in order; a node's output costs its storage's bytes unless it aliases a storage that is
 already live (views, ``to`` without a change); a storage is freed after the last use of every value holding it.
 Placeholders (inputs and weights) are held by the caller and cost nothing; graph outputs stay. A loop region
-costs its full-size outputs plus the planned peak of its body for the largest slice.
+costs its full-size outputs plus the planned peak of its body for the largest slice, times the slices it keeps
+in flight (``Policy(pipeline=k)``: each slice in flight holds a working set of its own).
 
 Tracker: a TorchDispatchMode that records every storage an op creates and counts it freed once its
 ``StorageWeakRef`` expires. It measures the real peak of running any module on the CPU.
@@ -55,18 +56,23 @@ def _node_module(n) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _body_plans(gm: GraphModule, node, in_flight: int) -> list:
-    """Plans of a ``call_module`` node's loop bodies (none for other modules)."""
-    bodies = getattr(gm.get_submodule(node.target), "bodies", None)
-    return [plan_memory(b, in_flight) for b in bodies.values()] if bodies else []
+def _body_plans(gm: GraphModule, node, in_flight: int | None) -> tuple:
+    """Plans of a ``call_module`` node's loop bodies (none for other modules) and its slices in flight."""
+    loop = gm.get_submodule(node.target)
+    bodies = getattr(loop, "bodies", None)
+    if not bodies:
+        return [], 1
+    k = 1 if loop.nested else loop.in_flight if in_flight is None else max(1, min(in_flight, len(loop.bounds)))
+    return [plan_memory(b, in_flight) for b in bodies.values()], k
 
 
-def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
+def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
     """Walk ``gm`` in order with liveness per storage (``meta["val"]``) and return its :class:`MemoryPlan`.
 
     A node's output costs its storage's bytes unless the storage is already live (views, aliases, in-place
     results); a storage is freed after the last use of every value holding it; placeholders are the caller's;
-    graph outputs stay. A loop region costs its full-size outputs plus ``in_flight`` times its body's peak.
+    graph outputs stay. A loop region costs its full-size outputs plus its body's peak times the slices it keeps
+    in flight (its own ``in_flight``; the argument overrides it for every region whose body holds no regions).
     A region whose body holds regions of its own (a batch split) is expanded in the timeline, and a peak inside
     it is named ``outer/inner``.
     """
@@ -92,11 +98,12 @@ def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
 
     for i, n in enumerate(nodes):
         sts = list(_storages(n.meta.get("val")))
-        body = None
+        body, k = None, 1
         if n.op == "placeholder":
             held_by_caller.update(s for s, _ in sts)
         elif n.op == "call_module":
-            body = max(_body_plans(gm, n, in_flight), key=lambda b: b.peak_bytes, default=None)
+            plans, k = _body_plans(gm, n, in_flight)
+            body = max(plans, key=lambda b: b.peak_bytes, default=None)
         values[n] = [s for s, _ in sts]
         for s, b in sts:
             if s in held_by_caller:
@@ -105,7 +112,7 @@ def plan_memory(gm: GraphModule, in_flight: int = 1) -> MemoryPlan:
                 live += b
                 size[s] = b
             owner_count[s] = owner_count.get(s, 0) + 1
-        extra = in_flight * body.peak_bytes if body is not None else 0
+        extra = k * body.peak_bytes if body is not None else 0
         during = live + extra
         if n.op == "call_module":
             plan.region_peaks[n.name] = during

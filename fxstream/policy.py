@@ -4,6 +4,7 @@
     >>> Policy(slices=8)                  # 8 slices in every spatial and temporal region
     >>> Policy(spatial=8, temporal=4)     # per kind
     >>> Policy(max_memory="6GiB")         # the fewest slices (and a batch split if needed) that fit 6 GiB
+    >>> Policy(slices=8, pipeline=2)      # up to 2 slices of a region in flight (CUDA streams / CPU workers)
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ class Policy:
             chooses for each region the fewest slices, and whether to split the batch, whose planned peak fits;
             ``slices``/``spatial``/``temporal``/``batch`` are then the most it may use. A budget no slicing can
             meet raises :class:`~fxstream.MemoryBudgetError` before any compute.
+        pipeline: the most slices of a region in flight at once (1: one after another). On CUDA, ``k`` streams;
+            on the CPU, a pool of ``k`` workers where measurement shows it faster than the serial loop (each region
+            measures both on its first calls). The planner counts ``k`` working sets per region; with
+            ``max_memory`` it is the most the budget may use (fewer where ``k`` would not fit).
+        cpu_workers: on the CPU with ``pipeline > 1``, True runs the slices on a worker pool, False one after
+            another; None (default) lets each region measure both on its first call and keep the faster.
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
             the graph's largest activation (small regions cost loop overhead and save nothing).
     """
@@ -68,11 +75,18 @@ class Policy:
     temporal: int | None = None
     batch: int | None = None
     max_memory: int | str | None = None
+    pipeline: int = 1
+    cpu_workers: bool | None = None
     min_region_fraction: float = 0.05
 
     def __post_init__(self):
         for name in ("slices", "spatial", "temporal", "batch"):
             _check_count(name, getattr(self, name))
+        p = self.pipeline
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"Policy.pipeline: expected an int >= 1 (slices in flight; 1: one at a time), got {p!r}")
+        if self.cpu_workers not in (None, True, False):
+            raise ValueError(f"Policy.cpu_workers: expected None (measure), True or False, got {self.cpu_workers!r}")
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "Policy.max_memory"))
         f = self.min_region_fraction

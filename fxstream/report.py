@@ -23,6 +23,8 @@ class RegionInfo:
     saved_bytes: int  # bytes of interior values that never exist whole
     peak_bytes: int = 0  # planned bytes live while the region runs (whole values around it + working set)
     working_bytes: int = 0  # the slices' working set: its share of that peak
+    in_flight: int = 1  # slices run at once (Policy.pipeline, or fewer where the budget needs it)
+    node: str = ""  # the region's node in the compiled graph (``region_0``; inside a batch region ``region_0/region_3``)
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,9 @@ class Report:
         return sum(r.ops for r in self.regions)
 
     def table(self) -> str:
-        rows = [(r.module or "(top)", r.dim, r.length, r.slices, r.ops, f"{r.saved_bytes / 2**20:.1f}",
+        rows = [(r.module or "(top)", r.dim, r.length, r.slices, r.in_flight, r.ops, f"{r.saved_bytes / 2**20:.1f}",
                  f"{r.peak_bytes / 2**20:.1f}", f"{r.working_bytes / 2**20:.1f}") for r in self.regions]
-        head = tabulate(rows, headers=["module", "dim", "length", "slices", "ops", "MiB never whole",
+        head = tabulate(rows, headers=["module", "dim", "length", "slices", "in flight", "ops", "MiB never whole",
                                        "MiB at its peak", "MiB its slices"])
         big = sorted(self.unsliced, key=lambda u: -u.bytes)[:10]
         rows2 = [(u.module or "(top)", u.op, f"{u.bytes / 2**20:.2f}", u.reason) for u in big]
@@ -90,12 +92,14 @@ class Report:
         return self.table()
 
 
-def _region_infos(plan, mem: MemoryPlan, offset: int = 0) -> list:
+def _region_infos(plan, gm, mem: MemoryPlan, offset: int = 0, prefix: str = "") -> list:
     out = []
     for i, r in enumerate(plan.regions):
         name = f"region_{i}"
+        loop = getattr(gm, name, None)
         out.append(RegionInfo(r.module, r.axis.name, r.axis.length, r.count, len(r.nodes), r.saved_bytes,
-                              offset + mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0)))
+                              offset + mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0),
+                              getattr(loop, "in_flight", 1), prefix + name))
     return out
 
 
@@ -103,14 +107,15 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
     """The report of a :class:`~fxstream.compiler.CompiledGraph`; ``lower_bound`` is bytes or a callable."""
     original = plan_memory(compiled.original)
     mem = plan_memory(compiled.graph_module)
-    regions = _region_infos(compiled.plan, mem)
+    regions = _region_infos(compiled.plan, compiled.graph_module, mem)
     if compiled.inner:  # regions inside batch regions: their peaks sit on top of what the outer graph holds
         loops = [n.name for n in compiled.graph_module.graph.nodes if n.op == "call_module"]
         around = [mem.region_peaks[n] - mem.region_working_bytes[n] for n in loops]
         per_loop = max(1, len(compiled.inner) // max(1, len(loops)))
         for k, inner in enumerate(compiled.inner):
-            regions += _region_infos(inner.plan, plan_memory(inner.graph_module), around[min(k // per_loop,
-                                                                                           len(around) - 1)])
+            at = min(k // per_loop, len(around) - 1)
+            regions += _region_infos(inner.plan, inner.graph_module, plan_memory(inner.graph_module), around[at],
+                                     f"{loops[at]}/")
     in_region = {n for r in compiled.plan.regions for n in r.nodes}
     unsliced = []
     for n in compiled.prepared.graph.nodes:

@@ -5,15 +5,38 @@ that the body reshapes). Cut outputs are written into full-size buffers allocate
 input that dies at the region (``reuse``: slice ``i`` of the output occupies exactly the bytes slice ``i`` of the
 input did, so each slice overwrites only what it has read); partial outputs (sums over the axis) are accumulated.
 No full-size intermediate of the body ever exists.
+
+Pipelining (``Policy(pipeline=k)``): up to ``k`` slices in flight. Everything a slice needs (its body, which
+arguments it narrows and where, where its outputs go) is prepared once, when the region is built, as a list of
+:class:`_Step`; a call only narrows views and calls bodies. Executors:
+
+* serial: one slice after another (``k == 1``, and the CPU's choice where workers do not help);
+* CUDA streams: slice ``i`` runs on stream ``i % k`` (stream 0 is the caller's). The side streams wait for an
+  event recorded when the region starts (its inputs and output buffers exist); the caller's stream waits for
+  them all before the region returns. Every slice writes disjoint bytes of the output buffers, so no slice waits
+  for another, except partial outputs (sums over the axis), which are added in slice order through a chain of
+  events so that the sum is the one ``k == 1`` computes. Memory made on a side stream and handed to another
+  stream (the partial sums) is recorded on that stream for the caching allocator;
+* CPU workers: a pool of ``k`` threads, the intra-op threads shared out among them. Whether it is faster than
+  the serial loop depends on the machine and the slice sizes, so on its first call each region times its first
+  ``k`` slices both ways and keeps the faster (``Policy(cpu_workers=True/False)`` decides instead). The choice
+  holds from the first call on, so every call gives the same numbers. The two modes can differ by float
+  rounding: some CPU kernels (oneDNN's Conv3d) choose their algorithm by the number of threads.
 """
 from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .analysis.cuts import PARTIAL, Cut
 
-__all__ = ["LoopRegion", "slice_view", "body_input", "contiguous_strides", "buffer_layout"]
+__all__ = ["LoopRegion", "cpu_pool", "slice_view", "body_input", "contiguous_strides", "buffer_layout"]
 
 
 def slice_view(x: torch.Tensor, cut: Cut, start: int, n: int, length: int) -> torch.Tensor:
@@ -51,15 +74,63 @@ def buffer_layout(val: torch.Tensor) -> tuple:
     return shape, stride if dense else contiguous_strides(shape), val.dtype
 
 
+class _Step(NamedTuple):
+    """One slice, prepared when the region is built."""
+
+    body: str  # key into ``bodies``
+    ins: tuple  # (argument index, dim, start, size): narrow the argument's base view
+    outs: tuple  # (output index, dim, start, size, unflatten dim, unflatten sizes or None)
+
+
+_POOLS: dict = {}
+_POOL_LOCK = threading.Lock()
+
+
+def cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads sharing the caller's intra-op threads (at least one each); made once."""
+    total = torch.get_num_threads()
+    per = max(1, total // workers)
+    with _POOL_LOCK:
+        key = (workers, per)
+        if key not in _POOLS:
+            ready = threading.Barrier(workers + 1)
+
+            def init():
+                torch.get_num_threads()  # the thread's own OpenMP setting is made now, then changed
+                torch.set_num_threads(per)
+                ready.wait()
+
+            pool = ThreadPoolExecutor(workers, thread_name_prefix=f"fxstream-{workers}x{per}", initializer=init)
+            for _ in range(workers):
+                pool.submit(int)
+            ready.wait()
+            torch.set_num_threads(total)  # the count new threads start from; the caller's own is unchanged
+            _POOLS[key] = pool
+        return _POOLS[key]
+
+
+_STREAMS: dict = {}
+
+
+def _side_streams(device: torch.device, n: int) -> list:
+    key = (device.index if device.index is not None else torch.cuda.current_device(), n)
+    if key not in _STREAMS:
+        _STREAMS[key] = [torch.cuda.Stream(device) for _ in range(n)]
+    return _STREAMS[key]
+
+
 class LoopRegion(torch.nn.Module):
     """A region sliced along one axis of ``length`` elements, as ``bounds`` (start, size) pairs.
 
     ``bodies[str(size)]`` is the region's GraphModule for a slice of ``size`` elements. ``in_cuts[i]`` says how
     argument ``i`` is sliced (None: passed whole); ``out_cuts[j]`` how output ``j`` is assembled; ``reuse[j]``
     is the index of the argument whose storage output ``j`` takes over (None: a buffer of its own).
+    ``pipeline`` is the most slices in flight (set by the compiler; a region whose bodies hold regions of their
+    own runs its parts one at a time and pipelines inside them).
     """
 
-    def __init__(self, bodies: dict, length: int, bounds, in_cuts, out_cuts, out_meta, axis: str = ""):
+    def __init__(self, bodies: dict, length: int, bounds, in_cuts, out_cuts, out_meta, axis: str = "",
+                 pipeline: int = 1):
         super().__init__()
         self.bodies = torch.nn.ModuleDict({str(k): v for k, v in bodies.items()})
         self.length = length
@@ -69,9 +140,37 @@ class LoopRegion(torch.nn.Module):
         self.out_meta = list(out_meta)  # (shape, strides, dtype) of each full output (see buffer_layout)
         self.reuse = [None] * len(self.out_cuts)
         self.axis = axis
+        self.pipeline = pipeline
+        self.cpu_mode = None  # "serial" or "workers"; None: measured on the first call (see _measure_cpu)
+        self.cpu_timing = None  # (seconds per slice serial, with workers) where measured
+        # base views, made once per call: an argument or output cut with outer > 1 is unflattened first
+        self._unflat_in = [(i, c.dim, (c.outer, length * c.inner)) for i, c in enumerate(self.in_cuts)
+                           if isinstance(c, Cut) and c.outer > 1]
+        self._unflat_out = [(j, c.dim, (c.outer, length * c.inner)) for j, c in enumerate(self.out_cuts)
+                            if isinstance(c, Cut) and c.outer > 1]
+        self._partial = tuple(j for j, c in enumerate(self.out_cuts) if c is PARTIAL)
+        self._steps = [self._step(start, n) for start, n in self.bounds]
+
+    def _step(self, start: int, n: int) -> _Step:
+        def at(c: Cut):
+            return c.dim + (c.outer > 1), start * c.inner, n * c.inner
+        ins = tuple((i, *at(c)) for i, c in enumerate(self.in_cuts) if c is not None)
+        outs = tuple((j, *at(c), c.dim, (c.outer, n * c.inner) if c.outer > 1 else None)
+                     for j, c in enumerate(self.out_cuts) if isinstance(c, Cut))
+        return _Step(str(n), ins, outs)
+
+    @property
+    def nested(self) -> bool:
+        """Whether the bodies hold loop regions of their own (a batch split around other regions)."""
+        return any(isinstance(m, LoopRegion) for b in self.bodies.values() for m in b.modules())
+
+    @property
+    def in_flight(self) -> int:
+        """The most slices whose working sets are live at once."""
+        return 1 if self.nested else max(1, min(self.pipeline, len(self.bounds)))
 
     def extra_repr(self) -> str:
-        return f"axis={self.axis}, length={self.length}, slices={len(self.bounds)}"
+        return f"axis={self.axis}, length={self.length}, slices={len(self.bounds)}, pipeline={self.pipeline}"
 
     def _out_buffers(self, args, device) -> list:
         outs = []
@@ -86,23 +185,125 @@ class LoopRegion(torch.nn.Module):
 
     def forward(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        outs = self._out_buffers(args, tensors[0].device)
+        device = tensors[0].device
+        outs = self._out_buffers(args, device)
         if any(is_fake(a) for a in tensors):
             # fake-tensor propagation of the enclosing graph: the outputs' shapes and storages, without the loop
-            return tuple(torch.empty_strided(shape, stride, dtype=dtype, device=tensors[0].device) if o is None else o
+            return tuple(torch.empty_strided(shape, stride, dtype=dtype, device=device) if o is None else o
                          for o, (shape, stride, dtype) in zip(outs, self.out_meta))
-        for start, n in self.bounds:
-            body_args = [a if c is None else slice_view(a, c, start, n, self.length)
-                         for a, c in zip(args, self.in_cuts)]
-            results = self.bodies[str(n)](*body_args)
-            for j, (r, c) in enumerate(zip(results, self.out_cuts)):
-                if c is PARTIAL:
-                    outs[j] = r if outs[j] is None else outs[j].add_(r)
-                    continue
-                dst = slice_view(outs[j], c, start, n, self.length)
-                if c.outer > 1:
-                    r = r.unflatten(c.dim, (c.outer, n * c.inner))
-                dst.copy_(r)
-            # drop this slice's results before the next body runs: holding them would add a slice to the peak
-            del results, r, body_args
+        ins = list(args)
+        for i, d, sizes in self._unflat_in:
+            ins[i] = ins[i].unflatten(d, sizes)
+        dsts = list(outs)
+        for j, d, sizes in self._unflat_out:
+            dsts[j] = dsts[j].unflatten(d, sizes)
+        k = self.in_flight
+        if k == 1:
+            self._run_serial(ins, dsts, outs)
+        elif device.type == "cuda":
+            self._run_streams(ins, dsts, outs, k, device)
+        else:
+            if self.cpu_mode is None:
+                self.cpu_mode = self._measure_cpu(ins, k)
+            if self.cpu_mode == "workers":
+                self._run_workers(ins, dsts, outs, k)
+            else:
+                self._run_serial(ins, dsts, outs)
         return tuple(outs)
+
+    def _body(self, step: _Step, ins: list):
+        a = ins.copy()
+        for i, d, s, n in step.ins:
+            a[i] = ins[i].narrow(d, s, n)
+        return self.bodies[step.body](*a)
+
+    def _measure_cpu(self, ins, k: int) -> str:
+        """Time the first ``k`` slices' bodies one after another and on ``k`` workers (after a warm-up run of
+        each: kernel selection, the pool's start) and return the faster mode. Bodies are pure functions of their
+        arguments, so running them here changes nothing; the loop that follows computes the region's outputs."""
+        steps = self._steps[:k]
+        pool = cpu_pool(k)
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run(step):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                self._body(step, ins)
+
+        times = {}
+        for mode in ("serial", "workers") * 2:  # the first of each is the warm-up; the second one counts
+            t0 = time.perf_counter()
+            if mode == "serial":
+                for step in steps:
+                    run(step)
+            else:
+                for f in [pool.submit(run, step) for step in steps]:
+                    f.result()
+            times[mode] = (time.perf_counter() - t0) / len(steps)
+        self.cpu_timing = (times["serial"], times["workers"])
+        return "workers" if times["workers"] < times["serial"] else "serial"
+
+    def _slice(self, step: _Step, ins: list, dsts: list):
+        """Run one slice: narrow its arguments, call its body, write its cut outputs; return the body's results."""
+        results = self._body(step, ins)
+        for j, d, s, n, ud, us in step.outs:
+            r = results[j]
+            dsts[j].narrow(d, s, n).copy_(r if us is None else r.unflatten(ud, us))
+        return results
+
+    def _accumulate(self, results, outs: list) -> None:
+        for j in self._partial:
+            outs[j] = results[j] if outs[j] is None else outs[j].add_(results[j])
+
+    def _run_serial(self, ins, dsts, outs) -> None:
+        for step in self._steps:
+            results = self._slice(step, ins, dsts)
+            self._accumulate(results, outs)
+            # drop this slice's results before the next body runs: holding them would add a slice to the peak
+            del results
+
+    def _run_workers(self, ins, dsts, outs, k: int) -> None:
+        pool = cpu_pool(k)
+        pending: deque = deque()
+        partial = self._partial
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # both are per thread
+
+        def work(step):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                results = self._slice(step, ins, dsts)
+            return [results[j] if j in partial else None for j in range(len(results))] if partial else ()
+
+        try:
+            for step in self._steps:
+                if len(pending) == k:  # at most k slices in flight; partial sums added in slice order
+                    self._accumulate(pending.popleft().result(), outs)
+                pending.append(pool.submit(work, step))
+            while pending:
+                self._accumulate(pending.popleft().result(), outs)
+        finally:  # on an error, let every started slice finish before the buffers are given up
+            for f in pending:
+                f.cancel() or f.exception()
+
+    def _run_streams(self, ins, dsts, outs, k: int, device) -> None:
+        main = torch.cuda.current_stream(device)
+        streams = [main] + _side_streams(device, k - 1)
+        start = main.record_event()  # the region's inputs and output buffers are ready
+        for s in streams[1:]:
+            s.wait_event(start)
+        summed = None  # event after the last partial sum
+        for idx, step in enumerate(self._steps):
+            s = streams[idx % k]
+            with torch.cuda.stream(s):
+                results = self._slice(step, ins, dsts)
+                if self._partial:
+                    if summed is not None:
+                        s.wait_event(summed)
+                    for j in self._partial:
+                        if outs[j] is not None and s is not main:
+                            outs[j].record_stream(s)  # made on another stream, now written on this one
+                    self._accumulate(results, outs)
+                    summed = s.record_event()
+            del results
+        for s in streams[1:]:
+            main.wait_stream(s)
+        for j in self._partial:
+            outs[j].record_stream(main)  # a side stream may have made it; the caller uses it on main
