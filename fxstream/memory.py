@@ -11,6 +11,7 @@ Tracker: a TorchDispatchMode that records every storage an op creates and counts
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -155,10 +156,13 @@ def planned_peak(gm: GraphModule) -> tuple[int, str]:
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Peak bytes of storages created while active (inputs and weights made before are not counted)."""
+    """Peak bytes of storages created while active (inputs and weights made before are not counted).
+
+    Safe to share between threads (a region's CPU workers enter the caller's modes)."""
 
     def __init__(self):
         super().__init__()
+        self._lock = threading.Lock()
         self.live: dict = {}
         self.external: set = set()
         self.current = 0
@@ -171,21 +175,23 @@ class MemoryTracker(TorchDispatchMode):
         self.external = {k for k in self.external if not k.expired()}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                ref = StorageWeakRef(t.untyped_storage())
-                if ref not in self.live:
-                    self.external.add(ref)
+        with self._lock:
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor):
+                    ref = StorageWeakRef(t.untyped_storage())
+                    if ref not in self.live:
+                        self.external.add(ref)
         out = func(*args, **(kwargs or {}))
-        self._sweep()
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                ref = StorageWeakRef(st)
-                if ref not in self.live and ref not in self.external:
-                    self.live[ref] = st.nbytes()
-                    self.current += st.nbytes()
-        self.peak = max(self.peak, self.current)
+        with self._lock:
+            self._sweep()
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    ref = StorageWeakRef(st)
+                    if ref not in self.live and ref not in self.external:
+                        self.live[ref] = st.nbytes()
+                        self.current += st.nbytes()
+            self.peak = max(self.peak, self.current)
         return out
 
 

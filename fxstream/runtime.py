@@ -25,6 +25,7 @@ arguments it narrows and where, where its outputs go) is prepared once, when the
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .analysis.cuts import PARTIAL, Cut
 
@@ -117,6 +119,22 @@ def _side_streams(device: torch.device, n: int) -> list:
     if key not in _STREAMS:
         _STREAMS[key] = [torch.cuda.Stream(device) for _ in range(n)]
     return _STREAMS[key]
+
+
+def _in_callers_state(fn):
+    """``fn`` wrapped to run in a worker thread with the calling thread's grad mode, inference mode and
+    dispatch modes (a memory tracker, a FLOP counter): all of them are per thread."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    modes = _get_current_dispatch_mode_stack()
+
+    def run(*args):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(inference))
+            stack.enter_context(torch.set_grad_enabled(grad))
+            for m in modes:
+                stack.enter_context(m)
+            return fn(*args)
+    return run
 
 
 class LoopRegion(torch.nn.Module):
@@ -223,18 +241,13 @@ class LoopRegion(torch.nn.Module):
         arguments, so running them here changes nothing; the loop that follows computes the region's outputs."""
         steps = self._steps[:k]
         pool = cpu_pool(k)
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-        def run(step):
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                self._body(step, ins)
-
+        run = _in_callers_state(lambda step: self._body(step, ins))  # for the workers only
         times = {}
         for mode in ("serial", "workers") * 2:  # the first of each is the warm-up; the second one counts
             t0 = time.perf_counter()
             if mode == "serial":
                 for step in steps:
-                    run(step)
+                    self._body(step, ins)
             else:
                 for f in [pool.submit(run, step) for step in steps]:
                     f.result()
@@ -265,11 +278,10 @@ class LoopRegion(torch.nn.Module):
         pool = cpu_pool(k)
         pending: deque = deque()
         partial = self._partial
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # both are per thread
 
+        @_in_callers_state
         def work(step):
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                results = self._slice(step, ins, dsts)
+            results = self._slice(step, ins, dsts)
             return [results[j] if j in partial else None for j in range(len(results))] if partial else ()
 
         try:
