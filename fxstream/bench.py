@@ -6,8 +6,12 @@ weights and inputs excluded); latency is the median of timed runs after one warm
 """
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import platform
+import re
+from pathlib import Path
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from .memory import measure_peak
 from .models import build_unet, example_inputs
 from .policy import Policy
 
-__all__ = ["Measurement", "measure_model", "environment"]
+__all__ = ["Measurement", "measure_model", "environment", "write_section", "provenance"]
 
 _log = logging.getLogger(__name__)
 
@@ -92,3 +96,29 @@ def measure_model(model: str, policies, repeats: int = 3, log=_log.info) -> list
         report = sliced.explain()
         record(f"fxstream {pol.describe()}", lambda: sliced(**kw), report.peak_bytes, compile_s, len(report.regions))
     return rows
+
+
+_TITLE = "# Benchmarks\n\nEvery figure here comes from the command above it. Each tool rewrites only its own section.\n"
+
+
+def provenance(cmd: str) -> str:
+    """The lines that head a benchmark section: the exact command, date, machine and versions."""
+    env = environment()
+    return (f"Command: `{cmd.strip()}`  \nDate: {datetime.date.today().isoformat()}  \n"
+            f"Machine: {env['machine']}; {env['os']}  \n"
+            f"Versions: python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}\n\n")
+
+
+def write_section(docs: Path, name: str, markdown: str, data=None) -> None:
+    """Replace (or append) the section ``name`` of ``docs/benchmarks.md`` and the key ``name`` of
+    ``docs/benchmarks.json``; other tools' sections stay as they are."""
+    md, js = docs / "benchmarks.md", docs / "benchmarks.json"
+    text = md.read_text() if md.exists() else _TITLE
+    block = f"<!-- section: {name} -->\n{markdown.rstrip()}\n<!-- end: {name} -->"
+    pattern = re.compile(rf"<!-- section: {re.escape(name)} -->.*?<!-- end: {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    md.write_text(text)
+    if data is not None:
+        blob = json.loads(js.read_text()) if js.exists() else {}
+        blob[name] = data
+        js.write_text(json.dumps(blob, indent=1))

@@ -13,8 +13,6 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 import sys
 import time
@@ -23,7 +21,7 @@ import torch
 from tabulate import tabulate
 
 import fxstream
-from fxstream.bench import environment, measure_model
+from fxstream.bench import measure_model, provenance, write_section
 from fxstream.demo import table
 from fxstream.models import build_unet, example_inputs
 from fxstream.policy import Policy
@@ -147,15 +145,11 @@ def main(argv=None) -> int:
         print(frames)
     if args.no_write:
         return 0
-    env = environment()
     cmd = "python tools/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    head = (f"Command: `{cmd.strip()}`  \nDate: {datetime.date.today().isoformat()}  \n"
-            f"Machine: {env['machine']}; {env['os']}  \n"
-            f"Versions: python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}\n\n")
-    doc = "# Benchmarks\n\nEvery figure here comes from the command above it.\n\n" + head
+    doc = "## Memory: slicing, planner, budget\n\n" + provenance(cmd)
     if cpu:
         doc += (
-            "## CPU: one UNet forward, original vs exported vs compiled\n\n"
+            "### CPU: one UNet forward, original vs exported vs compiled\n\n"
             "Inputs: batch 2 (classifier-free guidance), 8 frames, 64x64 latent, fp32, random weights. Peak: live\n"
             "storages created during the call (weights and inputs excluded), measured with\n"
             "fxstream.memory.MemoryTracker; planned: fxstream.memory.plan_memory on the graph. Latency: median of\n"
@@ -164,7 +158,7 @@ def main(argv=None) -> int:
             f"```\n{cpu}\n```\n\n")
     if full:
         doc += (
-            "## Full-size architectures, planned on the meta device\n\n"
+            "### Full-size architectures, planned on the meta device\n\n"
             "fp16, batch 2, SVD/SVD-XT at 576x1024 (latent 72x128; 14 and 25 frames), AnimateDiff at 512x512 (latent\n"
             "64x64, 16 frames); activation peaks (weights apart) planned by fxstream.memory.plan_memory, no compute.\n"
             "Lower bound: every region at one element per slice and the batch split (see fxstream/budget.py).\n"
@@ -172,11 +166,10 @@ def main(argv=None) -> int:
             f"```\n{full}\n```\n\n")
     if frames:
         doc += (
-            "## SVD frames in 24 GiB (weights included, planned)\n\n"
+            "### SVD frames in 24 GiB (weights included, planned)\n\n"
             f"```\n{frames}\n```\n")
-    (ROOT / "docs" / "benchmarks.json").write_text(json.dumps(
-        {"cpu": [r.__dict__ for r in rows], "full": full_data, "frames_24gib": frames_data}, indent=1))
-    (ROOT / "docs" / "benchmarks.md").write_text(doc)
+    write_section(ROOT / "docs", "memory", doc,
+                  {"cpu": [r.__dict__ for r in rows], "full": full_data, "frames_24gib": frames_data})
     print("wrote docs/benchmarks.md")
     return 0
 
