@@ -149,6 +149,9 @@ def _policy_options() -> argparse.ArgumentParser:
     g.add_argument("--max-memory", type=_bytes, metavar="SIZE",
                    help="memory budget, weights included: the fewest slices whose planned peak fits "
                         "(the counts above become upper limits). Example: --max-memory 6GiB")
+    g.add_argument("--pipeline", type=_count, metavar="K", default=1,
+                   help="the most slices of a region in flight at once (CUDA streams or CPU workers); the plan "
+                        "counts K working sets per region (default: 1). Example: --pipeline 2")
     g.add_argument("--min-region-fraction", type=_fraction, metavar="F",
                    help="skip regions whose largest tensor is below this share of the largest activation "
                         "(default: 0.05). Example: --min-region-fraction 0.1")
@@ -225,7 +228,7 @@ def _policy(args) -> Policy:
     """The Policy the options ask for (their types already checked each value; Policy checks them again)."""
     fraction = {} if args.min_region_fraction is None else {"min_region_fraction": args.min_region_fraction}
     return Policy(slices=args.slices, spatial=args.spatial, temporal=args.temporal, batch=args.batch_split,
-                  max_memory=args.max_memory, **fraction)
+                  max_memory=args.max_memory, pipeline=args.pipeline, **fraction)
 
 
 # -- commands ----------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ __all__ = ["explain_table", "report_json"]
 
 def explain_table(report, top: int = 10, lower_bound: bool = False) -> str:
     """Regions, the ``top`` largest unsliced ops with their reason, and the planned peaks."""
-    rows = [(r.module or "(top)", r.dim, r.length, r.slices, r.ops, f"{r.saved_bytes / 2**20:.1f}",
+    rows = [(r.module or "(top)", r.dim, r.length, r.slices, r.in_flight, r.ops, f"{r.saved_bytes / 2**20:.1f}",
              f"{r.peak_bytes / 2**20:.1f}", f"{r.working_bytes / 2**20:.1f}") for r in report.regions]
-    regions = tabulate(rows, headers=["module", "dim", "length", "slices", "ops", "MiB never whole",
+    regions = tabulate(rows, headers=["module", "dim", "length", "slices", "in flight", "ops", "MiB never whole",
                                       "MiB at its peak", "MiB its slices"]) if rows else "(no regions)"
     big = sorted(report.unsliced, key=lambda u: -u.bytes)[:top]
     unsliced = tabulate([(u.module or "(top)", u.op, f"{u.bytes / 2**20:.2f}", u.reason) for u in big],
