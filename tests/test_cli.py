@@ -46,7 +46,7 @@ def test_explain_prints_the_table(capsys):
     assert code == 0
     assert out.startswith("svd-tiny: 128x128 px (latent 16x16), 4 frames, batch 2, fp32 on meta")
     assert "Policy(slices=2): 61 regions" in out
-    assert re.search(r"^down_blocks\.0\.attentions\.0 +height +16 +2 +63 ", out, re.M)
+    assert re.search(r"^down_blocks\.0\.attentions\.0 +height +16 +2 +1 +63 ", out, re.M)  # slices, in flight, ops
     assert "activations, compiled" in out and "not computed: add --lower-bound" in out
     assert "largest unsliced" in out and len(out.split("largest unsliced")[1].split("\n\n")[0].splitlines()) == 2 + 3
     assert err == ""  # not a terminal: no progress
