@@ -6,11 +6,14 @@ accepts (all ``outer``/``inner`` factorisations, partial sums) is compared with 
 a sample fails the test, so a new rule cannot go unchecked.
 """
 import importlib.util
+import math
 import pathlib
 import sys
 
 import pytest
 import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import fxstream
 from fxstream.analysis import rules
@@ -110,3 +113,72 @@ def test_a_planted_wrong_rule_breaks_a_compiled_program(monkeypatch):
     out, convs = run()
     assert convs, "the planted rule should let a height region take the 3x3 conv in"
     assert not torch.allclose(out, expected, rtol=1e-5, atol=1e-5), "a wrong rule went unnoticed end to end"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the same checker on random shapes: the view algebra, broadcasting, reductions and dim arguments
+
+T = validate_rules.T
+_dims = st.lists(st.integers(1, 6), min_size=1, max_size=4)
+
+
+def _prime_factors(n: int) -> list:
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
+
+
+@st.composite
+def reshapes(draw):
+    """A shape and another grouping of its elements (size-1 dims anywhere): every reshape a UNet writes."""
+    src = draw(_dims)
+    primes = draw(st.permutations(_prime_factors(math.prod(src))))
+    bounds = sorted(draw(st.lists(st.integers(0, len(primes)), max_size=3)))
+    edges = [0, *bounds, len(primes)]
+    dst = [math.prod(primes[a:b]) for a, b in zip(edges, edges[1:])]
+    op = draw(st.sampled_from([aten.reshape.default, aten.view.default, aten._unsafe_view.default]))
+    return op, [((T(tuple(src)), dst), {})]
+
+
+@st.composite
+def broadcasts(draw):
+    a = draw(_dims)
+    b = [draw(st.sampled_from([1, s])) for s in a[len(a) - draw(st.integers(1, len(a))):]]
+    first, second = draw(st.permutations([T(tuple(a)), T(tuple(b))]))
+    return draw(st.sampled_from([aten.mul.Tensor, aten.sub.Tensor, aten.maximum.default])), [((first, second), {})]
+
+
+@st.composite
+def reductions(draw):
+    x = draw(_dims)
+    dims = draw(st.lists(st.integers(-len(x), len(x) - 1), min_size=1, max_size=len(x), unique_by=lambda d: d % len(x)))
+    op = draw(st.sampled_from([aten.sum.dim_IntList, aten.mean.dim, aten.amax.default]))
+    return op, [((T(tuple(x)), dims, draw(st.booleans())), {})]
+
+
+@st.composite
+def dim_ops(draw):
+    x = draw(_dims)
+    d = draw(st.integers(-len(x), len(x) - 1))
+    return draw(st.sampled_from([
+        (aten._softmax.default, [((T(tuple(x)), d, False), {})]),
+        (aten.permute.default, [((T(tuple(x)), draw(st.permutations(range(len(x))))), {})]),
+        (aten.transpose.int, [((T(tuple(x)), d, draw(st.integers(0, len(x) - 1))), {})]),
+        (aten.unsqueeze.default, [((T(tuple(x)), draw(st.integers(-len(x) - 1, len(x)))), {})]),
+        (aten.cat.default, [(([T(tuple(x)), T(tuple(x))], d), {})]),
+        (aten.select.int, [((T(tuple(x)), d, 0), {})]),
+    ]))
+
+
+@pytest.mark.parametrize("family", [reshapes, broadcasts, reductions, dim_ops], ids=lambda f: f.__name__)
+@settings(max_examples=max(20, settings.default.max_examples), deadline=None)
+@given(data=st.data())
+def test_rules_match_the_real_op_on_random_shapes(family, data):
+    op, samples = data.draw(family(), label="case")
+    findings, checked = validate_rules.check_rule(op, samples)
+    event(f"{op.__name__}: {'some cut accepted' if checked else 'no cut accepted'}")
+    assert not findings, f"{op} on {samples}:\n{_table(findings)}"
