@@ -2,9 +2,9 @@
 
 A program is a :class:`Spec` (latent layout and sizes, channel count, block list, weight seed) and becomes an
 ``nn.Module`` whose ``forward(sample)`` takes the latent in that layout (``BFCHW`` as SVD, ``BCFHW`` as
-AnimateDiff), works on it as ``(B, F, C, H, W)`` and returns it in the input's layout. Blocks use only ops the
+AnimateDiff), works on it as ``(B, F, C, H, W)`` (with a text context ``encoder_hidden_states``) and returns it in the input's layout. Blocks use only ops the
 rule table covers: views, permutes, GroupNorm over 5-D tensors and over ``(B*F, C, H, W)``, LayerNorm, linear,
-spatial (tokens ``H*W``) and temporal (tokens ``F``) attention, 1x1 / 3x3 conv2d, temporal conv3d, pointwise
+spatial (tokens ``H*W``), temporal (tokens ``F``) and cross attention (the context repeated per frame), 1x1 / 3x3 conv2d, temporal conv3d, pointwise
 ops, skip connections (add or cat + conv) and reductions (mean, sum, amax, softmax).
 
 The module classes are named per layout (``RandomProgramBFCHW``, ``RandomProgramBCFHW``); :data:`PROGRAM_LAYOUTS`
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 import fxstream
 
 BLOCKS = ("pointwise", "conv1x1", "conv3x3", "temporal_conv", "group_norm_5d", "group_norm_2d", "spatial_attn",
-          "temporal_attn", "views", "skip_push", "skip_add", "skip_cat", "mean_hw", "sum_frames", "amax_frames",
-          "softmax_channels")
+          "temporal_attn", "cross_attn", "views", "skip_push", "skip_add", "skip_cat", "mean_hw", "sum_frames",
+          "amax_frames", "softmax_channels")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class Spec:
         g = torch.Generator().manual_seed(self.seed + 1)
         return torch.randn(*self.shape, generator=g)
 
+    def inputs(self) -> dict:
+        """The forward's keyword arguments: the latent and a text context (batch, 3 tokens, channels)."""
+        g = torch.Generator().manual_seed(self.seed + 2)
+        return {"sample": self.sample(), "encoder_hidden_states": torch.randn(self.batch, 3, self.channels, generator=g)}
+
     def module(self) -> torch.nn.Module:
         return build(self)
 
@@ -58,10 +63,13 @@ class _Attention(torch.nn.Module):
         self.q, self.k, self.v = (torch.nn.Linear(c, c, bias=False) for _ in range(3))
         self.out = torch.nn.Linear(c, c)
 
-    def forward(self, x):  # (N, T, C)
+    def forward(self, x, context=None):  # x: (N, T, C); context: (N, S, C) or None (self-attention)
         n, t, c = x.shape
         y = self.norm(x)
-        q, k, v = (p(y).view(n, t, self.heads, c // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        kv = y if context is None else context
+        s = kv.shape[1]
+        q = self.q(y).view(n, t, self.heads, c // self.heads).transpose(1, 2)
+        k, v = (p(kv).view(n, s, self.heads, c // self.heads).transpose(1, 2) for p in (self.k, self.v))
         a = F.scaled_dot_product_attention(q, k, v)
         return x + self.out(a.transpose(1, 2).reshape(n, t, c))
 
@@ -78,12 +86,12 @@ class _Block(torch.nn.Module):
             self.conv = torch.nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0))
         elif kind in ("group_norm_5d", "group_norm_2d"):
             self.norm = torch.nn.GroupNorm(2, c)
-        elif kind in ("spatial_attn", "temporal_attn"):
+        elif kind in ("spatial_attn", "temporal_attn", "cross_attn"):
             self.attn = _Attention(c, 2)
         elif kind == "skip_cat":
             self.conv = torch.nn.Conv2d(2 * c, c, 1)
 
-    def forward(self, h, skips: list):  # h: (B, F, C, H, W)
+    def forward(self, h, skips: list, context):  # h: (B, F, C, H, W); context: (B, S, C)
         b, f, c, hh, ww = h.shape
         k = self.kind
         if k == "pointwise":
@@ -98,6 +106,10 @@ class _Block(torch.nn.Module):
         if k == "spatial_attn":
             x = h.permute(0, 1, 3, 4, 2).reshape(b * f, hh * ww, c)
             return self.attn(x).reshape(b, f, hh, ww, c).permute(0, 1, 4, 2, 3)
+        if k == "cross_attn":  # SVD's spatial cross-attention: the context repeated for every frame
+            x = h.permute(0, 1, 3, 4, 2).reshape(b * f, hh * ww, c)
+            ctx = context.repeat_interleave(f, dim=0)
+            return self.attn(x, ctx).reshape(b, f, hh, ww, c).permute(0, 1, 4, 2, 3)
         if k == "temporal_attn":
             x = h.permute(0, 3, 4, 1, 2).reshape(b * hh * ww, f, c)
             return self.attn(x).reshape(b, hh, ww, f, c).permute(0, 3, 4, 1, 2)
@@ -134,11 +146,11 @@ class _RandomProgram(torch.nn.Module):
             torch.manual_seed(spec.seed)
             self.blocks = torch.nn.ModuleList(_Block(k, spec.channels) for k in spec.blocks)
 
-    def forward(self, sample):
+    def forward(self, sample, encoder_hidden_states):
         h = sample.permute(0, 2, 1, 3, 4) if self.LAYOUT == "BCFHW" else sample
         skips: list = []
         for blk in self.blocks:
-            h = blk(h, skips)
+            h = blk(h, skips, encoder_hidden_states)
         for s in skips:  # unused skips still reach the output (a long skip connection)
             h = h + s
         return h.permute(0, 2, 1, 3, 4) if self.LAYOUT == "BCFHW" else h
@@ -179,8 +191,8 @@ def specs(draw, min_blocks: int = 1, max_blocks: int = 6) -> Spec:
 def memory_specs(draw, max_blocks: int = 5) -> Spec:
     """Programs for the planner-versus-tracker property: 32 channels and at least 3x2 pixels, so that what
     ops allocate besides their outputs (GroupNorm's mean and rstd, attention's logsumexp: the planner counts an
-    op's outputs only) stays under 1% of the peak; and no GroupNorm over a permuted 5-D tensor (see
-    ``test_planner_counts_group_norm_copy_of_a_permuted_input``)."""
+    op's outputs only) stays under 1% of the peak; and no GroupNorm: it copies a non-contiguous input whole
+    inside the op, which the planner does not count (see the xfail tests ``test_planner_counts_group_norm_*``)."""
     return Spec(
         layout=draw(st.sampled_from(["BFCHW", "BCFHW"])),
         batch=draw(st.integers(1, 2)),
@@ -188,7 +200,7 @@ def memory_specs(draw, max_blocks: int = 5) -> Spec:
         channels=32,
         height=draw(st.integers(3, 6)),
         width=draw(st.integers(2, 5)),
-        blocks=tuple(draw(st.lists(st.sampled_from([b for b in BLOCKS if b != "group_norm_5d"]),
+        blocks=tuple(draw(st.lists(st.sampled_from([b for b in BLOCKS if not b.startswith("group_norm")]),
                                    min_size=1, max_size=max_blocks))),
         seed=draw(st.integers(0, 2**16)),
     )

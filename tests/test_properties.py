@@ -16,6 +16,7 @@ Run the long profile with ``HYPOTHESIS_PROFILE=long`` (see docs/design.md, "Prop
 """
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -51,10 +52,11 @@ class Captured:
     def __init__(self, spec: Spec):
         self.spec = spec
         self.module = build(spec)
-        self.sample = spec.sample()
+        self.kwargs = spec.inputs()
+        self.flat, _ = pytree.tree_flatten(((), self.kwargs))  # the lifted graph's user inputs, as fxstream.api
         with torch.no_grad():
-            self.expected = self.module(self.sample)
-        self.program = capture(self.module, {"sample": self.sample})
+            self.expected = self.module(**self.kwargs)
+        self.program = capture(self.module, self.kwargs)
         self.gm = self.program.graph_module
         self.state = [self.module.get_parameter(s.target) if s.kind.name == "PARAMETER" else
                       self.module.get_buffer(s.target)
@@ -62,7 +64,7 @@ class Captured:
 
     def run(self, gm):
         with torch.no_grad():
-            return gm(*self.state, self.sample)[0]
+            return gm(*self.state, *self.flat)[0]
 
 
 _CAPTURED: dict = {}
@@ -100,7 +102,8 @@ def fingerprint(gm) -> list:
 
 # hand-picked programs run on every test run besides the drawn ones (every block kind, both layouts)
 PINNED_SPECS = [
-    Spec("BFCHW", 2, 3, 4, 3, 2, ("sum_frames", "temporal_attn", "skip_push", "conv3x3", "skip_cat"), 7),
+    Spec("BFCHW", 2, 3, 4, 3, 2, ("sum_frames", "temporal_attn", "skip_push", "cross_attn", "conv3x3", "skip_cat"),
+         7),
     Spec("BCFHW", 1, 5, 8, 5, 3, ("group_norm_5d", "spatial_attn", "temporal_conv", "mean_hw"), 11),
 ]
 
@@ -112,7 +115,7 @@ def test_nothing_sliced_is_bitwise_equal(spec):
     c = captured(spec)
     compiled = fxstream.compile(c.module, policy=fxstream.Policy())
     with torch.no_grad():
-        out = compiled(sample=c.sample)
+        out = compiled(**c.kwargs)
     assert torch.equal(out, c.expected), (
         f"Policy() changed the result of {spec}: max diff {(out - c.expected).abs().max().item():.3g}")
 
@@ -149,7 +152,7 @@ def assert_planned_peak_matches_measured(spec, policy):
     for name, gm in (("original", c.gm), ("compiled", cg.graph_module)):
         planned = plan_memory(gm).peak_bytes
         with torch.no_grad():
-            _, measured = measure_peak(gm, *c.state, c.sample)
+            _, measured = measure_peak(gm, *c.state, *c.flat)
         assert abs(planned - measured) <= 0.05 * measured, (
             f"{name} graph of {spec} under {policy.describe()}: planned {planned} B, measured {measured} B")
 
@@ -160,12 +163,23 @@ def test_planned_peak_matches_measured(spec, policy):
     assert_planned_peak_matches_measured(spec, policy)
 
 
-@pytest.mark.xfail(strict=True, reason="planner bug: aten.group_norm on a non-contiguous (permuted) input copies it "
-                   "whole inside the op (native_group_norm makes it contiguous); plan_memory counts outputs only, "
-                   "so the unsplit graph's peak is planned at half the measured")
+_GN_COPY = ("planner bug: aten.group_norm copies a non-contiguous input whole inside the op (native_group_norm "
+            "makes it contiguous); plan_memory counts each op's outputs only, so the copy is never planned")
+
+
+@pytest.mark.xfail(strict=True, reason=_GN_COPY + " (original graph: GroupNorm over a permuted 5-D tensor, "
+                   "planned 5120 B, measured 10272 B)")
 def test_planner_counts_group_norm_copy_of_a_permuted_input():
     spec = Spec("BFCHW", 2, 4, 32, 5, 4, ("group_norm_5d",), 0)
     assert_planned_peak_matches_measured(spec, fxstream.Policy(spatial=2))
+
+
+@pytest.mark.xfail(strict=True, reason=_GN_COPY + " (compiled graph: a frames region narrows dim 1 of the (B, F, C, "
+                   "H, W) latent, the body's reshape to (B, C, H, W) is a strided view, GroupNorm copies it; "
+                   "planned 4608 B, measured 6176 B). Found by test_planned_peak_matches_measured.")
+def test_planner_counts_group_norm_copy_of_a_strided_slice():
+    spec = Spec("BFCHW", 2, 2, 32, 3, 2, ("group_norm_2d",), 0)
+    assert_planned_peak_matches_measured(spec, fxstream.Policy(spatial=2, temporal=2, min_region_fraction=0.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +233,7 @@ def test_compiling_twice_gives_the_same_graph(spec, policy):
     first = fingerprint(compile_graph(c.gm, policy, spec.layout).graph_module)
     again = fingerprint(compile_graph(c.gm, policy, spec.layout).graph_module)
     assert first == again, f"two compiles of one capture differ: {spec} {policy.describe()}"
-    fresh = capture(build(spec), {"sample": spec.sample()}).graph_module
+    fresh = capture(build(spec), spec.inputs()).graph_module
     assert fingerprint(compile_graph(fresh, policy, spec.layout).graph_module) == first, \
         f"compiling a second capture differs: {spec} {policy.describe()}"
 
@@ -232,7 +246,7 @@ def test_compiling_twice_gives_the_same_graph(spec, policy):
 @given(spec=specs(), policy=policies())
 def test_explain_accounts_for_every_op(spec, policy):
     c = captured(spec)
-    report = fxstream.explain(c.module, {"sample": c.sample}, policy=policy)
+    report = fxstream.explain(c.module, c.kwargs, policy=policy)
     prepared = compile_graph(c.gm, policy, spec.layout).prepared
     ops = [n.name for n in prepared.graph.nodes if n.op == "call_function"]
     outer = [r for r in report.regions if "/" not in r.node]

@@ -43,7 +43,7 @@ def test_every_rule_matches_the_real_op():
 
 def test_ops_of_random_programs_have_rules():
     """Every op torch.export writes for the generated programs (every block kind, both layouts) has a rule."""
-    graphs = [capture(build(s), {"sample": s.sample()}).graph_module
+    graphs = [capture(build(s), s.inputs()).graph_module
               for s in (Spec("BFCHW", 2, 3, 4, 3, 2, BLOCKS, 0), Spec("BCFHW", 1, 2, 8, 2, 3, BLOCKS, 1))]
     found = validate_rules.missing_rules(graphs)
     assert not found, f"ops without a slice rule:\n{_table(found)}"
@@ -93,18 +93,19 @@ def test_a_planted_wrong_rule_breaks_a_compiled_program(monkeypatch):
     """End to end: with a conv rule that forgets the 3x3 halo, a height region takes the conv in and the
     compiled program differs from the original; with the real table it matches."""
     spec = Spec("BCFHW", 1, 3, 4, 6, 3, ("temporal_attn", "conv3x3", "temporal_attn"), 5)
-    module, x = build(spec), spec.sample()
-    ep = capture(module, {"sample": x})
+    module, kwargs = build(spec), spec.inputs()
+    ep = capture(module, kwargs)
+    flat = list(kwargs.values())
     state = [module.get_parameter(s.target) for s in ep.graph_signature.input_specs if s.kind.name == "PARAMETER"]
     policy = fxstream.Policy(temporal=4, min_region_fraction=0.0)
     with torch.no_grad():
-        expected = module(x)
+        expected = module(**kwargs)
 
     def run():
         cg = compile_graph(ep.graph_module, policy, spec.layout)
         convs = [n for r in cg.plan.regions for n in r.nodes if n.target is aten.conv2d.default]
         with torch.no_grad():
-            return cg.graph_module(*state, x)[0], convs
+            return cg.graph_module(*state, *flat)[0], convs
 
     out, convs = run()
     assert not convs
