@@ -1,11 +1,12 @@
 """Random fx programs for property tests: a video latent in a UNet's layout through a drawn chain of blocks.
 
 A program is a :class:`Spec` (latent layout and sizes, channel count, block list, weight seed) and becomes an
-``nn.Module`` whose ``forward(sample)`` takes the latent in that layout (``BFCHW`` as SVD, ``BCFHW`` as
-AnimateDiff), works on it as ``(B, F, C, H, W)`` (with a text context ``encoder_hidden_states``) and returns it in the input's layout. Blocks use only ops the
-rule table covers: views, permutes, GroupNorm over 5-D tensors and over ``(B*F, C, H, W)``, LayerNorm, linear,
-spatial (tokens ``H*W``), temporal (tokens ``F``) and cross attention (the context repeated per frame), 1x1 / 3x3 conv2d, temporal conv3d, pointwise
-ops, skip connections (add or cat + conv) and reductions (mean, sum, amax, softmax).
+``nn.Module`` whose ``forward(sample, encoder_hidden_states)`` takes the latent in that layout (``BFCHW`` as SVD,
+``BCFHW`` as AnimateDiff) and a text context, works on the latent as ``(B, F, C, H, W)`` and returns it in the
+input's layout. Blocks use only ops the rule table covers: views, permutes, GroupNorm over 5-D tensors and over
+``(B*F, C, H, W)``, LayerNorm, linear, spatial (tokens ``H*W``), temporal (tokens ``F``) and cross attention (the
+context repeated per frame), 1x1 / 3x3 conv2d, temporal conv3d, pointwise ops, skip connections (add or cat +
+conv) and reductions (mean, sum, amax, softmax).
 
 The module classes are named per layout (``RandomProgramBFCHW``, ``RandomProgramBCFHW``); :data:`PROGRAM_LAYOUTS`
 maps those names to layouts, for tests to register in ``fxstream.analysis.slicer.LAYOUTS`` so that
@@ -49,7 +50,8 @@ class Spec:
     def inputs(self) -> dict:
         """The forward's keyword arguments: the latent and a text context (batch, 3 tokens, channels)."""
         g = torch.Generator().manual_seed(self.seed + 2)
-        return {"sample": self.sample(), "encoder_hidden_states": torch.randn(self.batch, 3, self.channels, generator=g)}
+        context = torch.randn(self.batch, 3, self.channels, generator=g)
+        return {"sample": self.sample(), "encoder_hidden_states": context}
 
     def module(self) -> torch.nn.Module:
         return build(self)

@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 from hypothesis import HealthCheck, event, example, given, settings
-from hypothesis import strategies as st
 
 import fxstream
 from fxstream.analysis import slicer
@@ -100,7 +99,7 @@ def fingerprint(gm) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # compiled equals original
 
-# hand-picked programs run on every test run besides the drawn ones (every block kind, both layouts)
+# hand-picked programs run on every test run besides the drawn ones (both layouts, attention of all three kinds)
 PINNED_SPECS = [
     Spec("BFCHW", 2, 3, 4, 3, 2, ("sum_frames", "temporal_attn", "skip_push", "cross_attn", "conv3x3", "skip_cat"),
          7),

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 import fxstream
 from fxstream.analysis import rules
-from fxstream.analysis.cuts import Cut
 from fxstream.compiler import capture, compile_graph
 
 from programs import BLOCKS, Spec, build
@@ -75,7 +74,8 @@ PLANTED = {  # op -> a wrong rule (a copy of the table is patched; rules.py is n
     aten._softmax.default: rules.Rule(_accept_any, kind="softmax"),  # along its own dim
     aten.mean.dim: rules.Rule(_mean_as_sum, kind="reduction"),
     aten.repeat_interleave.self_int: rules.Rule(_interleave_ignores_repeats, rules.repeat_interleave_to_slice),
-    aten.scaled_dot_product_attention.default: rules.Rule(_accept_any, kind="attention"),  # keys cut with queries
+    # batch and heads cut in the queries only
+    aten.scaled_dot_product_attention.default: rules.Rule(_accept_any, kind="attention"),
 }
 
 
