@@ -237,7 +237,7 @@ def _run_cut(node, rule, cut, length, req, env, full, counts) -> str | None:
 def _describe(args, kwargs) -> str:
     def d(a):
         if isinstance(a, T):
-            return "x" + "".join(f"{s}" if i == 0 else f"x{s}" for i, s in enumerate(a.shape)).replace("xx", "x")
+            return f"t({', '.join(map(str, a.shape))})" + ("" if a.kind == "float" else f"[{a.kind}]")
         if isinstance(a, list):
             return "[" + ", ".join(d(x) for x in a) + "]"
         return repr(a)
