@@ -71,7 +71,7 @@ def _interleave_ignores_repeats(node, cut, ctx):
 PLANTED = {  # op -> a wrong rule (a copy of the table is patched; rules.py is not edited)
     aten.conv2d.default: rules.Rule(_accept_any, kind="conv"),  # 3x3 along height: no halo
     aten.group_norm.default: rules.Rule(_accept_any, kind="norm"),  # along the channels: statistics differ
-    aten._softmax.default: rules.Rule(_accept_any, kind="softmax"),  # along its own dim
+    aten.layer_norm.default: rules.Rule(_accept_any, kind="norm"),  # along the normalised features
     aten.mean.dim: rules.Rule(_mean_as_sum, kind="reduction"),
     aten.repeat_interleave.self_int: rules.Rule(_interleave_ignores_repeats, rules.repeat_interleave_to_slice),
     # batch and heads cut in the queries only
