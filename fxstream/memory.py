@@ -52,6 +52,25 @@ class MemoryPlan:
     region_working_bytes: dict = field(default_factory=dict)  # region node name -> working set of its slices
 
 
+# Ops that make a whole contiguous copy of an argument inside the kernel when it is not contiguous (argument
+# index): the copy is live while the op runs, never a graph value.
+_COPIES_STRIDED_ARG = {
+    torch.ops.aten.group_norm.default: 0,
+    torch.ops.aten.native_group_norm.default: 0,
+}
+
+
+def _transient_bytes(n) -> int:
+    """Bytes an op holds only while it runs (see ``_COPIES_STRIDED_ARG``)."""
+    i = _COPIES_STRIDED_ARG.get(n.target) if n.op == "call_function" else None
+    if i is None or i >= len(n.args) or not hasattr(n.args[i], "meta"):
+        return 0
+    val = n.args[i].meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.is_contiguous():
+        return 0
+    return val.numel() * val.element_size()
+
+
 def _node_module(n) -> str:
     stack = n.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
@@ -113,7 +132,7 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
                 live += b
                 size[s] = b
             owner_count[s] = owner_count.get(s, 0) + 1
-        extra = k * body.peak_bytes if body is not None else 0
+        extra = k * body.peak_bytes if body is not None else _transient_bytes(n)
         during = live + extra
         if n.op == "call_module":
             plan.region_peaks[n.name] = during

@@ -162,20 +162,15 @@ def test_planned_peak_matches_measured(spec, policy):
     assert_planned_peak_matches_measured(spec, policy)
 
 
-_GN_COPY = ("planner bug: aten.group_norm copies a non-contiguous input whole inside the op (native_group_norm "
-            "makes it contiguous); plan_memory counts each op's outputs only, so the copy is never planned")
+# Regression tests, found by test_planned_peak_matches_measured: aten.group_norm copies a non-contiguous input
+# whole inside the op; the planner now counts that copy while the op runs.
 
 
-@pytest.mark.xfail(strict=True, reason=_GN_COPY + " (original graph: GroupNorm over a permuted 5-D tensor, "
-                   "planned 5120 B, measured 10272 B)")
 def test_planner_counts_group_norm_copy_of_a_permuted_input():
     spec = Spec("BFCHW", 2, 4, 32, 5, 4, ("group_norm_5d",), 0)
     assert_planned_peak_matches_measured(spec, fxstream.Policy(spatial=2))
 
 
-@pytest.mark.xfail(strict=True, reason=_GN_COPY + " (compiled graph: a frames region narrows dim 1 of the (B, F, C, "
-                   "H, W) latent, the body's reshape to (B, C, H, W) is a strided view, GroupNorm copies it; "
-                   "planned 4608 B, measured 6176 B). Found by test_planned_peak_matches_measured.")
 def test_planner_counts_group_norm_copy_of_a_strided_slice():
     spec = Spec("BFCHW", 2, 2, 32, 3, 2, ("group_norm_2d",), 0)
     assert_planned_peak_matches_measured(spec, fxstream.Policy(spatial=2, temporal=2, min_region_fraction=0.0))
