@@ -19,7 +19,7 @@ arguments it narrows and where, where its outputs go) is prepared once, when the
   stream (the partial sums) is recorded on that stream for the caching allocator;
 * CPU workers: a pool of ``k`` threads, the intra-op threads shared out among them. Whether it is faster than
   the serial loop depends on the machine and the slice sizes, so on its first call each region times its first
-  ``k`` slices both ways and keeps the faster (``Policy(cpu_workers=True/False)`` decides instead). The choice
+  ``k`` slices both ways and keeps the pool only if it is at least 10% faster (it costs k working sets) (``Policy(cpu_workers=True/False)`` decides instead). The choice
   holds from the first call on, so every call gives the same numbers. The two modes can differ by float
   rounding: some CPU kernels (oneDNN's Conv3d) choose their algorithm by the number of threads.
 """
@@ -112,6 +112,7 @@ def cpu_pool(workers: int) -> ThreadPoolExecutor:
 
 
 _STREAMS: dict = {}
+_POOL_MARGIN = 0.9  # a region takes the CPU pool only if its slices run in under 90% of the serial time
 
 
 def _side_streams(device: torch.device, n: int) -> list:
@@ -253,7 +254,8 @@ class LoopRegion(torch.nn.Module):
                     f.result()
             times[mode] = (time.perf_counter() - t0) / len(steps)
         self.cpu_timing = (times["serial"], times["workers"])
-        return "workers" if times["workers"] < times["serial"] else "serial"
+        # the pool holds k working sets at once: it has to be clearly faster, not faster by noise
+        return "workers" if times["workers"] < _POOL_MARGIN * times["serial"] else "serial"
 
     def _slice(self, step: _Step, ins: list, dsts: list):
         """Run one slice: narrow its arguments, call its body, write its cut outputs; return the body's results."""
