@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
 from .budget import choose_slicing, lower_bound
-from .compiler import CompiledGraph, capture, compile_graph, layout_of
+from .compiler import capture, compile_graph, layout_of
 from .memory import weight_bytes
 from .errors import FxstreamError
 from .policy import Policy

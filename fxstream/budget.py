@@ -27,7 +27,7 @@ from .compiler import CompiledGraph, compile_graph, region_id
 from .errors import MemoryBudgetError
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
-from .runtime import LoopRegion
+from .runtime import set_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class Floor:
 
 def _caps(policy: Policy, batch: int | None, pipeline: int = 1) -> Policy:
     return Policy(slices=policy.slices or _NO_LIMIT, spatial=policy.spatial, temporal=policy.temporal,
-                  batch=batch, pipeline=pipeline, cpu_workers=policy.cpu_workers, min_region_fraction=policy.min_region_fraction)
+                  batch=batch, pipeline=pipeline, cpu_workers=policy.cpu_workers,
+                  min_region_fraction=policy.min_region_fraction)
 
 
 def _batch_choices(gm: GraphModule, policy: Policy, layout) -> list:
@@ -82,14 +83,14 @@ def _graphs(f: Floor, budget: int, k: int = 1):
         return [(f.compiled, f.plan, budget)]
     out = []
     loops = [n for n in f.compiled.graph_module.graph.nodes if n.op == "call_module"]
-    k = 0
+    i = 0
     for n in loops:
         loop = f.compiled.graph_module.get_submodule(n.target)
         around = f.plan.region_peaks[n.name] - f.plan.region_working_bytes[n.name]
         for _ in loop.bodies:
-            inner = f.compiled.inner[k]
+            inner = f.compiled.inner[i]
             out.append((inner, plan_memory(inner.graph_module, in_flight=k), budget - around))
-            k += 1
+            i += 1
     return out
 
 
@@ -164,8 +165,5 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
         if not changed:
             break
     log.info("budget %s: using the floor's slicing (batch=%s)", format_bytes(budget), f.batch)
-    for loop in f.compiled.graph_module.modules():  # the floor fits by construction, with k in flight
-        if isinstance(loop, LoopRegion):
-            loop.pipeline = k
-            loop.cpu_mode = {None: None, True: "workers", False: "serial"}[policy.cpu_workers]
+    set_pipeline(f.compiled.graph_module, k, policy.cpu_workers)  # the floor fits by construction, k in flight
     return f.compiled, lowest

@@ -18,7 +18,7 @@ from .passes.group_regions import group_regions
 from .passes.reuse_buffers import reuse_region_buffers
 from .passes.split_group_norm import TAG, split_group_norm, splittable_group_norms
 from .policy import Policy
-from .runtime import LoopRegion
+from .runtime import LoopRegion, set_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,7 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
     cg = _compile(gm, policy, layout, counts, inner_counts)
-    for loop in cg.graph_module.modules():
-        if isinstance(loop, LoopRegion):
-            loop.pipeline = policy.pipeline
-            loop.cpu_mode = {None: None, True: "workers", False: "serial"}[policy.cpu_workers]
+    set_pipeline(cg.graph_module, policy.pipeline, policy.cpu_workers)
     return cg
 
 
