@@ -3,12 +3,15 @@
     >>> import fxstream
     >>> pipe.unet = fxstream.compile(pipe.unet, policy=fxstream.Policy(slices=8))
     >>> pipe.unet = fxstream.compile(pipe.unet, policy=fxstream.Policy(max_memory="6GiB"))
+    >>> pipe.unet = fxstream.compile(pipe.unet, policy=fxstream.Policy(rehash=fxstream.StepRehash(full_every=3, steps=25)))
 """
+from . import rehash
 from .api import CompiledModule, compile, explain
 from .errors import CaptureError, FxstreamError, MemoryBudgetError
 from .policy import Policy
+from .rehash import StepRehash
 from .report import Report
 
-__all__ = ["compile", "explain", "Policy", "CompiledModule", "Report", "FxstreamError", "CaptureError",
+__all__ = ["compile", "explain", "Policy", "StepRehash", "rehash", "CompiledModule", "Report", "FxstreamError", "CaptureError",
            "MemoryBudgetError"]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections import OrderedDict
@@ -13,12 +14,17 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
+from .analysis.cost import node_flops
+from .analysis.slicer import module_path
 from .budget import choose_slicing, lower_bound
 from .compiler import capture, compile_graph, layout_of
-from .memory import weight_bytes
 from .errors import FxstreamError
+from .graph_utils import strip_asserts
+from .memory import plan_memory, weight_bytes
+from .passes.step_rehash import split_for_rehash
 from .policy import Policy
-from .report import Report, build_report
+from .rehash import StepRehash, with_cache_point
+from .report import RehashInfo, Report, build_report
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +59,112 @@ def _as_kwargs(module: torch.nn.Module, args, kwargs) -> dict:
 
 
 class _Entry:
-    """One compiled input signature: the exported program, the compiled graph, and how to feed it."""
+    """One compiled input signature: the exported program, the compiled graph(s), and how to feed them.
+
+    With ``Policy(rehash=...)`` it holds three graphs made from the one captured (``passes/step_rehash.py``): the
+    full graph (``compiled``, which also returns the feature to cache), the rehash graph, and for adaptive
+    schedules the probe graph; and this signature's cached feature between steps.
+    """
 
     def __init__(self, module: torch.nn.Module, kwargs: dict, policy: Policy):
         self.program = capture(module, kwargs)
         gm, layout = self.program.graph_module, layout_of(module)
         weights = weight_bytes(self.program)
-        if policy.max_memory is not None:
-            self.compiled, floor = choose_slicing(gm, policy, layout, weights)
-            bound = floor.peak_bytes
-        else:
-            self.compiled = compile_graph(gm, policy, layout)
-            bound = lambda: lower_bound(gm, policy, layout).peak_bytes  # noqa: E731  (a compile: only on demand)
+        self.rehash = None
+        if policy.rehash is not None:
+            self.rehash = _RehashState(module, gm, policy.rehash)
+            gm = self.rehash.graphs.full
+        self.compiled, bound = self._compile(gm, policy, layout, weights)
         # how to fetch each lifted input at call time: weights from the live module, constants from the program
         fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
         self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
                       for spec in self.program.graph_signature.input_specs if spec.kind != InputKind.USER_INPUT]
         self.report: Report = build_report(self.compiled, policy, weights, bound)
+        if self.rehash is not None:
+            r = self.rehash
+            # a rehash step holds the cached feature (and the probe's reference) on top of the weights
+            r.compiled, _ = self._compile(r.graphs.rehash, policy, layout, weights + r.resident_bytes)
+            self.report.rehash = r.info(r.compiled)
 
-    def run(self, module: torch.nn.Module, kwargs: dict):
+    @staticmethod
+    def _compile(gm, policy: Policy, layout, weights: int):
+        if policy.max_memory is not None:
+            compiled, floor = choose_slicing(gm, policy, layout, weights)
+            return compiled, floor.peak_bytes
+        # the lower bound is a compile: only on demand
+        return compile_graph(gm, policy, layout), lambda: lower_bound(gm, policy, layout).peak_bytes
+
+    def call(self, graph, module: torch.nn.Module, kwargs: dict, extra=()) -> list:
+        """Run one of this signature's graphs on the live weights and these inputs (plus ``extra`` inputs)."""
         flat, _ = pytree.tree_flatten(((), kwargs))
         state = [get(module, target) for get, target in self.state]
-        out = self.compiled.graph_module(*state, *flat)
-        return pytree.tree_unflatten(list(out), self.program.call_spec.out_spec)
+        return list(graph(*state, *flat, *extra))
+
+    def unflatten(self, out: list):
+        return pytree.tree_unflatten(out, self.program.call_spec.out_spec)
+
+    def run(self, module: torch.nn.Module, kwargs: dict):
+        return self.unflatten(self.call(self.compiled.graph_module, module, kwargs))
+
+
+class _RehashState:
+    """Step Rehash for one signature: the graphs, and the feature cached by the last full step."""
+
+    def __init__(self, module: torch.nn.Module, gm, rehash: StepRehash):
+        self.schedule = with_cache_point(rehash, module)
+        self.base = strip_asserts(copy.deepcopy(gm))  # the graph the others are cut from
+        self.graphs = split_for_rehash(self.base, self.schedule.cache_point, self.schedule.probe_point)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        self.cache_val = nodes[self.graphs.cache_node].meta["val"]
+        probe_val = nodes[self.graphs.probe_node].meta["val"] if self.graphs.probe_node else None
+        self.resident_bytes = sum(v.numel() * v.element_size() for v in (self.cache_val, probe_val) if v is not None)
+        self.compiled = None  # the rehash graph, compiled (set by _Entry)
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache = None  # the feature of the last full step
+        self.probe_ref = None  # the probe at the last full step
+        self.since_full = 0
+
+    def info(self, compiled_rehash) -> RehashInfo:
+        flops = node_flops(self.base)
+        kept = {n.name for n in self.graphs.rehash.graph.nodes if n.op == "call_function"}
+        if self.graphs.probe is not None:
+            kept |= {n.name for n in self.graphs.probe.graph.nodes if n.op == "call_function"}
+        total = sum(flops.values())
+        v = self.cache_val
+        return RehashInfo(
+            schedule=self.schedule.describe(), cache_point=self.schedule.cache_point, cache_node=self.graphs.cache_node,
+            cache_shape=tuple(v.shape), cache_bytes=self.resident_bytes, probe=self.schedule.probe_point,
+            ops=len(flops), ops_skipped=len(self.graphs.skipped), flops=total,
+            flops_rehash=sum(f for name, f in flops.items() if name in kept),
+            skipped_modules=_top_modules(self.base, set(self.graphs.skipped)),
+            rehash_peak_bytes=plan_memory(compiled_rehash.graph_module).peak_bytes,
+        )
+
+
+def _top_modules(gm, names: set, depth: int = 2) -> list:
+    """The outermost module paths (at most ``depth`` levels deep) all of whose ops are in ``names``."""
+    whole: dict = {}  # path prefix -> all its ops in names (graph order kept)
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        parts = module_path(n).split(".")
+        for d in range(1, min(depth, len(parts)) + 1):
+            p = ".".join(parts[:d])
+            whole[p] = whole.get(p, True) and n.name in names
+    return [p for p, all_in in whole.items()
+            if p and all_in and not (p.rpartition(".")[0] and whole.get(p.rpartition(".")[0]))]
+
+
+def _timestep(kwargs: dict) -> float:
+    t = kwargs.get("timestep")
+    if isinstance(t, torch.Tensor) and t.numel() >= 1:
+        return float(t.reshape(-1)[0])
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return float(t)
+    raise FxstreamError(f"timestep: Step Rehash counts denoising steps by the timestep argument, got {t!r}; pass "
+                        "the scheduler's timestep (a number or a tensor) as diffusers pipelines do")
 
 
 class CompiledModule(torch.nn.Module):
@@ -84,6 +173,10 @@ class CompiledModule(torch.nn.Module):
     The first call with a new input signature (tensor shapes, dtypes, devices, non-tensor values, the
     weights' dtype and device) captures and compiles the module; later calls with that signature reuse it.
     The weights are read from the wrapped module on every call, so ``.to()`` and weight updates take effect.
+
+    With ``Policy(rehash=...)`` the module also counts denoising steps: a call whose timestep does not decrease
+    against the previous call's starts a new generation (step 0, every cached feature dropped), as does
+    :meth:`reset`. ``step_log`` lists what each call of the current generation ran (``"full"`` or ``"rehash"``).
     """
 
     def __init__(self, module: torch.nn.Module, policy: Policy):
@@ -92,6 +185,9 @@ class CompiledModule(torch.nn.Module):
         self.policy = policy
         self._entries: OrderedDict = OrderedDict()
         self._last = None
+        self._recording = None  # a fxstream.rehash.Recording while one is active
+        self.step_log: list = []  # the current generation: "full" / "rehash" per call (Step Rehash only)
+        self._last_t = None
 
     def __getattr__(self, name):
         try:
@@ -122,7 +218,39 @@ class CompiledModule(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         kwargs = _as_kwargs(self.module, args, kwargs)
+        if self.policy.rehash is not None:
+            t = _timestep(kwargs)  # before compiling: a call without a timestep fails cleanly
+            entry = self._entry(kwargs)
+            return self._rehash_step(entry, kwargs, t)
         return self._entry(kwargs).run(self.module, kwargs)
+
+    def _rehash_step(self, entry: _Entry, kwargs: dict, t: float):
+        if self._last_t is None or t >= self._last_t:
+            self.reset()
+        self._last_t = t
+        step, r = len(self.step_log), entry.rehash
+        sched = r.schedule
+        full = sched.is_full(step) or r.cache is None
+        extra = []
+        if r.graphs.probe is not None:
+            probe = entry.call(r.graphs.probe, self.module, kwargs)[0]
+            extra = [probe]
+            if not full:
+                change = float(torch.linalg.vector_norm((probe - r.probe_ref).double())
+                               / torch.linalg.vector_norm(r.probe_ref.double()).clamp_min(1e-30))
+                full = change > sched.adaptive or r.since_full >= sched.max_rehash
+        if full:
+            r.cache = None  # the old feature goes before the full graph runs: it is planned without it
+            out = entry.call(entry.compiled.graph_module, self.module, kwargs, extra)
+            r.cache, r.since_full = out.pop(), 0
+            r.probe_ref = extra[0] if extra else None
+            if self._recording is not None:
+                self._recording.add(step, r.cache)
+        else:
+            out = entry.call(r.compiled.graph_module, self.module, kwargs, extra + [r.cache])
+            r.since_full += 1
+        self.step_log.append("full" if full else "rehash")
+        return entry.unflatten(out)
 
     def explain(self) -> Report:
         """The report of the most recently used compiled signature."""
@@ -131,10 +259,17 @@ class CompiledModule(torch.nn.Module):
                                 "fxstream.explain(module, example_kwargs, policy=...) to plan without running")
         return self._last.report
 
-    def reset(self) -> None:
-        """Forget every compiled signature."""
-        self._entries.clear()
-        self._last = None
+    def reset(self, compiled: bool = False) -> None:
+        """Start a new generation: the step counter restarts and every cached feature (Step Rehash) is dropped.
+        ``compiled=True`` also forgets every compiled signature."""
+        self.step_log = []
+        self._last_t = None
+        for entry in self._entries.values():
+            if entry.rehash is not None:
+                entry.rehash.clear()
+        if compiled:
+            self._entries.clear()
+            self._last = None
 
 
 def compile(module: torch.nn.Module, policy: Policy | None = None) -> CompiledModule:  # noqa: A001
@@ -143,7 +278,11 @@ def compile(module: torch.nn.Module, policy: Policy | None = None) -> CompiledMo
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     if isinstance(module, CompiledModule):
         raise TypeError("module: already compiled by fxstream; compile the original module instead")
-    return CompiledModule(module, _check_policy(policy))
+    policy = _check_policy(policy)
+    if policy.rehash is not None and "timestep" not in inspect.signature(module.forward).parameters:
+        raise TypeError(f"policy.rehash: {type(module).__name__}.forward has no 'timestep' argument, which Step "
+                        "Rehash needs to count denoising steps; use it on a diffusion UNet, or drop rehash")
+    return CompiledModule(module, policy)
 
 
 def explain(module: torch.nn.Module, example_kwargs: dict, policy: Policy | None = None) -> Report:

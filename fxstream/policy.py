@@ -5,11 +5,14 @@
     >>> Policy(spatial=8, temporal=4)     # per kind
     >>> Policy(max_memory="6GiB")         # the fewest slices (and a batch split if needed) that fit 6 GiB
     >>> Policy(slices=8, pipeline=2)      # up to 2 slices of a region in flight (CUDA streams / CPU workers)
+    >>> Policy(slices=8, rehash=StepRehash(full_every=3, steps=25))  # and reuse a cached feature on 2 steps in 3
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+
+from .rehash import StepRehash
 
 __all__ = ["Policy", "AXIS_KIND", "parse_bytes", "format_bytes"]
 
@@ -66,6 +69,9 @@ class Policy:
             ``max_memory`` it is the most the budget may use (fewer where ``k`` would not fit).
         cpu_workers: on the CPU with ``pipeline > 1``, True runs the slices on a worker pool, False one after
             another; None (default) lets each region measure both on its first call and keep the faster.
+        rehash: Step Rehash across denoising steps (:class:`~fxstream.StepRehash`): on the steps its schedule
+            does not make full, a cached temporal-layer feature is reused and every op that only fed it is skipped.
+            None (default): every call computes everything.
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
             the graph's largest activation (small regions cost loop overhead and save nothing).
     """
@@ -77,6 +83,7 @@ class Policy:
     max_memory: int | str | None = None
     pipeline: int = 1
     cpu_workers: bool | None = None
+    rehash: StepRehash | None = None
     min_region_fraction: float = 0.05
 
     def __post_init__(self):
@@ -89,6 +96,9 @@ class Policy:
             raise ValueError(f"Policy.cpu_workers: expected None (measure), True or False, got {self.cpu_workers!r}")
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "Policy.max_memory"))
+        if self.rehash is not None and not isinstance(self.rehash, StepRehash):
+            raise TypeError(f"Policy.rehash: expected None or fxstream.StepRehash, got {type(self.rehash).__name__}; "
+                            "write Policy(rehash=fxstream.StepRehash(full_every=3, steps=25))")
         f = self.min_region_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ValueError(f"Policy.min_region_fraction: expected a number in [0, 1], got {f!r}")
@@ -113,5 +123,6 @@ class Policy:
         for f in fields(self):
             v = getattr(self, f.name)
             if v != f.default:
-                parts.append(f"{f.name}={format_bytes(v)!r}" if f.name == "max_memory" else f"{f.name}={v!r}")
+                parts.append(f"{f.name}={format_bytes(v)!r}" if f.name == "max_memory" else
+                             f"rehash={v.describe()}" if f.name == "rehash" else f"{f.name}={v!r}")
         return "Policy(" + ", ".join(parts) + ")"

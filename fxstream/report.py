@@ -10,7 +10,7 @@ from .analysis.slicer import module_path, tensor_bytes
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
 
-__all__ = ["Report", "RegionInfo", "UnslicedOp", "build_report"]
+__all__ = ["Report", "RegionInfo", "UnslicedOp", "RehashInfo", "build_report"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,41 @@ class UnslicedOp:
     bytes: int
 
 
+@dataclass(frozen=True)
+class RehashInfo:
+    """What a rehash step skips (``Policy(rehash=...)``). FLOPs are planned (``fxstream.analysis.cost``)."""
+
+    schedule: str
+    cache_point: str  # module path whose output is cached
+    cache_node: str
+    cache_shape: tuple
+    cache_bytes: int  # held between steps (the cached feature, and the adaptive probe's reference)
+    probe: str | None
+    ops: int  # ops of the captured graph
+    ops_skipped: int  # of those, not run on a rehash step
+    flops: int  # planned FLOPs of a full step
+    flops_rehash: int  # of a rehash step (the probe included)
+    skipped_modules: list  # modules (two levels deep) none of whose ops run on a rehash step
+    rehash_peak_bytes: int  # planned activation peak of a rehash step (the cached feature not included)
+
+    @property
+    def skipped_share(self) -> float:
+        """The planned share of a full step's FLOPs that a rehash step does not run."""
+        return 1.0 - self.flops_rehash / self.flops if self.flops else 0.0
+
+    def table(self) -> str:
+        return tabulate([
+            ("schedule", self.schedule),
+            ("cache point", f"{self.cache_point} ({self.cache_node}), {list(self.cache_shape)}, "
+                            f"{format_bytes(self.cache_bytes)} held between steps"),
+            ("ops skipped on a rehash step", f"{self.ops_skipped} of {self.ops}"),
+            ("planned FLOPs skipped", f"{self.skipped_share:.1%} ({self.flops_rehash / 1e9:.1f} of "
+                                      f"{self.flops / 1e9:.1f} GFLOP run)"),
+            ("modules skipped", ", ".join(self.skipped_modules) or "-"),
+            ("activations, rehash step", format_bytes(self.rehash_peak_bytes)),
+        ] + ([("probe", self.probe)] if self.probe else []), headers=["step rehash", ""])
+
+
 @dataclass
 class Report:
     """What ``fxstream.explain`` says. Bytes are activations unless named ``weight_bytes``.
@@ -58,6 +93,7 @@ class Report:
     peak_module: str = ""
     timeline: dict = field(default_factory=dict)
     _lower_bound: Callable | int | None = field(default=None, repr=False)
+    rehash: RehashInfo | None = None  # with Policy(rehash=...): what a rehash step skips
 
     @property
     def lower_bound_bytes(self) -> int:
@@ -85,8 +121,9 @@ class Report:
              f"{self.peak_node} ({self.peak_module or 'top'})"),
             ("activations, lower bound", format_bytes(self.lower_bound_bytes), "any slicing the rules allow"),
         ], headers=["planned peak", "bytes", "where"])
-        return f"{self.policy.describe()}: {len(self.regions)} regions, {self.sliced_ops} ops sliced\n" \
+        text = f"{self.policy.describe()}: {len(self.regions)} regions, {self.sliced_ops} ops sliced\n" \
                f"{head}\n\n{tail}\n\n{mem}"
+        return text + ("\n\n" + self.rehash.table() if self.rehash is not None else "")
 
     def __str__(self) -> str:
         return self.table()
