@@ -151,8 +151,6 @@ def split_for_rehash(gm: GraphModule, cache_point: str, probe: str | None = None
     if probe_name is not None and not any(n.meta.get(INPUT_TAG) == probe_name and n.users for n in rehash.graph.nodes):
         raise FxstreamError(f"probe {probe!r}: a rehash step does not use it (it only fed the cached feature); "
                             "choose a module that still runs on rehash steps, such as 'conv_in'")
+    # at least the cached node itself; how much more is the report's business (ops and FLOPs skipped)
     skipped = sorted(_ops(gm) - _ops(rehash) - (_ops(probe_gm) if probe_gm is not None else set()))
-    if not skipped:
-        raise FxstreamError(f"cache point {cache_point!r}: a rehash step would skip nothing (every op that feeds "
-                            "it is needed elsewhere); choose a module deeper in the up path")
     return RehashGraphs(full, rehash, cache, skipped, probe_gm, probe_name, extra)
