@@ -25,6 +25,7 @@ from .passes.step_rehash import split_for_rehash
 from .policy import Policy
 from .rehash import StepRehash, with_cache_point
 from .report import RehashInfo, Report, build_report
+from .viz import MARK_KEY
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class _RehashState:
         self.schedule = with_cache_point(rehash, module)
         self.base = strip_asserts(copy.deepcopy(gm))  # the graph the others are cut from
         self.graphs = split_for_rehash(self.base, self.schedule.cache_point, self.schedule.probe_point)
+        _mark(self.graphs.full, self.graphs)
         nodes = {n.name: n for n in gm.graph.nodes}
         self.cache_val = nodes[self.graphs.cache_node].meta["val"]
         probe_val = nodes[self.graphs.probe_node].meta["val"] if self.graphs.probe_node else None
@@ -141,6 +143,16 @@ class _RehashState:
             skipped_modules=_top_modules(self.base, set(self.graphs.skipped)),
             rehash_peak_bytes=plan_memory(compiled_rehash.graph_module).peak_bytes,
         )
+
+
+def _mark(gm, graphs) -> None:
+    """Marks for the drawing (``fxstream.viz``): the cached node, and the ops a rehash step skips."""
+    skipped = set(graphs.skipped)
+    for n in gm.graph.nodes:
+        if n.name == graphs.cache_node:
+            n.meta[MARK_KEY] = ("cache", "skip")
+        elif n.name in skipped:
+            n.meta[MARK_KEY] = ("skip",)
 
 
 def _top_modules(gm, names: set, depth: int = 2) -> list:

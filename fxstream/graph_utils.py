@@ -8,7 +8,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 __all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts"]
 
-_KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
+_KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn", "fxstream.marks")
 
 
 def fake_mode_of(gm: GraphModule):

@@ -25,8 +25,9 @@ front of the first region that needs them, where they would float as boxes joine
 
 NOTE [Marks]
 ``DrawNode.marks`` holds per-box marks such as ``"cache"`` and ``"skip"`` for Step Rehash (a cached feature
-reused, a block skipped on a rehash step). They are read from ``node.meta["fxstream.marks"]`` and drawn when
-present; no pass produces them yet.
+reused, a block skipped on a rehash step). They are read from ``node.meta["fxstream.marks"]`` (set by the Step
+Rehash pass on the full graph) and drawn when present. A box has a mark when one of its ops has it, except
+``"skip"``: a box some of whose ops still run on a rehash step is marked ``"part skipped"``.
 """
 from __future__ import annotations
 
@@ -185,7 +186,13 @@ class _Run:
         self.members: list = []  # qualified node names (as the memory timeline names them)
         self.ops: Counter = Counter()
         self.marks: set = set()
+        self.runs_on_rehash = False  # an op of the box has no "skip" mark
         self.extra: dict = {}
+
+    def mark(self, n: Node) -> None:
+        marks = n.meta.get(MARK_KEY, ())
+        self.marks.update(marks)
+        self.runs_on_rehash |= "skip" not in marks
 
 
 class _Builder:
@@ -277,7 +284,7 @@ class _Builder:
         run = self.run_for(key, kind, path, name, parent)
         run.members.append(qual + n.name)
         run.ops[_op_name(n)] += 1
-        run.marks.update(n.meta.get(MARK_KEY, ()))
+        run.mark(n)
         if kind == "op":
             run.extra["node"] = n.name
         for p in n.all_input_nodes:
@@ -313,7 +320,8 @@ class _Builder:
         run.members.append(qual + n.name)
         run.extra.update(facts)
         for x in body.graph.nodes:
-            run.marks.update(x.meta.get(MARK_KEY, ()))
+            if x.op == "call_function":
+                run.mark(x)
         for p in n.all_input_nodes:
             self.add_edge(p, run.id)
         self.source[n] = (run.id, n)
@@ -420,7 +428,10 @@ def _node_of(run: _Run, points: dict, peak_node: str) -> DrawNode:
     if peak:
         lines.append(f"PEAK {human_bytes(peak_bytes)}")
         details.append(("planned peak", f"here, at node {peak_node}"))
-    marks = tuple(sorted(run.marks))
+    marks = set(run.marks)
+    if "skip" in marks and run.runs_on_rehash:
+        marks = marks - {"skip"} | {"part skipped"}
+    marks = tuple(sorted(marks))
     if marks:
         lines.append(" ".join(f"[{m}]" for m in marks))
         details.append(("marks", ", ".join(marks)))

@@ -267,3 +267,16 @@ def test_record_and_key_steps(svd_tiny):
 def test_compile_needs_a_timestep_argument():
     with pytest.raises(TypeError, match="timestep"):
         fxstream.compile(torch.nn.Linear(2, 2), Policy(rehash=StepRehash(full_every=2)))
+
+
+def test_drawing_marks_the_cache_and_the_skipped_blocks(svd_tiny):
+    from fxstream.api import _Entry
+    from fxstream.viz import draw_graph
+    unet, kw = svd_tiny
+    entry = _Entry(unet, kw, Policy(slices=2, rehash=StepRehash(full_every=3)))
+    for gm in (entry.compiled.original, entry.compiled.graph_module):
+        boxes = [n for n in draw_graph(gm, title="t", depth=2).nodes if n.kind in ("module", "region")]
+        marks = {m for b in boxes for m in b.marks}
+        assert {"cache", "skip"} <= marks
+        assert all("skip" in b.marks for b in boxes if b.module.startswith(("down_blocks", "mid_block")))
+        assert not any(b.marks for b in boxes if b.module.startswith(("up_blocks.1.resnets.2", "conv_out")))

@@ -151,7 +151,7 @@ def test_peak_inside_a_batch_region(batch_split):
     assert box.parent == g.clusters[0].id
 
 
-# -- marks (Step Rehash is not built: set by hand) -----------------------------------------------------------
+# -- marks (set by hand here; tests/test_rehash.py checks the ones the Step Rehash pass sets) -------------
 class _Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()
