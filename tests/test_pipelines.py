@@ -56,15 +56,15 @@ def _animatediff_pipeline():
     return pipe.to("cpu")
 
 
-def _frames(pipe, kind):
-    g = torch.Generator().manual_seed(0)
+def _frames(pipe, kind, steps=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
     if kind == "svd":
         image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        return pipe(image=image, height=32, width=32, num_frames=3, num_inference_steps=2, generator=g,
+        return pipe(image=image, height=32, width=32, num_frames=3, num_inference_steps=steps, generator=g,
                     decode_chunk_size=3, output_type="pt").frames
     emb = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
     return pipe(prompt_embeds=emb, negative_prompt_embeds=torch.zeros_like(emb), height=32, width=32,
-                num_frames=3, num_inference_steps=2, generator=g, output_type="pt").frames
+                num_frames=3, num_inference_steps=steps, generator=g, output_type="pt").frames
 
 
 @pytest.mark.parametrize("kind", ["svd", "animatediff"])
@@ -88,3 +88,27 @@ def test_pipeline_frames_equal_with_compiled_unet(kind):
     report = pipe.unet.explain()
     assert report.regions
     assert len(pipe.unet._entries) == 1  # one compiled signature serves every denoising step
+
+
+@pytest.mark.parametrize("kind", ["svd", "animatediff"])
+def test_pipeline_with_step_rehash(kind):
+    """Every step full: the very same frames as the uncompiled pipeline. A rehash schedule runs whole
+    generations (the pipeline's own timesteps start each one), and a second generation gives the first's frames
+    again: nothing is carried from one video into the next."""
+    pipe = _svd_pipeline() if kind == "svd" else _animatediff_pipeline()
+    with torch.no_grad():
+        ref = _frames(pipe, kind, steps=4)
+    original = pipe.unet
+    pipe.unet = fxstream.compile(original, policy=fxstream.Policy(rehash=fxstream.StepRehash(full_every=1)))
+    with torch.no_grad():
+        assert torch.equal(_frames(pipe, kind, steps=4), ref)
+    assert pipe.unet.step_log == ["full"] * 4
+    pipe.unet = fxstream.compile(original, policy=fxstream.Policy(
+        slices=2, rehash=fxstream.StepRehash(full_every=2, steps=5)))
+    with torch.no_grad():
+        first = _frames(pipe, kind, steps=5)
+        assert pipe.unet.step_log == ["full", "rehash", "full", "rehash", "full"]
+        second = _frames(pipe, kind, steps=5)
+    assert torch.equal(first, second) and first.shape == ref.shape[:1] + first.shape[1:]
+    assert torch.isfinite(first).all()
+    assert pipe.unet.explain().rehash.ops_skipped > 0
