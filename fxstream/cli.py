@@ -24,6 +24,7 @@ from pathlib import Path
 from .errors import FxstreamError
 from .models import MODELS
 from .policy import Policy, parse_bytes
+from .rehash import StepRehash
 from .progress import Progress
 from .session import Session, UsageError, load_session, output_dir
 
@@ -152,6 +153,12 @@ def _policy_options() -> argparse.ArgumentParser:
     g.add_argument("--pipeline", type=_count, metavar="K", default=1,
                    help="the most slices of a region in flight at once (CUDA streams or CPU workers); the plan "
                         "counts K working sets per region (default: 1). Example: --pipeline 2")
+    g.add_argument("--rehash-every", type=_count, metavar="N", dest="rehash_every",
+                   help="Step Rehash, uniform: every N-th denoising step full, the others reuse a cached feature; "
+                        "the report says what a rehash step skips and the drawing marks it. Example: --rehash-every 3")
+    g.add_argument("--cache-point", metavar="MODULE", dest="cache_point",
+                   help="with --rehash-every: the module whose output is cached (default: the last up block's "
+                        "second-to-last temporal layer). Example: --cache-point up_blocks.2")
     g.add_argument("--min-region-fraction", type=_fraction, metavar="F",
                    help="skip regions whose largest tensor is below this share of the largest activation "
                         "(default: 0.05). Example: --min-region-fraction 0.1")
@@ -227,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _policy(args) -> Policy:
     """The Policy the options ask for (their types already checked each value; Policy checks them again)."""
     fraction = {} if args.min_region_fraction is None else {"min_region_fraction": args.min_region_fraction}
+    if args.cache_point is not None and args.rehash_every is None:
+        raise FxstreamError("--cache-point: only used with --rehash-every N")
+    rehash = None if args.rehash_every is None else StepRehash(full_every=args.rehash_every,
+                                                               cache_point=args.cache_point)
     return Policy(slices=args.slices, spatial=args.spatial, temporal=args.temporal, batch=args.batch_split,
-                  max_memory=args.max_memory, pipeline=args.pipeline, **fraction)
+                  max_memory=args.max_memory, pipeline=args.pipeline, rehash=rehash, **fraction)
 
 
 # -- commands ----------------------------------------------------------------------------------------------

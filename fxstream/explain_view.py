@@ -33,12 +33,15 @@ def explain_table(report, top: int = 10, lower_bound: bool = False) -> str:
     else:
         mem.append(("activations, lower bound", "-", "not computed: add --lower-bound"))
     head = f"{report.policy.describe()}: {len(report.regions)} regions, {report.sliced_ops} ops sliced"
-    return f"{head}\n{regions}\n\n{unsliced}\n\n{tabulate(mem, headers=['planned peak', 'bytes', 'where'])}"
+    text = f"{head}\n{regions}\n\n{unsliced}\n\n{tabulate(mem, headers=['planned peak', 'bytes', 'where'])}"
+    return text + (f"\n\n{report.rehash.table()}" if report.rehash is not None else "")
 
 
 def report_json(report, session=None, lower_bound: bool = False) -> dict:
     """The report as plain data: regions, every unsliced op with its reason, bytes (ints)."""
     policy = {f.name: getattr(report.policy, f.name) for f in fields(report.policy)}
+    if policy.get("rehash") is not None:
+        policy["rehash"] = asdict(policy["rehash"])
     out = {
         "input": session.input_json() if session is not None else None,
         "policy": {"text": report.policy.describe(), **policy},
@@ -52,5 +55,7 @@ def report_json(report, session=None, lower_bound: bool = False) -> dict:
         "sliced_ops": report.sliced_ops,
         "regions": [asdict(r) for r in report.regions],
         "unsliced": [asdict(u) for u in report.unsliced],
+        "rehash": None if report.rehash is None else {**asdict(report.rehash),
+                                                      "skipped_share": report.rehash.skipped_share},
     }
     return out

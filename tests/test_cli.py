@@ -67,6 +67,19 @@ def test_explain_json(capsys):
     assert data["lower_bound_bytes"] is None and data["peak"]["node"]
 
 
+def test_explain_with_step_rehash(capsys):
+    code, out, _ = run(["explain", "--model", "svd-tiny", "--rehash-every", "3", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["policy"]["rehash"]["full_every"] == 3
+    assert data["rehash"]["cache_point"] == "up_blocks.1.attentions.1" and 0.5 < data["rehash"]["skipped_share"] < 1
+    code, out, _ = run(["explain", "--model", "svd-tiny", "--rehash-every", "3", "--cache-point", "up_blocks.0"],
+                       capsys)
+    assert code == 0 and "planned FLOPs skipped" in out and "up_blocks.0 (" in out
+    code, _, err = run(["explain", "--model", "svd-tiny", "--cache-point", "up_blocks.0"], capsys)
+    assert code == 1 and "--rehash-every" in err
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot not installed (apt-get install graphviz)")
 def test_viz_writes_svg_and_html(tmp_path, capsys):
     code, out, _ = run(["viz", *TINY, "-o", str(tmp_path / "new"), "--json"], capsys)
