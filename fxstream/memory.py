@@ -77,13 +77,29 @@ def _node_module(n) -> str:
 
 
 def _body_plans(gm: GraphModule, node, in_flight: int | None) -> tuple:
-    """Plans of a ``call_module`` node's loop bodies (none for other modules) and its slices in flight."""
+    """Plans of a ``call_module`` node's loop bodies by slice size (none for other modules) and its slices in
+    flight."""
     loop = gm.get_submodule(node.target)
     bodies = getattr(loop, "bodies", None)
     if not bodies:
-        return [], 1
+        return {}, 1
     k = 1 if loop.nested else loop.in_flight if in_flight is None else max(1, min(in_flight, len(loop.bounds)))
-    return [plan_memory(b, in_flight) for b in bodies.values()], k
+    return {key: plan_memory(b, in_flight) for key, b in bodies.items()}, k
+
+
+def _working_set(loop, plans: dict, k: int, partial_bytes: int) -> int:
+    """Bytes a region holds on top of its cut outputs while it runs, its partial sums included.
+
+    NOTE [Partial sums]: the runtime keeps the first slice's sum as the accumulator (made at the end of that
+    slice) and adds the others into it. One slice at a time, the first slice's body runs without it and every
+    later one with it: max(peak of the first, sums + peak of the largest later one). With k in flight the plan
+    stays an upper bound: the sums and k working sets of the largest slice."""
+    largest = max(p.peak_bytes for p in plans.values())
+    if k > 1 or not partial_bytes:
+        return partial_bytes + k * largest
+    sizes = [str(n) for _, n in loop.bounds]
+    later = max((plans[s].peak_bytes for s in sizes[1:]), default=0)
+    return max(plans[sizes[0]].peak_bytes, partial_bytes + later if later else 0)
 
 
 def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
@@ -118,13 +134,18 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
 
     for i, n in enumerate(nodes):
         sts = list(_storages(n.meta.get("val")))
-        body, k = None, 1
+        body, k, plans, partial = None, 1, {}, 0
         if n.op == "placeholder":
             held_by_caller.update(s for s, _ in sts)
         elif n.op == "call_module":
             plans, k = _body_plans(gm, n, in_flight)
-            body = max(plans, key=lambda b: b.peak_bytes, default=None)
+            body = max(plans.values(), key=lambda b: b.peak_bytes, default=None)
         values[n] = [s for s, _ in sts]
+        if plans:  # partial sums (see NOTE [Partial sums]) are part of the working set, not made up front
+            loop = gm.get_submodule(n.target)
+            outs = n.meta.get("val")
+            partial_sts = {next(_storages(outs[j]))[0] for j in getattr(loop, "_partial", ())}
+            partial = sum(b for s, b in sts if s in partial_sts and owner_count.get(s, 0) == 0)
         for s, b in sts:
             if s in held_by_caller:
                 continue
@@ -132,8 +153,8 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
                 live += b
                 size[s] = b
             owner_count[s] = owner_count.get(s, 0) + 1
-        extra = k * body.peak_bytes if body is not None else _transient_bytes(n)
-        during = live + extra
+        extra = _working_set(loop, plans, k, partial) if plans else _transient_bytes(n)
+        during = live - partial + extra
         if n.op == "call_module":
             plan.region_peaks[n.name] = during
             plan.region_working_bytes[n.name] = extra

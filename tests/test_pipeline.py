@@ -102,7 +102,11 @@ def test_planner_counts_k_working_sets_and_bounds_the_measured_peak():
         _set(gm, k, "workers")
         plan = plan_memory(gm)
         for name, work in one.region_working_bytes.items():
-            assert plan.region_working_bytes[name] == min(k, len(getattr(gm, name).bounds)) * work
+            loop = getattr(gm, name)
+            if loop._partial:  # its sums are held once, beside k working sets (NOTE [Partial sums])
+                assert plan.region_working_bytes[name] >= work
+            else:
+                assert plan.region_working_bytes[name] == min(k, len(loop.bounds)) * work
         _, measured = measure_peak(gm, *args)
         assert one.peak_bytes <= measured <= plan.peak_bytes
     _set(gm, 4, "serial")  # one slice at a time: the k=1 plan is exact
