@@ -45,3 +45,19 @@ def test_bench_rehash_loop(capsys):
     same, _ = tool.denoise(fxstream.compile(unet, fxstream.Policy(rehash=fxstream.StepRehash(full_every=1))),
                            "svd", kw, 4)
     assert (same - ref).abs().max() == 0
+
+
+def test_tools_load_trained_weights_from_a_local_folder(tmp_path, capsys):
+    """The paths meant for trained weights, on folders saved here: a pipeline folder for the similarity map, a
+    UNet folder for the fidelity benchmark (from_pretrained, local files only)."""
+    from fxstream.pipelines import tiny_pipeline
+    pipe = tiny_pipeline("svd")
+    pipe.save_pretrained(tmp_path / "svd")
+    sim = _tool("rehash_similarity")
+    assert sim.main(["--pipeline", str(tmp_path / "svd"), "--steps", "2", "--frames", "3", "--latent", "16x16",
+                     "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "rehash-similarity-svd.png").is_file()
+    bench = _tool("bench_rehash")
+    assert bench.main(["--unet", str(tmp_path / "svd" / "unet"), "--models", "svd-tiny", "--steps", "3",
+                       "--schedules", "every3", "--no-write"]) == 0
+    assert "svd-tiny (" in capsys.readouterr().out
