@@ -69,6 +69,7 @@ def test_writers(svd_rows, tmp_path):
     doc = (tmp_path / "benchmarks.md").read_text()
     assert "<!-- section: compare -->" in doc and "Command: `python tools/bench_compare.py --quick`" in doc
     assert "- a note" in doc and "img/bench-compare.png" in doc
+    assert "- svd-tiny (cpu): sample (2, 4, 8, 16, 16) float32" in doc
     data = json.loads((tmp_path / "benchmarks.json").read_text())["compare"]
     assert {r["method"] for r in data["rows"]} == {"eager", "naive", "fxstream-slices", "freenoise"}
 

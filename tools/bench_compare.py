@@ -96,6 +96,7 @@ class Row:
     device: str  # cpu, cuda, or meta (planned only)
     method: str
     label: str
+    sample: str = ""  # the latent's shape and dtype
     status: str = "ok"  # ok, n/a, error
     peak_bytes: int | None = None
     peak_by: str = ""  # tracker, allocator (torch.profiler) or cuda
@@ -323,6 +324,7 @@ METHODS = {  # key: (label, how to prepare it)
     "deepcache": ("DeepCache-style cache (StepRehash at the last up block's input)", _deepcache),
 }
 OURS = {"fxstream-slices", "fxstream-budget", "fxstream-pipeline", "step-rehash", "deepcache"}  # orange in the chart
+CHANGES_OUTPUT = {"naive", "step-rehash", "deepcache"}  # by design: hatched in the chart
 QUICK_SKIP = {"torch-compile"}  # about 90 s of compile even for the tiny models
 
 
@@ -394,7 +396,8 @@ def measure(b: Bench, prep: Prepared, row: Row) -> None:
 
 def run_method(b: Bench, key: str, log=print) -> Row:
     label, make = METHODS[key]
-    row = Row(b.case.name, b.device, key, label)
+    x = b.kw["sample"]
+    row = Row(b.case.name, b.device, key, label, f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}")
     log(f"{b.case.name} ({b.device}): {key}")
     try:
         prep = make(b)
@@ -476,6 +479,7 @@ def draw_chart(rows, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     panels = [("peak MiB (measured)", lambda r: r.device != "meta", lambda r: r.peak_bytes and r.peak_bytes / MiB),
               ("median latency s", lambda r: r.device != "meta", lambda r: r.median_s),
@@ -496,8 +500,11 @@ def draw_chart(rows, path: Path) -> Path:
             model, device = cols[title][j]
             sel = [r for r in rows if (r.model, r.device) == (model, device)]
             vals = [value(r) if r.status == "ok" else None for r in sel]
-            ax.barh(range(len(sel)), [v or 0 for v in vals],
-                    color=["tab:orange" if r.method in OURS else "tab:blue" for r in sel])
+            bars = ax.barh(range(len(sel)), [v or 0 for v in vals],
+                           color=["tab:orange" if r.method in OURS else "tab:blue" for r in sel])
+            for bar, r in zip(bars, sel):
+                if r.method in CHANGES_OUTPUT or (r.max_abs_diff or 0) > 1e-3:
+                    bar.set_hatch("//")
             for k, (r, v) in enumerate(zip(sel, vals)):
                 if v is None:
                     ax.text(0, k, f" {r.status}", va="center", fontsize=7, color="gray")
@@ -505,7 +512,11 @@ def draw_chart(rows, path: Path) -> Path:
                           fontsize=7)
             ax.invert_yaxis()
             ax.set_title(f"{model} ({device}): {title}", fontsize=9)
-    fig.tight_layout()
+    fig.legend(handles=[Patch(color="tab:blue", label="diffusers / torch / baselines"),
+                        Patch(color="tab:orange", label="fxstream"),
+                        Patch(facecolor="white", edgecolor="black", hatch="//", label="changes the output")],
+               loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -513,17 +524,21 @@ def draw_chart(rows, path: Path) -> Path:
 
 
 def section(rows, cmd: str, notes) -> str:
+    inputs = "".join(f"- {m} ({d}): sample {x}\n" for m, d, x in dict.fromkeys((r.model, r.device, r.sample)
+                                                                                for r in rows))
     doc = "## Side by side: what users would use instead\n\n" + provenance(cmd) + (
-        "One process, same inputs for every method. Real runs: batch 2, 64x64 latent, fp32, random weights (8\n"
-        "frames; svd-xt-mid: svd-mid's architecture with 14 frames). Full sizes: fp16, batch 2, SVD/SVD-XT\n"
-        "576x1024 (14/25 frames), AnimateDiff 512x512 (16 frames), built on the meta device and planned by\n"
-        "fxstream.memory.plan_memory, nothing run. Peak: activations (weights and inputs excluded), measured by\n"
+        "One process, the same inputs for every method; random weights; batch 2 (classifier-free guidance).\n"
+        "Rows on the meta device are full-size models planned by fxstream.memory.plan_memory, nothing run.\n\n"
+        f"{inputs}\n"
+        "Peak: activations (weights and inputs excluded), measured by\n"
         "fxstream.memory.MemoryTracker ('tracker'), by the CPU allocator's total in torch.profiler for torch.compile\n"
-        "('allocator': Inductor's code allocates outside ATen ops; both agree to the byte where both apply), or by\n"
+        "('allocator': Inductor's code allocates outside ATen ops; on svd-tiny the two agree to the byte for the\n"
+        "eager, exported and sliced forwards), or by\n"
         "torch.cuda.max_memory_allocated. Planned: fxstream's plan; for a diffusers method the plan of its exported\n"
         "graph. Latency: median (min-max) of the repeated runs after a warm-up call; Step Rehash rows: the mean per\n"
         "step over a whole DDIM loop, their difference the loop's final latent against the same loop with the\n"
-        "original UNet. Max |diff|: against the original UNet. First call: compile + one run.\n\n")
+        "original UNet. Max |diff|: against the original UNet. First call: compile + one run. Ratios: against the\n"
+        "exported graph of the same model.\n\n")
     for device, title in (("cpu", "CPU, measured"), ("cuda", "CUDA, measured")):
         sel = [r for r in rows if r.device == device]
         if sel:
@@ -535,7 +550,7 @@ def section(rows, cmd: str, notes) -> str:
     return doc + "".join(f"- {n}\n" for n in notes)
 
 
-def notes_for(rows, cases, steps) -> list:
+def notes_for(rows, cases) -> list:
     out = [c.note for c in cases if c.note]
     if any(r.method in ("step-rehash", "deepcache") and r.status == "n/a" for r in rows):
         out.append("Step Rehash and DeepCache-style rows need fxstream.StepRehash, which this build does not have.")
@@ -612,7 +627,7 @@ def main(argv=None) -> int:
             rows += run_case(case, device, args.methods, args.repeats, args.steps, args.compile_timeout, log)
     for case in (c for c in cases if c.meta):
         rows += run_case(case, "meta", args.methods, args.repeats, args.steps, args.compile_timeout, log)
-    notes = notes_for(rows, cases, args.steps)
+    notes = notes_for(rows, cases)
     for device, show in (("cpu", measured_table), ("cuda", measured_table), ("meta", planned_table)):
         sel = [r for r in rows if r.device == device]
         if sel:
