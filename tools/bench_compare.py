@@ -213,7 +213,11 @@ def _exported(b):
     if b.meta:
         return Prepared(None, lambda: b.base().original_peak_bytes)
     cm = fxstream.compile(b.unet, policy=fxstream.Policy())
-    return Prepared(lambda: cm(**b.kw)[0], lambda: cm.explain().original_peak_bytes)
+
+    def planned():
+        b._base = b._base or cm.explain()  # the budget method needs this report too: one capture for both
+        return cm.explain().original_peak_bytes
+    return Prepared(lambda: cm(**b.kw)[0], planned)
 
 
 def _diffusers_variant(b, module, plannable: bool, why_not: str = ""):
