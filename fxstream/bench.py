@@ -23,7 +23,8 @@ from .memory import measure_peak
 from .models import build_unet, example_inputs
 from .policy import Policy
 
-__all__ = ["Measurement", "measure_model", "environment", "write_section", "provenance"]
+__all__ = ["Measurement", "measure_model", "environment", "write_section", "provenance", "timings",
+           "allocator_peak", "cuda_peak"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,9 +53,67 @@ def _time(fn, repeats: int) -> list[float]:
     return times
 
 
+def timings(fn, repeats: int, device: str = "cpu") -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` (no warm-up here: call it once before). On CUDA each call is
+    timed with CUDA events around it, on the CPU with ``time.perf_counter``."""
+    if torch.device(device).type != "cuda":
+        return _time(fn, repeats)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.no_grad():
+            start.record()
+            fn()
+            end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def allocator_peak(fn):
+    """Run ``fn`` under ``torch.profiler`` with memory profiling; return (result, peak bytes).
+
+    The peak is the highest running total of the CPU allocator's allocations during the call, as the profiler
+    records them. Unlike :class:`~fxstream.memory.MemoryTracker` it also sees memory that does not come out of
+    an ATen op (Inductor's generated code allocates its buffers directly) and kernels' scratch buffers; it does
+    not see allocations on threads the profiler does not follow (fxstream's CPU workers). On svd-tiny's eager,
+    exported and sliced forwards the two agree to the byte.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+
+    def walk(events):
+        for e in events:
+            yield e
+            yield from walk(e.children)
+
+    allocs = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree())
+              if e.tag == _EventType.Allocation]
+    live = peak = 0
+    for e in sorted(allocs, key=lambda e: e.start_time_ns):
+        live += e.extra_fields.alloc_size
+        peak = max(peak, live)
+    return out, peak
+
+
+def cuda_peak(fn):
+    """Run ``fn`` on CUDA; return (result, the most bytes allocated above what was allocated before it)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - before
+
+
 def environment() -> dict:
     return {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
