@@ -104,17 +104,7 @@ def test_meta_case_is_planned_not_run():
     assert "planned GiB" in bench_compare.planned_table(rows)
 
 
-_HAS_REHASH = hasattr(fxstream, "StepRehash")
-
-
-@pytest.mark.skipif(_HAS_REHASH, reason="this build has fxstream.StepRehash")
-def test_rehash_rows_say_when_unavailable(svd_bench):
-    rows = [bench_compare.run_method(svd_bench, m, _quiet) for m in ("step-rehash", "deepcache")]
-    assert all(r.status == "n/a" and "not available in this build" in r.note for r in rows)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _HAS_REHASH, reason="needs fxstream.StepRehash")
 def test_rehash_rows_time_a_whole_loop(svd_bench):
     rows = [bench_compare.run_method(svd_bench, m, _quiet) for m in ("step-rehash", "deepcache")]
     for r in rows:
