@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -18,7 +19,7 @@ from .analysis.cost import node_flops
 from .analysis.slicer import module_path
 from .budget import choose_slicing, lower_bound
 from .compiler import capture, compile_graph, layout_of
-from .errors import FxstreamError
+from .errors import CaptureError, FxstreamError, VerificationError
 from .graph_utils import strip_asserts
 from .memory import plan_memory, weight_bytes
 from .passes.step_rehash import split_for_rehash
@@ -29,9 +30,11 @@ from .viz import MARK_KEY
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile", "explain", "CompiledModule"]
+__all__ = ["compile", "explain", "CompiledModule", "FallbackWarning"]
 
-_CACHE_SIZE = 8
+
+class FallbackWarning(UserWarning):
+    """fxstream could not compile the module for some inputs and runs the original module for them."""
 
 
 def _check_policy(policy) -> Policy:
@@ -47,6 +50,36 @@ def _leaf_key(x):
     if isinstance(x, torch.Tensor):
         return ("tensor", tuple(x.shape), x.dtype, x.device.type, x.device.index)
     return ("value", type(x).__name__, repr(x))
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(v, depth: int = 0):
+    """``v`` as a hashable value if it is plain data (numbers, strings, dtypes and small containers of them)."""
+    if isinstance(v, (bool, int, float, str, type(None), torch.dtype)):
+        return v
+    if depth < 2 and isinstance(v, (tuple, list, set, frozenset, dict)):
+        items = sorted(v.items(), key=repr) if isinstance(v, dict) else sorted(v, key=repr) \
+            if isinstance(v, (set, frozenset)) else v
+        out = tuple(_plain(x, depth + 1) for x in items)
+        return out if all(x is not _NOT_PLAIN for x in out) else _NOT_PLAIN
+    return _NOT_PLAIN
+
+
+def _structure(module: torch.nn.Module) -> int:
+    """A hash of what a capture bakes into the graph besides the weights' values: every submodule's class, the
+    names, shapes and dtypes of its parameters and buffers, its hooks, and its plain attributes (flags and
+    constants such as a LoRA layer's scales and merged adapters). The weights themselves are read at every call,
+    so ``load_state_dict`` needs no recompile; loading, fusing or rescaling a LoRA changes this hash (about 20 ms
+    for a 1500-module UNet on a CPU core)."""
+    items = []
+    for name, m in module.named_modules():
+        attrs = tuple((k, p) for k, v in vars(m).items() if (p := _plain(v)) is not _NOT_PLAIN)
+        params = tuple((k, tuple(p.shape), p.dtype) for k, p in m._parameters.items() if p is not None)
+        bufs = tuple((k, tuple(b.shape), b.dtype) for k, b in m._buffers.items() if b is not None)
+        items.append((name, type(m).__name__, attrs, params, bufs, len(m._forward_hooks), len(m._forward_pre_hooks)))
+    return hash(tuple(items))
 
 
 def _as_kwargs(module: torch.nn.Module, args, kwargs) -> dict:
@@ -169,6 +202,48 @@ def _top_modules(gm, names: set, depth: int = 2) -> list:
             if p and all_in and not (p.rpartition(".")[0] and whole.get(p.rpartition(".")[0]))]
 
 
+def _first_differing_region(entry: _Entry, module, kwargs: dict, tol: float) -> str | None:
+    """The first top-level loop region of the compiled graph whose outputs differ (beyond ``tol``) from the same
+    values computed by the original graph on the same inputs."""
+    flat, _ = pytree.tree_flatten(((), kwargs))
+    args = [get(module, target) for get, target in entry.state] + flat
+    if entry.rehash is not None and entry.rehash.graphs.probe is not None:  # the full graph takes the probe
+        args += entry.call(entry.rehash.graphs.probe, module, kwargs)
+    cg = entry.compiled
+    wanted = {o.name for n in cg.graph_module.graph.nodes if "fxstream.region" in n.meta
+              for o, _ in n.meta["fxstream.region"].outputs}
+    values = {}
+
+    class _Original(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n.name in wanted:
+                values[n.name] = v
+            return v
+
+    class _Compiled(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            region = n.meta.get("fxstream.region")
+            if region is not None:
+                for (o, _), got in zip(region.outputs, v):
+                    ref = values.get(o.name)
+                    if ref is not None and float((got.float() - ref.float()).abs().max()) > tol:
+                        raise _Found(n.name)
+            return v
+
+    class _Found(Exception):
+        pass
+
+    with torch.no_grad():
+        _Original(cg.prepared).run(*args)  # the graph the regions were cut from: same inputs, node names
+        try:
+            _Compiled(cg.graph_module).run(*args)
+        except _Found as found:
+            return str(found)
+    return None
+
+
 def _timestep(kwargs: dict) -> float:
     t = kwargs.get("timestep")
     if isinstance(t, torch.Tensor) and t.numel() >= 1:
@@ -200,6 +275,7 @@ class CompiledModule(torch.nn.Module):
         self._recording = None  # a fxstream.rehash.Recording while one is active
         self.step_log: list = []  # the current generation: "full" / "rehash" per call (Step Rehash only)
         self._last_t = None
+        self._new = False  # the last call compiled its signature
 
     def __getattr__(self, name):
         try:
@@ -213,28 +289,63 @@ class CompiledModule(torch.nn.Module):
         flat, spec = pytree.tree_flatten(kwargs)
         p = next(self.module.parameters(), None)
         weights = (p.dtype, p.device.type, p.device.index) if p is not None else None
-        return (str(spec), tuple(_leaf_key(x) for x in flat), weights, self.module.training)
+        return (str(spec), tuple(_leaf_key(x) for x in flat), weights, self.module.training,
+                _structure(self.module))
 
-    def _entry(self, kwargs) -> _Entry:
+    def _entry(self, kwargs):
+        """The compiled signature for these inputs (compiled now if new), or None where capture failed: the
+        original module then runs these inputs (one FallbackWarning per signature)."""
         key = self._signature(kwargs)
-        entry = self._entries.get(key)
-        if entry is None:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            entry = self._entries[key]
+            self._new = False
+        else:
             log.info("compiling %s for a new input signature", type(self.module).__name__)
-            entry = _Entry(self.module, kwargs, self.policy)
+            try:
+                entry = _Entry(self.module, kwargs, self.policy)
+            except CaptureError as e:
+                warnings.warn(f"fxstream: running the original {type(self.module).__name__} for these inputs, "
+                              f"uncompiled (no slicing, no Step Rehash): {e}", FallbackWarning, stacklevel=3)
+                entry = None
             self._entries[key] = entry
-            while len(self._entries) > _CACHE_SIZE:
+            self._new = True
+            while len(self._entries) > self.policy.cache_size:
                 self._entries.popitem(last=False)
-        self._entries.move_to_end(key)
-        self._last = entry
+        if entry is not None:
+            self._last = entry
         return entry
 
     def forward(self, *args, **kwargs):
         kwargs = _as_kwargs(self.module, args, kwargs)
-        if self.policy.rehash is not None:
-            t = _timestep(kwargs)  # before compiling: a call without a timestep fails cleanly
-            entry = self._entry(kwargs)
-            return self._rehash_step(entry, kwargs, t)
-        return self._entry(kwargs).run(self.module, kwargs)
+        t = _timestep(kwargs) if self.policy.rehash is not None else None  # fails cleanly before compiling
+        entry = self._entry(kwargs)
+        if entry is None:
+            return self.module(**kwargs)
+        out = self._rehash_step(entry, kwargs, t) if t is not None else entry.run(self.module, kwargs)
+        if self.policy.verify and self._new:
+            self._verify(entry, kwargs, out)
+        return out
+
+    def _verify(self, entry: _Entry, kwargs: dict, out) -> None:
+        ref = self.module(**kwargs)
+        got, want = pytree.tree_leaves(out), pytree.tree_leaves(ref)
+        worst = 0.0
+        for a, b in zip(got, want):
+            if isinstance(b, torch.Tensor) and b.is_floating_point():
+                worst = max(worst, float((a.float() - b.float()).abs().max()) if b.numel() else 0.0)
+        scale = max((float(b.abs().max()) for b in want if isinstance(b, torch.Tensor) and b.is_floating_point()
+                     and b.numel()), default=1.0)
+        eps = max((torch.finfo(b.dtype).eps for b in want if isinstance(b, torch.Tensor) and b.is_floating_point()),
+                  default=torch.finfo(torch.float32).eps)
+        tol = max(1e-5, 8 * eps) * max(1.0, scale)
+        if len(got) != len(want) or worst > tol:
+            region = _first_differing_region(entry, self.module, kwargs, tol)
+            raise VerificationError(
+                f"Policy(verify=True): the compiled {type(self.module).__name__} differs from the original by "
+                f"{worst:.3g} (tolerance {tol:.3g}); first region that differs: {region or 'none (outside regions)'}. "
+                "Please report it with the policy and the input shapes; Policy() runs the exported graph unsliced.",
+                max_abs_diff=worst, region=region)
 
     def _rehash_step(self, entry: _Entry, kwargs: dict, t: float):
         if self._last_t is None or t >= self._last_t:
@@ -277,7 +388,7 @@ class CompiledModule(torch.nn.Module):
         self.step_log = []
         self._last_t = None
         for entry in self._entries.values():
-            if entry.rehash is not None:
+            if entry is not None and entry.rehash is not None:
                 entry.rehash.clear()
         if compiled:
             self._entries.clear()

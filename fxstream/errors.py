@@ -23,3 +23,14 @@ class MemoryBudgetError(FxstreamError):
 
 class CantSlice(Exception):
     """Internal: a rule refuses a cut. Caught in one place (the slicer) and reported as a reason."""
+
+
+class VerificationError(FxstreamError):
+    """``Policy(verify=True)``: the compiled module's output differs from the original's beyond float rounding.
+    ``max_abs_diff`` is the largest difference of the outputs; ``region`` the first loop region whose output
+    differs from the same values computed by the original graph (None if every region agrees)."""
+
+    def __init__(self, message: str, *, max_abs_diff: float, region: str | None):
+        super().__init__(message)
+        self.max_abs_diff = max_abs_diff
+        self.region = region

@@ -74,6 +74,10 @@ class Policy:
             None (default): every call computes everything.
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
             the graph's largest activation (small regions cost loop overhead and save nothing).
+        cache_size: the most input signatures kept compiled at once (least recently used evicted).
+        verify: the first call of each signature also runs the original module and compares; beyond float
+            rounding it raises :class:`~fxstream.VerificationError` with the max difference and the first region
+            whose output differs.
     """
 
     slices: int | None = None
@@ -85,6 +89,8 @@ class Policy:
     cpu_workers: bool | None = None
     rehash: StepRehash | None = None
     min_region_fraction: float = 0.05
+    cache_size: int = 8
+    verify: bool = False
 
     def __post_init__(self):
         for name in ("slices", "spatial", "temporal", "batch"):
@@ -99,6 +105,11 @@ class Policy:
         if self.rehash is not None and not isinstance(self.rehash, StepRehash):
             raise TypeError(f"Policy.rehash: expected None or fxstream.StepRehash, got {type(self.rehash).__name__}; "
                             "write Policy(rehash=fxstream.StepRehash(full_every=3, steps=25))")
+        c = self.cache_size
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"Policy.cache_size: expected an int >= 1 (compiled signatures kept), got {c!r}")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"Policy.verify: expected True or False, got {self.verify!r}")
         f = self.min_region_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ValueError(f"Policy.min_region_fraction: expected a number in [0, 1], got {f!r}")
