@@ -14,9 +14,9 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
 from .budget import choose_slicing, lower_bound
-from .compiler import capture, compile_graph, layout_of
+from .compiler import capture, compile_graph, describe_inputs, layout_of
 from .memory import weight_bytes
-from .errors import FxstreamError
+from .errors import ExecutionError, FxstreamError
 from .policy import Policy
 from .report import Report, build_report
 
@@ -74,7 +74,15 @@ class _Entry:
     def run(self, module: torch.nn.Module, kwargs: dict):
         flat, _ = pytree.tree_flatten(((), kwargs))
         state = [get(module, target) for get, target in self.state]
-        out = self.compiled.graph_module(*state, *flat)
+        try:
+            out = self.compiled.graph_module(*state, *flat)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # export's fake kernels do not check everything (a linear's dtypes)
+            raise ExecutionError(
+                f"{type(module).__name__} compiled by fxstream failed on these inputs: {e}\n"
+                f"called with {describe_inputs(module, kwargs)}\nCheck that the inputs fit the module (it fails the "
+                "same way when called directly); if the module runs them, this is a bug in fxstream.") from e
         return pytree.tree_unflatten(list(out), self.program.call_spec.out_spec)
 
 

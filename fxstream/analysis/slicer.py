@@ -122,6 +122,8 @@ def find_axes(gm: GraphModule, layout: str | None) -> list[Axis]:
             continue
         v = n.meta.get("val")
         if isinstance(v, torch.Tensor) and v.dim() == 5 and layout:
+            if v.numel() == 0:  # an empty video: nothing to slice
+                return []
             return [Axis(_AXIS_NAMES[c], n.name, i, int(v.shape[i])) for i, c in enumerate(layout)
                     if c in _AXIS_NAMES and int(v.shape[i]) > 1]
     return []
