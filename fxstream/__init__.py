@@ -7,11 +7,11 @@
 """
 from . import rehash
 from .api import CompiledModule, compile, explain
-from .errors import CaptureError, FxstreamError, MemoryBudgetError, VerificationError
+from .errors import CaptureError, ExecutionError, FxstreamError, MemoryBudgetError, VerificationError
 from .policy import Policy
 from .rehash import StepRehash
 from .report import Report
 
-__all__ = ["compile", "explain", "Policy", "StepRehash", "rehash", "CompiledModule", "Report", "FxstreamError", "CaptureError",
-           "MemoryBudgetError", "VerificationError"]
+__all__ = ["compile", "explain", "Policy", "StepRehash", "rehash", "CompiledModule", "Report", "FxstreamError",
+           "CaptureError", "ExecutionError", "MemoryBudgetError", "VerificationError"]
 __version__ = "0.1.0"

@@ -18,8 +18,8 @@ from torch.export.graph_signature import InputKind
 from .analysis.cost import node_flops
 from .analysis.slicer import module_path
 from .budget import choose_slicing, lower_bound
-from .compiler import capture, compile_graph, layout_of
-from .errors import CaptureError, FxstreamError, VerificationError
+from .compiler import capture, compile_graph, describe_inputs, layout_of
+from .errors import CaptureError, ExecutionError, FxstreamError, VerificationError
 from .graph_utils import strip_asserts
 from .memory import plan_memory, weight_bytes
 from .passes.step_rehash import split_for_rehash
@@ -132,7 +132,15 @@ class _Entry:
         """Run one of this signature's graphs on the live weights and these inputs (plus ``extra`` inputs)."""
         flat, _ = pytree.tree_flatten(((), kwargs))
         state = [get(module, target) for get, target in self.state]
-        return list(graph(*state, *flat, *extra))
+        try:
+            return list(graph(*state, *flat, *extra))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # export's fake kernels do not check everything (a linear's dtypes)
+            raise ExecutionError(
+                f"{type(module).__name__} compiled by fxstream failed on these inputs: {e}\n"
+                f"called with {describe_inputs(module, kwargs)}\nCheck that the inputs fit the module (it fails the "
+                "same way when called directly); if the module runs them, this is a bug in fxstream.") from e
 
     def unflatten(self, out: list):
         return pytree.tree_unflatten(out, self.program.call_spec.out_spec)

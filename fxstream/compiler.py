@@ -38,8 +38,24 @@ def capture(module: torch.nn.Module, kwargs: dict) -> torch.export.ExportedProgr
     except Exception as e:  # export raises many types; all mean the same to the user
         raise CaptureError(
             f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {e}\n"
-            "fxstream needs a module that torch.export.export(module, (), kwargs, strict=False) accepts."
+            f"called with {describe_inputs(module, kwargs)}\n"
+            "If the module itself fails on these inputs, fix the inputs; otherwise fxstream needs a module that "
+            "torch.export.export(module, (), kwargs, strict=False) accepts."
         ) from e
+
+
+def describe_inputs(module: torch.nn.Module, kwargs: dict) -> str:
+    """``sample: float32 (2, 4, 8, 16, 16), timestep: 700.0, ...; weights: float32 on cpu`` for error messages."""
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return f"{str(v.dtype).removeprefix('torch.')} {tuple(v.shape)}" + \
+                ("" if v.device.type == "cpu" else f" on {v.device}")
+        text = repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    p = next(module.parameters(), None)
+    weights = "none" if p is None else f"{str(p.dtype).removeprefix('torch.')} on {p.device}"
+    return ", ".join(f"{k}: {one(v)}" for k, v in kwargs.items()) + f"; weights: {weights}"
 
 
 @dataclass

@@ -10,6 +10,12 @@ class CaptureError(FxstreamError):
     """``torch.export`` could not capture the module; the message quotes export's reason."""
 
 
+class ExecutionError(FxstreamError, RuntimeError):
+    """The compiled graph raised while running: the message quotes the op's error and lists the inputs. Almost
+    always inputs the module itself rejects (their dtypes or shapes do not fit its weights) that ``torch.export``
+    did not check; also a ``RuntimeError``, as the module's own error would be."""
+
+
 class MemoryBudgetError(FxstreamError):
     """``Policy(max_memory=...)`` is below what any slicing the rules allow can reach (weights plus the lower
     bound of the activations); raised before any compute, with both figures."""

@@ -23,7 +23,7 @@ __all__ = ["MODELS", "ModelSpec", "build_unet", "example_inputs", "load_config",
 class ModelSpec:
     """One named UNet: its kind, config files and the default input size (latent height, width, frames)."""
 
-    kind: str  # "svd" or "animatediff"
+    kind: str  # "svd", "animatediff", "unet3d" (ModelScope text-to-video) or "i2vgenxl"
     unet_config: str | dict
     adapter_config: str | dict | None
     height: int
@@ -66,6 +66,34 @@ _AD_TINY_ADAPTER = {
     "motion_max_seq_length": 32,
 }
 
+# diffusers' own test configs: tests/models/unets/test_models_unet_3d_condition.py (UNet3DConditionModel) and
+# tests/pipelines/i2vgen_xl/test_i2vgenxl.py (I2VGenXLUNet).
+_UNET3D_TINY = {
+    "block_out_channels": [4, 8],
+    "norm_num_groups": 4,
+    "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"],
+    "cross_attention_dim": 8,
+    "attention_head_dim": 2,
+    "out_channels": 4,
+    "in_channels": 4,
+    "layers_per_block": 1,
+    "sample_size": 16,
+}
+_I2VGENXL_TINY = {
+    "block_out_channels": [4, 8],
+    "layers_per_block": 1,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"],
+    "cross_attention_dim": 4,
+    "attention_head_dim": 4,
+    "num_attention_heads": None,
+    "norm_num_groups": 2,
+}
+
 MODELS: dict[str, ModelSpec] = {
     "svd": ModelSpec("svd", "svd.json", None, 72, 128, 14),
     "svd-xt": ModelSpec("svd", "svd-xt.json", None, 72, 128, 25),
@@ -76,7 +104,10 @@ MODELS: dict[str, ModelSpec] = {
         "animatediff", "animatediff-mid-unet.json", "animatediff-mid-motion-adapter.json", 64, 64, 8
     ),
     "animatediff-tiny": ModelSpec("animatediff", _AD_TINY_UNET, _AD_TINY_ADAPTER, 16, 16, 4),
+    "unet3d-tiny": ModelSpec("unet3d", _UNET3D_TINY, None, 16, 16, 4),
+    "i2vgenxl-tiny": ModelSpec("i2vgenxl", _I2VGENXL_TINY, None, 16, 16, 4),
 }
+_CLASSES = {"svd": "UNetSpatioTemporalConditionModel", "unet3d": "UNet3DConditionModel", "i2vgenxl": "I2VGenXLUNet"}
 
 
 def load_config(name: str | dict) -> dict:
@@ -97,14 +128,15 @@ def _spec(name: str) -> ModelSpec:
 
 def build_unet(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """The named UNet with random weights (seeded), on ``device`` (``"meta"`` builds without memory)."""
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel, UNetSpatioTemporalConditionModel
+    import diffusers
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
     spec = _spec(name)
     device = torch.device(device)
     torch.manual_seed(seed)
     with torch.device(device):
-        if spec.kind == "svd":
-            unet = UNetSpatioTemporalConditionModel.from_config(load_config(spec.unet_config))
+        if spec.kind in _CLASSES:
+            unet = getattr(diffusers, _CLASSES[spec.kind]).from_config(load_config(spec.unet_config))
         else:
             base = UNet2DConditionModel.from_config(load_config(spec.unet_config))
             adapter = MotionAdapter.from_config(load_config(spec.adapter_config))
@@ -158,6 +190,23 @@ def example_inputs(name: str, unet, *, batch: int | None = None, frames: int | N
             "timestep": torch.tensor(700.0, device=device),
             "encoder_hidden_states": randn(b, 1, cfg.cross_attention_dim),
             "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * b, device=device, dtype=dtype),
+            "return_dict": False,
+        }
+    if spec.kind == "unet3d":  # the text-to-video pipeline: one prompt embedding per video, repeated per frame inside
+        return {
+            "sample": randn(b, cfg.in_channels, f, h, w),
+            "timestep": torch.tensor(700.0, device=device),
+            "encoder_hidden_states": randn(b, 77, cfg.cross_attention_dim),
+            "return_dict": False,
+        }
+    if spec.kind == "i2vgenxl":  # as I2VGenXLPipeline calls it: fps per video, the image's latents per frame
+        return {
+            "sample": randn(b, cfg.in_channels, f, h, w),
+            "timestep": torch.tensor(700.0, device=device),
+            "encoder_hidden_states": randn(b, 77, cfg.cross_attention_dim),
+            "fps": torch.tensor([16] * b, device=device),
+            "image_latents": randn(b, 4, f, h, w),
+            "image_embeddings": randn(b, 1, cfg.cross_attention_dim),
             "return_dict": False,
         }
     return {

@@ -98,7 +98,7 @@ class Policy:
         p = self.pipeline
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ValueError(f"Policy.pipeline: expected an int >= 1 (slices in flight; 1: one at a time), got {p!r}")
-        if self.cpu_workers not in (None, True, False):
+        if self.cpu_workers is not None and not isinstance(self.cpu_workers, bool):  # 1 == True: not a bool
             raise ValueError(f"Policy.cpu_workers: expected None (measure), True or False, got {self.cpu_workers!r}")
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "Policy.max_memory"))

@@ -14,7 +14,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxstream.analysis.cuts import PARTIAL, Cut, cut_size
 from fxstream.analysis.rules import rule_for
-from fxstream.analysis.slicer import Region, SlicePlan
+from fxstream.analysis.slicer import WHOLE_INPUT, Region, SlicePlan
 from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta, propagate_nodes
 from fxstream.runtime import LoopRegion, buffer_layout, slice_view
 
@@ -32,6 +32,7 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
     for i, (p, c) in enumerate(region.inputs):
         ph = g.placeholder(f"{p.name}_{'whole' if c is None else 'slice'}{i}")
         copy_meta(p, ph)
+        ph.meta[WHOLE_INPUT] = c is None  # a body compiled again (a batch split) finds its latent among the slices
         outside[(p, c)] = ph
         v = p.meta["val"]
         with mode:

@@ -64,6 +64,10 @@ def _mean_as_sum(node, cut, ctx):
     return rules.reduction(node, cut, ctx, partial_ok=True)  # wrong: a mean of slices is no partial sum
 
 
+def _creation_keeps_size(node, cut, ctx):
+    return rules.like_creation(node, cut, ctx)  # used without its rewrite: every slice makes the whole size
+
+
 def _interleave_ignores_repeats(node, cut, ctx):
     return {node.args[0]: cut}  # wrong: the input's axis is 1/reps as long
 
@@ -76,6 +80,8 @@ PLANTED = {  # op -> a wrong rule (a copy of the table is patched; rules.py is n
     aten.repeat_interleave.self_int: rules.Rule(_interleave_ignores_repeats, rules.repeat_interleave_to_slice),
     # batch and heads cut in the queries only
     aten.scaled_dot_product_attention.default: rules.Rule(_accept_any, kind="attention"),
+    aten.adaptive_avg_pool2d.default: rules.Rule(_accept_any, kind="pool"),  # along the pooled dims
+    aten.new_zeros.default: rules.Rule(_creation_keeps_size, kind="creation"),
 }
 
 

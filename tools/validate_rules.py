@@ -125,6 +125,9 @@ SAMPLES.update({
     aten.repeat_interleave.self_int: [((t(2, 6), 3, 0), {}), ((t(4, 3), 2, 1), {})],
     aten.upsample_nearest2d.vec: [((t(2, 3, 4, 4), None, [2.0, 2.0]), {})],
     aten.upsample_nearest2d.default: [((t(2, 3, 4, 4), [8, 8]), {})],
+    aten.adaptive_avg_pool2d.default: [((t(2, 4, 6, 4), [3, 2]), {}), ((t(4, 5, 3), [4, 4]), {})],
+    aten.new_zeros.default: [((t(2, 3), [4, 0, 6]), {}), ((t(2, 3), [6, 4]), {"dtype": torch.float64})],
+    aten.new_ones.default: [((t(2, 3), [4, 6]), {})],
 })
 
 

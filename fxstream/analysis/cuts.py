@@ -63,6 +63,8 @@ def cut_size(shape, cut: Cut, length: int) -> list[int]:
 def map_view_cut(src_shape, dst_shape, cut: Cut, length: int) -> Cut:
     """The cut of ``dst`` (a reshape of ``src``) holding the same axis digit as ``cut`` holds in ``src``."""
     src_shape, dst_shape = list(src_shape), list(dst_shape)
+    if 0 in src_shape or 0 in dst_shape:  # strides of an empty tensor say nothing about where the axis is
+        raise CantSlice(f"reshape {src_shape} -> {dst_shape} of an empty tensor")
     if math.prod(src_shape) != math.prod(dst_shape):
         raise CantSlice(f"reshape {src_shape} -> {dst_shape} changes the element count")
     if src_shape[cut.dim] != cut.size(length):

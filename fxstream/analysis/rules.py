@@ -304,6 +304,24 @@ def repeat_interleave_to_slice(node, cut, n, length):
     return node.target, (x, reps, d), {"output_size": out_size}
 
 
+def _pooled_trailing(n_pooled: int):
+    """Ops that pool the last ``n_pooled`` dims per leading index (adaptive pooling): leading dims keep the cut."""
+
+    def rule(node, cut, ctx):
+        cut = _need_cut(cut)
+        if cut.dim >= len(val_shape(node)) - n_pooled:
+            raise CantSlice(f"{node.target}: pools along the sliced dim {cut.dim}")
+        return {node.args[0]: cut}
+
+    return rule
+
+
+def like_creation(node, cut, ctx):
+    """``new_zeros(x, size)`` and kin: ``x`` gives only dtype and device; each slice makes its own part."""
+    _need_cut(cut)
+    return {node.args[0]: WHOLE}
+
+
 def upsample(node, cut, ctx):
     cut = _need_cut(cut)
     if cut.dim >= 2:
@@ -363,6 +381,9 @@ RULES.update({
     aten.repeat_interleave.self_int: Rule(repeat_interleave, repeat_interleave_to_slice, kind="repeat"),
     aten.upsample_nearest2d.vec: Rule(upsample, kind="upsample"),
     aten.upsample_nearest2d.default: Rule(upsample, kind="upsample"),
+    aten.adaptive_avg_pool2d.default: Rule(_pooled_trailing(2), kind="pool"),
+    aten.new_zeros.default: Rule(like_creation, expand_to_slice, kind="creation"),
+    aten.new_ones.default: Rule(like_creation, expand_to_slice, kind="creation"),
 })
 
 

@@ -29,7 +29,8 @@ from .rules import WHOLE, RuleContext, rule_for, val_shape
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Axis", "Region", "SlicePlan", "plan_slicing", "LAYOUTS", "find_axes", "tensor_bytes"]
+__all__ = ["Axis", "Region", "SlicePlan", "plan_slicing", "LAYOUTS", "find_axes", "tensor_bytes",
+           "WHOLE_INPUT"]
 
 # Layout of the video latent (the first 5-D input) per model class; a model not listed gets no named axes.
 LAYOUTS = {
@@ -106,13 +107,23 @@ def common_module_path(nodes) -> str:
     return ".".join(common)
 
 
+# Placeholder meta of a region body: True where the input enters every slice whole (``passes/group_regions``).
+WHOLE_INPUT = "fxstream.whole_input"
+
+
 def find_axes(gm: GraphModule, layout: str | None) -> list[Axis]:
-    """Named axes of the first 5-D tensor input, from ``layout`` (e.g. ``"BFCHW"``)."""
+    """Named axes of the first 5-D tensor input, from ``layout`` (e.g. ``"BFCHW"``).
+
+    In a region body (a batch split compiled again) an input the body takes whole is not the latent: I2VGen-XL's
+    ``sample.new_zeros(...)`` takes the full-batch ``sample`` for its dtype alone, ahead of the sliced one.
+    """
     for n in gm.graph.nodes:
-        if n.op != "placeholder" or n.name.startswith(("p_", "b_", "c_")):
+        if n.op != "placeholder" or n.name.startswith(("p_", "b_", "c_")) or n.meta.get(WHOLE_INPUT):
             continue
         v = n.meta.get("val")
         if isinstance(v, torch.Tensor) and v.dim() == 5 and layout:
+            if v.numel() == 0:  # an empty video: nothing to slice
+                return []
             return [Axis(_AXIS_NAMES[c], n.name, i, int(v.shape[i])) for i, c in enumerate(layout)
                     if c in _AXIS_NAMES and int(v.shape[i]) > 1]
     return []
@@ -156,6 +167,7 @@ class _Flood:
         self.cut: dict = {}
         self.length: dict = {}
         self.req: dict = {}
+        self.through: dict = {}  # excluded nodes: their rule's requirements, followed only to name the axis
         self.reason: dict = {}
         self.excluded = excluded
         src = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == axis.source)
@@ -178,7 +190,9 @@ class _Flood:
 
     def _set(self, node, cut, length, req):
         self.cut[node], self.length[node] = cut, length
-        if req is not None:
+        if req is not None and node in self.excluded:
+            self.through[node] = req
+        elif req is not None:
             self.req[node] = req
 
     def _forward(self, n: Node, u: Node) -> bool:
@@ -187,8 +201,8 @@ class _Flood:
         for cand in _candidate_cuts(u, length):
             req = self._try(u, cand, length)
             if req is not None and req.get(n, WHOLE) == c:
-                # an excluded node names the axis for its users but is not sliced itself
-                self._set(u, cand, length, None if u in self.excluded else req)
+                # an excluded node names the axis for its users and inputs but is not sliced itself
+                self._set(u, cand, length, req)
                 self.reason.pop(u, None)
                 return True
             if u in self.reason:
@@ -209,8 +223,10 @@ class _Flood:
             for u in n.users:
                 if u.op == "call_function" and u not in self.cut and self._forward(n, u):
                     work.append(u)
-            for p, c in self.req.get(n, {}).items():
-                if isinstance(c, Cut) and p.op == "call_function" and p not in self.cut and p not in self.excluded:
+            # NOTE [Backwards through excluded nodes]: a value reached only backwards through glue another axis
+            # owns (I2VGen-XL's image-latent encoder feeds the latent's cat) still gets this axis named
+            for p, c in (self.req.get(n) or self.through.get(n) or {}).items():
+                if isinstance(c, Cut) and p.op == "call_function" and p not in self.cut:
                     req = self._try(p, c, self.length[n])
                     if req is not None:
                         self._set(p, c, self.length[n], req)
