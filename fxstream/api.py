@@ -69,15 +69,15 @@ def _plain(v, depth: int = 0):
 
 def _structure(module: torch.nn.Module) -> int:
     """A hash of what a capture bakes into the graph besides the weights' values: every submodule's class, the
-    names, shapes and dtypes of its parameters and buffers, its hooks, and its plain attributes (flags and
+    names, shapes, dtypes and devices of its parameters and buffers (a partly moved module compiles again), its hooks, and its plain attributes (flags and
     constants such as a LoRA layer's scales and merged adapters). The weights themselves are read at every call,
     so ``load_state_dict`` needs no recompile; loading, fusing or rescaling a LoRA changes this hash (about 20 ms
     for a 1500-module UNet on a CPU core)."""
     items = []
     for name, m in module.named_modules():
         attrs = tuple((k, p) for k, v in vars(m).items() if (p := _plain(v)) is not _NOT_PLAIN)
-        params = tuple((k, tuple(p.shape), p.dtype) for k, p in m._parameters.items() if p is not None)
-        bufs = tuple((k, tuple(b.shape), b.dtype) for k, b in m._buffers.items() if b is not None)
+        params = tuple((k, tuple(p.shape), p.dtype, p.device) for k, p in m._parameters.items() if p is not None)
+        bufs = tuple((k, tuple(b.shape), b.dtype, b.device) for k, b in m._buffers.items() if b is not None)
         items.append((name, type(m).__name__, attrs, params, bufs, len(m._forward_hooks), len(m._forward_pre_hooks)))
     return hash(tuple(items))
 
