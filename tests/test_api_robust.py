@@ -122,3 +122,24 @@ def test_weights_and_structure_changed_after_compile_are_never_stale():
         assert torch.equal(c(x), net(x)) and len(c._entries) == 3
         net.a.merge()  # fused: the weights change in place and the layer stops adding its update
         assert torch.allclose(c(x), net(x), atol=1e-6) and len(c._entries) == 4
+
+
+def test_a_real_peft_lora_loaded_rescaled_and_fused_after_compile():
+    """diffusers' PEFT integration on the tiny AnimateDiff UNet: every change is seen, none is stale."""
+    peft = pytest.importorskip("peft")
+    from fxstream.models import build_unet, example_inputs
+    unet = build_unet("animatediff-tiny")
+    kw = example_inputs("animatediff-tiny", unet)
+    c = fxstream.compile(unet, Policy(slices=2))
+    with torch.no_grad():
+        base = c(**kw)[0]
+        unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        lora = c(**kw)[0]
+        assert (lora - base).abs().max() > 1e-3  # the adapter changes the output
+        assert (lora - unet(**kw)[0]).abs().max() <= 1e-5
+        unet.set_adapters(["default"], weights=[0.25])
+        assert (c(**kw)[0] - unet(**kw)[0]).abs().max() <= 1e-5
+        unet.fuse_lora(lora_scale=1.0)
+        assert (c(**kw)[0] - unet(**kw)[0]).abs().max() <= 1e-5
+    assert len(c._entries) == 4
