@@ -53,29 +53,35 @@ def _leaf_key(x):
 
 
 _NOT_PLAIN = object()
+# nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts, the training flag): seen otherwise
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 
 
 def _plain(v, depth: int = 0):
     """``v`` as a hashable value if it is plain data (numbers, strings, dtypes and small containers of them)."""
     if isinstance(v, (bool, int, float, str, type(None), torch.dtype)):
         return v
-    if depth < 2 and isinstance(v, (tuple, list, set, frozenset, dict)):
-        items = sorted(v.items(), key=repr) if isinstance(v, dict) else sorted(v, key=repr) \
-            if isinstance(v, (set, frozenset)) else v
-        out = tuple(_plain(x, depth + 1) for x in items)
-        return out if all(x is not _NOT_PLAIN for x in out) else _NOT_PLAIN
-    return _NOT_PLAIN
+    if depth >= 2 or not isinstance(v, (tuple, list, set, frozenset, dict)):
+        return _NOT_PLAIN
+    if isinstance(v, dict):  # values first: a module's _modules dict holds modules, whose repr is the whole tree
+        items = [(str(k), _plain(x, depth + 1)) for k, x in v.items()]
+        return _NOT_PLAIN if any(x is _NOT_PLAIN for _, x in items) else tuple(sorted(items))
+    out = [_plain(x, depth + 1) for x in v]
+    if any(x is _NOT_PLAIN for x in out):
+        return _NOT_PLAIN
+    return tuple(sorted(out, key=repr)) if isinstance(v, (set, frozenset)) else tuple(out)
 
 
 def _structure(module: torch.nn.Module) -> int:
     """A hash of what a capture bakes into the graph besides the weights' values: every submodule's class, the
     names, shapes, dtypes and devices of its parameters and buffers (a partly moved module compiles again), its hooks, and its plain attributes (flags and
     constants such as a LoRA layer's scales and merged adapters). The weights themselves are read at every call,
-    so ``load_state_dict`` needs no recompile; loading, fusing or rescaling a LoRA changes this hash (about 20 ms
-    for a 1500-module UNet on a CPU core)."""
+    so ``load_state_dict`` needs no recompile; loading, fusing or rescaling a LoRA changes this hash (see
+    ``tests/test_api_robust.py`` for the cost on a mid-size UNet)."""
     items = []
     for name, m in module.named_modules():
-        attrs = tuple((k, p) for k, v in vars(m).items() if (p := _plain(v)) is not _NOT_PLAIN)
+        attrs = tuple((k, p) for k, v in vars(m).items()
+                      if k not in _MODULE_INTERNALS and (p := _plain(v)) is not _NOT_PLAIN)
         params = tuple((k, tuple(p.shape), p.dtype, p.device) for k, p in m._parameters.items() if p is not None)
         bufs = tuple((k, tuple(b.shape), b.dtype, b.device) for k, b in m._buffers.items() if b is not None)
         items.append((name, type(m).__name__, attrs, params, bufs, len(m._forward_hooks), len(m._forward_pre_hooks)))
