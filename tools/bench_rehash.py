@@ -168,7 +168,7 @@ def main(argv=None) -> int:
           "call timed. Speedup: the uncompiled UNet's loop time over the schedule's. Work skipped (measured): 1 - "
           "mean rehash step / mean full step. Rel. error: L2 error of the final latents relative to the uncompiled "
           "loop's. **Random weights**: the features do not behave like trained ones, so the error column shows the "
-          "mechanism, not video quality; run the command with `--unet FOLDER` on trained weights for that.\n"]
+          "mechanism, not video quality; run the command with `--unet FOLDER` on trained weights for that.\n\n"]
     for res in results:
         spec = MODELS[res["model"]]
         md.append(f"### {res['model']}: {spec.frames} frames, latent {spec.height}x{spec.width}, {res['steps']} steps\n\n"
