@@ -290,6 +290,7 @@ class CompiledModule(torch.nn.Module):
         self.step_log: list = []  # the current generation: "full" / "rehash" per call (Step Rehash only)
         self._last_t = None
         self._new = False  # the last call compiled its signature
+        self._fallbacks: dict = {}  # signature -> the CaptureError of a signature that runs the original module
 
     def __getattr__(self, name):
         try:
@@ -321,6 +322,7 @@ class CompiledModule(torch.nn.Module):
             except CaptureError as e:
                 warnings.warn(f"fxstream: running the original {type(self.module).__name__} for these inputs, "
                               f"uncompiled (no slicing, no Step Rehash): {e}", FallbackWarning, stacklevel=3)
+                self._fallbacks[key] = e
                 entry = None
             self._entries[key] = entry
             self._new = True
@@ -335,7 +337,10 @@ class CompiledModule(torch.nn.Module):
         t = _timestep(kwargs) if self.policy.rehash is not None else None  # fails cleanly before compiling
         entry = self._entry(kwargs)
         if entry is None:
-            return self.module(**kwargs)
+            try:
+                return self.module(**kwargs)
+            except (RuntimeError, TypeError, ValueError) as e:  # bad inputs: export's message names them better
+                raise self._fallbacks[self._signature(kwargs)] from e
         out = self._rehash_step(entry, kwargs, t) if t is not None else entry.run(self.module, kwargs)
         if self.policy.verify and self._new:
             self._verify(entry, kwargs, out)

@@ -123,8 +123,13 @@ class _Uncapturable(torch.nn.Module):
 
 
 def test_uncapturable_module_raises_capture_error():
+    """explain() raises; a compiled module runs the original instead, with the reason in one warning."""
     with pytest.raises(fxstream.CaptureError, match="torch.export could not capture _Uncapturable"):
-        fxstream.compile(_Uncapturable(), policy=fxstream.Policy(slices=2))(x=torch.randn(3))
+        fxstream.explain(_Uncapturable(), {"x": torch.randn(3)}, policy=fxstream.Policy(slices=2))
+    x = torch.randn(3)
+    with pytest.warns(fxstream.api.FallbackWarning, match="torch.export could not capture _Uncapturable"):
+        assert torch.equal(fxstream.compile(_Uncapturable(), policy=fxstream.Policy(slices=2))(x=x),
+                           _Uncapturable()(x=x))
 
 
 @pytest.mark.parametrize("kwargs,field", [({"slices": 0}, "slices"), ({"temporal": -1}, "temporal"),
