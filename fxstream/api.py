@@ -339,7 +339,7 @@ class CompiledModule(torch.nn.Module):
         if entry is None:
             try:
                 return self.module(**kwargs)
-            except (RuntimeError, TypeError, ValueError) as e:  # bad inputs: export's message names them better
+            except Exception as e:  # the module fails too: bad inputs, which export's message names (e chained)
                 raise self._fallbacks[self._signature(kwargs)] from e
         out = self._rehash_step(entry, kwargs, t) if t is not None else entry.run(self.module, kwargs)
         if self.policy.verify and self._new:
