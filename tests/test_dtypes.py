@@ -29,7 +29,7 @@ def _max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)], ids=str)
 @pytest.mark.parametrize("name", MODELS)
 def test_half_precision_on_cpu(name, dtype):
     unet = build_unet(name, dtype=dtype)

@@ -36,7 +36,7 @@ def test_pipeline_frames_equal_with_compiled_unet(kind):
     assert len(pipe.unet._entries) == 1  # one compiled signature serves every denoising step
 
 
-@pytest.mark.parametrize("kind", ["svd", "animatediff"])
+@pytest.mark.parametrize("kind", ["svd", pytest.param("animatediff", marks=pytest.mark.slow)])
 def test_pipeline_with_step_rehash(kind):
     """Every step full: the very same frames as the uncompiled pipeline. A rehash schedule runs whole
     generations (the pipeline's own timesteps start each one), and a second generation gives the first's frames

@@ -159,7 +159,7 @@ def test_every_step_full_equals_the_module(svd_tiny, policy):
     assert c.step_log == ["full"] * 6
 
 
-@pytest.mark.parametrize("model", ["svd_tiny", "animatediff_tiny"])
+@pytest.mark.parametrize("model", ["svd_tiny", pytest.param("animatediff_tiny", marks=pytest.mark.slow)])
 def test_generations_do_not_leak_into_each_other(model, request):
     """Two generations back to back on one compiled module equal two runs on fresh ones (bitwise): the first
     ran on a fresh module; the second is run again on another fresh one."""

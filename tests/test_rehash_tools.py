@@ -31,6 +31,7 @@ def test_similarity_heat_map(tmp_path, capsys):
         tool.main(["--model", "svd-tiny", "--steps", "1"])
 
 
+@pytest.mark.slow
 def test_bench_rehash_loop(capsys):
     tool = _tool("bench_rehash")
     assert tool.main(["--models", "svd-tiny", "--steps", "4", "--schedules", "every3", "key", "--no-write"]) == 0
@@ -47,6 +48,7 @@ def test_bench_rehash_loop(capsys):
     assert (same - ref).abs().max() == 0
 
 
+@pytest.mark.slow
 def test_tools_load_trained_weights_from_a_local_folder(tmp_path, capsys):
     """The paths meant for trained weights, on folders saved here: a pipeline folder for the similarity map, a
     UNet folder for the fidelity benchmark (from_pretrained, local files only)."""
