@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_pipeline", "pipeline_inputs", "kind_of"]
+__all__ = ["tiny_pipeline", "pipeline_inputs", "kind_of", "scheduler"]
 
 
 def kind_of(unet: torch.nn.Module) -> str:
@@ -46,12 +46,22 @@ def _ad_tiny_unet():
     return UNetMotionModel.from_unet2d(unet, adapter)
 
 
+def scheduler(kind: str):
+    """The scheduler the released pipelines use: SVD's EulerDiscrete (v-prediction, Karras sigmas), else DDIM."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    if kind == "svd":
+        return EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
+            num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
+            steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
+
+
 def tiny_pipeline(kind: str, unet: torch.nn.Module | None = None, seed: int = 0):
     """A ``StableVideoDiffusionPipeline`` (``kind="svd"``) or ``AnimateDiffPipeline`` (``"animatediff"``) on the
     CPU: ``unet`` (default: a tiny one) with a 2-level VAE (scale factor 2) and, for SVD, a tiny CLIP image
     encoder projecting to the UNet's ``cross_attention_dim``. Random weights, seeded."""
-    from diffusers import (AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, DDIMScheduler,
-                           EulerDiscreteScheduler, StableVideoDiffusionPipeline)
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if kind not in ("svd", "animatediff"):
@@ -62,10 +72,6 @@ def tiny_pipeline(kind: str, unet: torch.nn.Module | None = None, seed: int = 0)
     elif kind_of(unet) != kind:
         raise ValueError(f"unet: a {type(unet).__name__} does not fit a {kind} pipeline")
     if kind == "svd":
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
-            num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
-            steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
         vae = AutoencoderKLTemporalDecoder(block_out_channels=[32, 64], in_channels=3, out_channels=3,
                                            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
                                            latent_channels=4)
@@ -73,15 +79,14 @@ def tiny_pipeline(kind: str, unet: torch.nn.Module | None = None, seed: int = 0)
             hidden_size=32, projection_dim=unet.config.cross_attention_dim, num_hidden_layers=2,
             num_attention_heads=4, image_size=32, intermediate_size=37, patch_size=4))
         fe = CLIPImageProcessor(crop_size=32, size=32)
-        pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=enc, unet=unet, scheduler=scheduler,
+        pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=enc, unet=unet, scheduler=scheduler("svd"),
                                             feature_extractor=fe)
     else:
         vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
                             down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
                             up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4,
                             norm_num_groups=2)
-        sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
-        pipe = AnimateDiffPipeline(unet=unet, motion_adapter=None, vae=vae, scheduler=sched, text_encoder=None,
+        pipe = AnimateDiffPipeline(unet=unet, motion_adapter=None, vae=vae, scheduler=scheduler("animatediff"), text_encoder=None,
                                    tokenizer=None)
     return pipe.to("cpu")
 

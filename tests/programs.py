@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
@@ -168,6 +169,17 @@ class RandomProgramBCFHW(_RandomProgram):
 
 
 PROGRAM_LAYOUTS = {"RandomProgramBFCHW": "BFCHW", "RandomProgramBCFHW": "BCFHW"}
+
+
+@pytest.fixture(scope="module")
+def program_layouts():
+    """Tell the compiler the latent layout of the generated module classes, as LAYOUTS does for the UNets
+    (a test module uses it with ``pytestmark = pytest.mark.usefixtures("program_layouts")``)."""
+    from fxstream.analysis import slicer
+    with pytest.MonkeyPatch.context() as mp:
+        for name, layout in PROGRAM_LAYOUTS.items():
+            mp.setitem(slicer.LAYOUTS, name, layout)
+        yield
 
 
 def build(spec: Spec) -> torch.nn.Module:

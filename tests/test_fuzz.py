@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import fxstream
-from fxstream.analysis import slicer
 
-from programs import PROGRAM_LAYOUTS, Spec, build, policies
+from programs import program_layouts, Spec, build, policies  # noqa: F401 (program_layouts: a fixture)
 
 N = settings.default.max_examples
 SOME = settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -29,12 +28,7 @@ _POLICY_FIELDS = ["slices", "spatial", "temporal", "batch", "max_memory", "pipel
                   "min_region_fraction"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def program_layouts():
-    with pytest.MonkeyPatch.context() as mp:
-        for name, layout in PROGRAM_LAYOUTS.items():
-            mp.setitem(slicer.LAYOUTS, name, layout)
-        yield
+pytestmark = pytest.mark.usefixtures("program_layouts")
 
 
 def _raised_by_fxstream(e: BaseException) -> bool:

@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, event, example, given, reject, settings
 from hypothesis import strategies as st
 
 import fxstream
-from fxstream.analysis import slicer
 from fxstream.analysis.cuts import PARTIAL, Cut
 from fxstream.analysis.rules import RuleContext, rule_for, val_shape
 from fxstream.compiler import capture, compile_graph
@@ -31,7 +30,7 @@ from fxstream.errors import CantSlice, FxstreamError
 from fxstream.memory import measure_peak, plan_memory
 from fxstream.runtime import LoopRegion
 
-from programs import PROGRAM_LAYOUTS, Spec, build, memory_specs, policies, specs
+from programs import program_layouts, Spec, build, memory_specs, policies, specs  # noqa: F401 (program_layouts: a fixture)
 
 # the loaded profile's example count (ci: 25, long: 500), shared out so that the ci run stays short
 N = settings.default.max_examples
@@ -39,13 +38,7 @@ FEW = settings(max_examples=max(4, N * 3 // 5), deadline=None, suppress_health_c
 SOME = settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def program_layouts():
-    """Tell the compiler the latent layout of the generated module classes, as LAYOUTS does for the UNets."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name, layout in PROGRAM_LAYOUTS.items():
-            mp.setitem(slicer.LAYOUTS, name, layout)
-        yield
+pytestmark = pytest.mark.usefixtures("program_layouts")
 
 
 class Captured:

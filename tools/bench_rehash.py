@@ -28,25 +28,16 @@ import fxstream
 from fxstream import Policy, StepRehash
 from fxstream.bench import provenance, write_section
 from fxstream.models import MODELS, build_unet, example_inputs, load_unet
+from fxstream.pipelines import scheduler
 from fxstream.rehash import default_cache_point, key_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = ("every2", "every3", "every5", "key", "adaptive")
 
 
-def _scheduler(kind: str):
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler
-    if kind == "svd":
-        return EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
-            num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
-            steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
-
-
 def denoise(unet, kind: str, kw: dict, steps: int, seed: int = 0):
     """One denoising loop; returns (final latents, [(seconds, step) per call])."""
-    sched = _scheduler(kind)
+    sched = scheduler(kind)
     sched.set_timesteps(steps)
     sample = kw["sample"]
     g = torch.Generator().manual_seed(seed)
