@@ -153,7 +153,8 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
                 live += b
                 size[s] = b
             owner_count[s] = owner_count.get(s, 0) + 1
-        extra = _working_set(loop, plans, k, partial) if plans else _transient_bytes(n)
+        extra = _working_set(loop, plans, k, partial) if plans else _transient_bytes(n) if n.op != "call_module" \
+            else getattr(gm.get_submodule(n.target), "working_bytes", 0)  # a halo region's bands
         during = live - partial + extra
         if n.op == "call_module":
             plan.region_peaks[n.name] = during

@@ -1,0 +1,535 @@
+"""Halo slicing: regions cut along height where an op's output rows need a band of input rows around them.
+
+A 3x3 convolution's output rows ``[lo, hi)`` need input rows ``[lo*s - p, (hi-1)*s - p + d*(k-1] + 1)``: the slice
+plus a *halo*, possibly outside the tensor, where the convolution's zero padding applies. ``HALO_RULES`` maps an
+OpOverload to a :class:`HaloRule` whose ``need`` says, for output rows ``[lo, hi)`` along ``dim``, which rows
+of each tensor input are needed (``(dim, lo, hi)``, unclipped) or ``WHOLE``. A chain of convolutions grows the
+halo: each slice asks its last op for its rows and walks the chain backwards, each op widening the band
+(:func:`needs`). Nothing here runs a tensor; the runtime (:mod:`fxstream.halo_runtime`) executes the bands.
+
+NOTE [Statistics passes]
+A GroupNorm's statistics span every row. Inside a region its input is never whole, so the region runs a
+*statistics pass* first: the slices of that input computed again (halos included, each row counted once) and
+summed into per-group float64 sums. A GroupNorm downstream of another needs the first one's statistics to
+compute its own input, so GroupNorms are grouped by *level* (how many GroupNorms of the region lie upstream) and
+the region runs one pass per level, then the output pass. Each pass recomputes what feeds its targets: the
+planner reports that extra compute (``HaloPlan.compute_factor``), and the budget weighs it against memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from ..errors import CantSlice
+from .cuts import slice_bounds
+from .rules import _POINTWISE, _VIEWS, _tensor_args, val_shape
+
+aten = torch.ops.aten
+WHOLE = None
+
+__all__ = ["HALO_RULES", "HaloRule", "HaloRegion", "HaloPlan", "find_halo_regions", "conv_band", "needs",
+           "plan_halo", "upsample_factor", "WHOLE"]
+
+
+@dataclass(frozen=True)
+class HaloRule:
+    """``need(node, dim, lo, hi) -> {input: (dim, lo, hi) | WHOLE}``; ``kind`` tells the runtime how to run it
+    ("rows": the op on row bands as it is, "view": shape arguments rewritten, "conv", "upsample", "stats")."""
+
+    need: Callable
+    kind: str
+
+
+def _shape(n) -> list[int]:
+    return val_shape(n)
+
+
+def _broadcast_need(node: Node, d: int, lo: int, hi: int, inputs) -> dict:
+    out = _shape(node)
+    req = {}
+    for x in inputs:
+        xs = _shape(x)
+        xd = d - (len(out) - len(xs))
+        if xd < 0 or (xs[xd] == 1 and out[d] != 1):
+            want = WHOLE
+        elif xs[xd] == out[d]:
+            want = (xd, lo, hi)
+        else:
+            raise CantSlice(f"input {x.name} dim {xd} has size {xs[xd]}, output {out[d]}")
+        if x in req and req[x] != want:
+            raise CantSlice(f"input {x.name} is needed two ways")
+        req[x] = want
+    return req
+
+
+def rows(node, d, lo, hi):
+    return _broadcast_need(node, d, lo, hi, _tensor_args(node))
+
+
+def _view_dim(in_shape, out_shape, d) -> int:
+    """The dim of ``in_shape`` holding the same rows as dim ``d`` of ``out_shape`` after a reshape, if height stays
+    a dim of its own (the product of the dims before it and its size unchanged)."""
+    before = math.prod(out_shape[:d])
+    for e, s in enumerate(in_shape):
+        if s == out_shape[d] and math.prod(in_shape[:e]) == before:
+            return e
+    raise CantSlice(f"reshape {list(in_shape)} -> {list(out_shape)} merges or splits dim {d}")
+
+
+def view(node, d, lo, hi):
+    x = node.args[0]
+    return {x: (_view_dim(_shape(x), _shape(node), d), lo, hi)}
+
+
+def permute(node, d, lo, hi):
+    x = node.args[0]
+    nd = len(_shape(x))
+    if node.target is aten.permute.default:
+        perm = [p % nd for p in node.args[1]]
+    else:
+        a, b = node.args[1] % nd, node.args[2] % nd
+        perm = list(range(nd))
+        perm[a], perm[b] = perm[b], perm[a]
+    return {x: (perm[d], lo, hi)}
+
+
+def linear(node, d, lo, hi):
+    if d == len(_shape(node)) - 1:
+        raise CantSlice("linear: features are not height")
+    req = {node.args[0]: (d, lo, hi)}
+    for a in node.args[1:3]:
+        if isinstance(a, Node):
+            req[a] = WHOLE
+    return req
+
+
+def group_norm(node, d, lo, hi):
+    if d < 2:
+        raise CantSlice(f"group_norm: dim {d} is not spatial")
+    req = {node.args[0]: (d, lo, hi)}
+    for a in node.args[2:4]:
+        if isinstance(a, Node):
+            req[a] = WHOLE
+    return req
+
+
+def cat(node, d, lo, hi):
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim % len(_shape(node)) == d:
+        raise CantSlice("cat: joins along height")
+    return _broadcast_need(node, d, lo, hi, list(node.args[0]))
+
+
+def conv_params(node: Node, i: int) -> tuple[int, int, int, int]:
+    """(kernel, stride, padding, dilation) of a convolution node along spatial dim ``i``."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    nsp = len(_shape(node)) - 2
+    stride, padding, dilation = args[3] or [1] * nsp, args[4] if args[4] is not None else [0] * nsp, args[5] or [1] * nsp
+    if isinstance(padding, str):
+        raise CantSlice(f"convolution: padding={padding!r} is not sliced along height")
+
+    def at(v):
+        return v[i] if len(v) > 1 else v[0]
+
+    return _shape(node.args[1])[2 + i], at(stride), at(padding), at(dilation)
+
+
+def conv_band(k: int, s: int, p: int, dil: int, lo: int, hi: int) -> tuple[int, int]:
+    """Input rows (unclipped) a convolution needs for output rows ``[lo, hi)``."""
+    return lo * s - p, (hi - 1) * s - p + dil * (k - 1) + 1
+
+
+def conv(node, d, lo, hi):
+    if d < 2:
+        raise CantSlice(f"convolution: dim {d} is not spatial")
+    k, s, p, dil = conv_params(node, d - 2)
+    req = {node.args[0]: (d, *conv_band(k, s, p, dil, lo, hi))}
+    for a in node.args[1:3]:
+        if isinstance(a, Node):
+            req[a] = WHOLE
+    return req
+
+
+def upsample_factor(node: Node, d: int) -> int:
+    """The integer factor a nearest upsampling grows dim ``d`` by; only powers of two slice exactly (the source
+    index is ``floor(row * 1/f)``, exact in binary only then)."""
+    i, o = _shape(node.args[0])[d], _shape(node)[d]
+    f = o // i if i else 0
+    if f < 1 or f * i != o or f & (f - 1):
+        raise CantSlice(f"upsample: {i} -> {o} rows is not a power-of-two factor")
+    return f
+
+
+def upsample(node, d, lo, hi):
+    if d < 2:
+        raise CantSlice(f"upsample: dim {d} is not spatial")
+    f = upsample_factor(node, d)
+    return {node.args[0]: (d, lo // f, (hi - 1) // f + 1)}
+
+
+HALO_RULES: dict = {}
+for _op in _POINTWISE:
+    HALO_RULES[_op] = HaloRule(rows, "rows")
+for _op in _VIEWS:
+    HALO_RULES[_op] = HaloRule(view, "view")
+HALO_RULES.update({
+    aten.permute.default: HaloRule(permute, "rows"),
+    aten.transpose.int: HaloRule(permute, "rows"),
+    aten.linear.default: HaloRule(linear, "rows"),
+    aten.cat.default: HaloRule(cat, "rows"),
+    aten.conv2d.default: HaloRule(conv, "conv"),
+    aten.conv3d.default: HaloRule(conv, "conv"),
+    aten.upsample_nearest2d.vec: HaloRule(upsample, "upsample"),
+    aten.upsample_nearest2d.default: HaloRule(upsample, "upsample"),
+    aten.group_norm.default: HaloRule(group_norm, "stats"),
+})
+
+
+def halo_rule(node: Node) -> HaloRule | None:
+    return HALO_RULES.get(node.target) if node.op == "call_function" else None
+
+
+def _tensor_valued(n: Node) -> bool:
+    return isinstance(n.meta.get("val"), torch.Tensor)
+
+
+@dataclass
+class HaloRegion:
+    """Ops sliced together along height with halos: ``dims`` names the height dim of every value it touches."""
+
+    nodes: list  # in graph order
+    dims: dict  # node (region op or input) -> height dim
+    inputs: list  # nodes outside the region it reads, in order
+    outputs: list  # its nodes used outside it
+    count: int = 1
+    largest_interior_bytes: int = 0
+
+    @property
+    def module(self) -> str:
+        from .slicer import common_module_path
+        return common_module_path(self.nodes)
+
+    def length(self, n: Node) -> int:
+        return _shape(n)[self.dims[n]]
+
+
+def _name_heights(gm: GraphModule) -> tuple[dict, dict]:
+    """Flood height from the first user input of 4 or more dims (height is its second-to-last dim): forwards
+    through every op a rule accepts, and backwards into inputs a rule needs in rows (an attention's output that
+    a residual adds back). Returns (dims, reasons)."""
+    src = next((n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith(("p_", "b_", "c_"))
+                and _tensor_valued(n) and n.meta["val"].dim() >= 4), None)
+    dims, reasons = {}, {}
+    if src is None:
+        return dims, reasons
+    dims[src] = src.meta["val"].dim() - 2
+    work = [src]
+
+    def try_node(u: Node, want: tuple | None = None) -> dict | None:
+        rule = halo_rule(u)
+        if rule is None:
+            reasons[u] = f"no halo rule for {u.target}"
+            return None
+        for e in range(len(_shape(u)) if _tensor_valued(u) else 0):
+            try:
+                req = rule.need(u, e, 0, _shape(u)[e])
+            except CantSlice as err:
+                reasons[u] = str(err)
+                continue
+            if want is not None and e != want[1]:
+                continue
+            if all(r is WHOLE or p not in dims or dims[p] == r[0] for p, r in req.items()) and \
+                    (want is not None or any(r is not WHOLE and p in dims for p, r in req.items())):
+                return {"dim": e, "req": req}
+        return None
+
+    while work:
+        n = work.pop()
+        for u in n.users:
+            if u in dims or u.op != "call_function" or not _tensor_valued(u):
+                continue
+            found = try_node(u)
+            if found is not None:
+                dims[u] = found["dim"]
+                reasons.pop(u, None)
+                work.append(u)
+        # backwards: inputs of a named op that its rule needs in rows get the height named too
+        rule = halo_rule(n) if n.op == "call_function" else None
+        if rule is not None and n in dims:
+            try:
+                req = rule.need(n, dims[n], 0, _shape(n)[dims[n]])
+            except CantSlice:
+                req = {}
+            for p, r in req.items():
+                if r is not WHOLE and p not in dims and _tensor_valued(p):
+                    dims[p] = r[0]
+                    work.append(p)
+    return dims, reasons
+
+
+def _accepted(gm: GraphModule, dims: dict, reasons: dict) -> dict:
+    """Named ops whose rule takes every named input in its named dim: {node: requirement}."""
+    ok = {}
+    for n in gm.graph.nodes:
+        if n not in dims or n.op != "call_function":
+            continue
+        rule = halo_rule(n)
+        if rule is None:
+            reasons.setdefault(n, f"no halo rule for {n.target}")
+            continue
+        try:
+            req = rule.need(n, dims[n], 0, _shape(n)[dims[n]])
+        except CantSlice as e:
+            reasons[n] = str(e)
+            continue
+        bad = [p for p, r in req.items() if r is not WHOLE and dims.get(p) != r[0]]
+        if bad:
+            reasons[n] = f"input {bad[0].name} has height elsewhere"
+            continue
+        ok[n] = req
+    return ok
+
+
+def _tensor_bytes(n: Node) -> int:
+    v = n.meta.get("val")
+    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+
+def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, exclude=()) -> tuple[list, dict]:
+    """Regions sliced ``count`` ways along height with halos, and why other named ops are not sliced.
+
+    A region is a connected set of accepted ops joined by edges along which the height passes; an op needing a
+    region value whole leaves it; a region must be convex (nothing leaves it and comes back: what does starts
+    a region of its own); regions whose largest interior value is under ``min_fraction`` of the graph's
+    largest activation are dropped. ``exclude``: nodes that must stay outside (already in other regions)."""
+    from .slicer import _nonconvex
+
+    dims, reasons = _name_heights(gm)
+    ok = {n: r for n, r in _accepted(gm, dims, reasons).items() if n not in exclude}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    biggest = max((_tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
+    g = nx.Graph()
+    g.add_nodes_from(ok)
+    for n, req in ok.items():
+        for p, r in req.items():
+            if p in ok and r is not WHOLE:
+                g.add_edge(p, n)
+    pending, done = [set(c) for c in nx.connected_components(g)], []
+    while pending:
+        comp = pending.pop()
+        bad = {n for n in comp for p, r in ok[n].items() if p in comp and r is WHOLE}
+        if bad:
+            for b in bad:
+                reasons[b] = "needs a value of its region whole"
+            pending.extend(set(c) for c in nx.connected_components(g.subgraph(comp - bad)))
+            continue
+        later = _nonconvex(comp, order)
+        if later:
+            pending.extend(set(c) for c in nx.connected_components(g.subgraph(comp - later)))
+            pending.extend(set(c) for c in nx.connected_components(g.subgraph(later)))
+            continue
+        done.append(comp)
+    regions = []
+    for comp in done:
+        nodes = sorted(comp, key=order.get)
+        inputs = []
+        for n in nodes:
+            for p in n.all_input_nodes:
+                if p not in comp and p not in inputs:
+                    inputs.append(p)
+        outputs = [n for n in nodes if any(u not in comp for u in n.users) or out_node in n.users]
+        interior = [_tensor_bytes(n) for n in nodes if n not in outputs]
+        largest = max(interior, default=0)
+        if count < 2 or largest == 0 or largest < min_fraction * biggest:
+            for n in nodes:
+                reasons.setdefault(n, "height: region too small to pay for its loop")
+            continue
+        region_dims = {n: dims[n] for n in nodes}
+        region_dims.update({p: dims[p] for p in inputs if p in dims})
+        regions.append(HaloRegion(nodes, region_dims, inputs, outputs, count, largest))
+        for n in nodes:
+            reasons.pop(n, None)
+    regions.sort(key=lambda r: order[r.nodes[0]])
+    return regions, reasons
+
+
+# --- the slices of one region: which rows of which value each pass computes (integers only) -----------------
+
+
+def _hull(a, b):
+    return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def needs(region: HaloRegion, targets: dict) -> dict:
+    """Rows of every region value and input needed to compute ``targets`` ({node: (lo, hi)}), clipped to the
+    tensor: each op asked for the union of what its users need, walking the region backwards."""
+    need = dict(targets)
+    inside = set(region.nodes)
+    for n in reversed(region.nodes):
+        if n not in need:
+            continue
+        lo, hi = need[n]
+        if lo >= hi:
+            continue
+        for p, r in HALO_RULES[n.target].need(n, region.dims[n], lo, hi).items():
+            if r is WHOLE:
+                continue
+            length = _shape(p)[r[0]]
+            band = (max(r[1], 0), min(r[2], length))
+            if band[0] < band[1] or p in inside:
+                need[p] = _hull(need.get(p), band)
+    return need
+
+
+def stat_levels(region: HaloRegion) -> dict:
+    """{GroupNorm node: level}: how many GroupNorms of the region lie upstream of it (see NOTE [Statistics
+    passes])."""
+    inside = set(region.nodes)
+    depth, levels = {}, {}
+    for n in region.nodes:
+        d = 0
+        for p in n.all_input_nodes:
+            if p in inside:
+                d = max(d, depth[p] + (1 if p in levels else 0))
+        depth[n] = d
+        if HALO_RULES[n.target].kind == "stats":
+            levels[n] = d
+    return levels
+
+
+@dataclass
+class Pass:
+    """One sweep over the slices: ``slices[i]`` is {node: (lo, hi)} to compute (inputs: rows to read);
+    ``assign[i]`` the rows each target (a GroupNorm's input, or a region output) takes from slice ``i``."""
+
+    stats: list  # GroupNorm nodes whose statistics this pass gathers (empty: the output pass)
+    slices: list = field(default_factory=list)
+    assign: list = field(default_factory=list)
+
+
+def passes(region: HaloRegion) -> list[Pass]:
+    """The statistics passes (one per level) and the output pass, each with every slice's bands."""
+    levels = stat_levels(region)
+    out = []
+    for lv in range(max(levels.values(), default=-1) + 1):
+        gns = [g for g, v in levels.items() if v == lv]
+        out.append(Pass(gns))
+    out.append(Pass([]))
+    for ps in out:
+        targets = [g.args[0] for g in ps.stats] if ps.stats else list(region.outputs)
+        for i in range(region.count):
+            assign = {}
+            for t in dict.fromkeys(targets):
+                length = _shape(t)[region.dims[t]]
+                bounds = slice_bounds(length, min(region.count, length))
+                if i < len(bounds):
+                    s, k = bounds[i]
+                    assign[t] = (s, s + k)
+            ps.assign.append(assign)
+            ps.slices.append(needs(region, assign))
+    return out
+
+
+@dataclass
+class HaloPlan:
+    """What a region holds and computes: the peak of its slices' bands (``working_bytes``, on top of its full
+    outputs), its passes, and its FLOPs over the unsliced ops' (``compute_factor``: halos and statistics
+    passes recomputed)."""
+
+    working_bytes: int
+    passes: int
+    compute_factor: float
+    peak_pass: int = 0
+
+
+def _band_bytes(n: Node, dim: int, band) -> int:
+    length = _shape(n)[dim]
+    return _tensor_bytes(n) * (band[1] - band[0]) // max(length, 1)
+
+
+def aliases(n: Node) -> bool:
+    """Whether a view-like op's result shares its input's storage (read off the full-size values)."""
+    if n.target not in _ALIAS_OPS:
+        return False
+    v, x = n.meta.get("val"), n.args[0].meta.get("val")
+    return isinstance(v, torch.Tensor) and isinstance(x, torch.Tensor) and _same_storage(v, x)
+
+
+def _same_storage(a, b) -> bool:
+    from torch.multiprocessing.reductions import StorageWeakRef
+    try:
+        return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ALIAS_OPS = set(_VIEWS) | {aten.permute.default, aten.transpose.int, aten.alias.default, aten.detach.default,
+                            aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.contiguous.default,
+                            aten.dropout.default}
+
+
+def transient_bytes(n: Node, dim: int, band, need: dict) -> int:
+    """Bytes an op holds only while it runs on a band: a convolution's padded input copy, a GroupNorm's float32
+    working copy of a half-precision band."""
+    kind = HALO_RULES[n.target].kind
+    if kind == "conv":
+        x = n.args[0]
+        k, s, p, dil = conv_params(n, dim - 2)
+        lo, hi = conv_band(k, s, p, dil, *band)
+        return _tensor_bytes(x) * (hi - lo) // max(_shape(x)[dim], 1)
+    if kind == "stats":
+        v = n.meta["val"]
+        if v.dtype in (torch.float32, torch.float64):
+            return 0
+        return _band_bytes(n, dim, band) * 4 // v.element_size()
+    return 0
+
+
+def plan_halo(region: HaloRegion, flops: dict | None = None) -> HaloPlan:
+    """Simulate every pass and slice: bands made in order, freed after their last use in the slice (a view
+    keeps its input's storage), transients while their op runs. Inputs are views of the caller's values."""
+    ps = passes(region)
+    inside = set(region.nodes)
+    best, best_pass = 0, 0
+    work = 0.0
+    for pi, p in enumerate(ps):
+        for i, need in enumerate(p.slices):
+            todo = [n for n in region.nodes if n in need and need[n][0] < need[n][1]]
+            last = {}
+            for j, n in enumerate(todo):
+                for a in n.all_input_nodes:
+                    if a in inside:
+                        last[a] = j
+            root = {}
+            held = {}  # root -> bytes
+            users_left = {}
+            live = 0
+            for j, n in enumerate(todo):
+                band = need[n]
+                base = root.get(n.args[0]) if aliases(n) and n.args[0] in inside else None
+                if base is not None:
+                    root[n] = base
+                else:
+                    root[n] = n
+                    b = _band_bytes(n, region.dims[n], band)
+                    held[n] = b
+                    live += b
+                users_left[root[n]] = max(users_left.get(root[n], j), last.get(n, j))
+                during = live + transient_bytes(n, region.dims[n], band, need)
+                best, best_pass = (during, pi) if during > best else (best, best_pass)
+                for r in [r for r, lu in users_left.items() if lu <= j]:
+                    live -= held.pop(r, 0)
+                    del users_left[r]
+                if flops is not None:
+                    work += flops.get(n.name, 0) * (band[1] - band[0]) / max(region.length(n), 1)
+    total = sum((flops or {}).get(n.name, 0) for n in region.nodes)
+    return HaloPlan(best, len(ps), work / total if total else 1.0, best_pass)
+
+
+__all__ += ["stat_levels", "passes", "Pass", "halo_rule", "transient_bytes", "aliases"]

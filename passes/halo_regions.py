@@ -1,0 +1,91 @@
+"""Halo grouping: each halo region (:func:`fxstream.analysis.halo.find_halo_regions`) becomes one ``call_module``
+node running a :class:`~fxstream.halo_runtime.HaloLoop` over a body GraphModule of the region's ops.
+
+The body keeps the ops as they were (full-size metadata: the runtime reads every band's size off it); the graph is
+emitted again in a topological order of the condensed DAG, as Operator Grouping does, with ``getitem`` nodes for
+the region's outputs.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule
+
+from fxstream.analysis.halo import HaloRegion, plan_halo
+from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta
+from fxstream.halo_runtime import HaloLoop, body_region
+from fxstream.runtime import buffer_layout
+
+from .group_regions import _common_stack, _condensed_order
+
+__all__ = ["group_halo_regions", "build_halo_body"]
+
+REGION_META = "fxstream.halo_region"
+
+
+def build_halo_body(region: HaloRegion) -> tuple[GraphModule, list]:
+    """The region's ops as a GraphModule (placeholders: its inputs; outputs: its outputs) and the height dim of
+    each placeholder and op, in order (None: read whole)."""
+    g = Graph()
+    env: dict = {}
+    dims = []
+    for i, p in enumerate(region.inputs):
+        ph = g.placeholder(f"{p.name}_{i}")
+        ph.meta.update(p.meta)
+        env[p] = ph
+        dims.append(region.dims.get(p))
+    for n in region.nodes:
+        env[n] = g.node_copy(n, env.__getitem__)
+        dims.append(region.dims[n])
+    g.output(tuple(env[o] for o in region.outputs))
+    return GraphModule(torch.nn.Module(), g), dims
+
+
+def make_halo_loop(region: HaloRegion) -> HaloLoop:
+    body, dims = build_halo_body(region)
+    working = plan_halo(body_region(body, dims, region.count)).working_bytes
+    return HaloLoop(body, dims, region.count, [buffer_layout(o.meta["val"]) for o in region.outputs], working)
+
+
+def group_halo_regions(gm: GraphModule, regions: list) -> GraphModule:
+    """A new GraphModule in which every halo region is a ``call_module`` node (``gm`` itself if none)."""
+    if not regions:
+        return gm
+    mode = fake_mode_of(gm)
+    nodes = list(gm.graph.nodes)
+    new_graph = Graph()
+    new_graph._codegen = gm.graph._codegen
+    env: dict = {}
+    loops = {}
+    for kind, key in _condensed_order(gm, regions):
+        if kind == "node":
+            old = nodes[key]
+            env[old] = new_graph.node_copy(old, env.__getitem__)
+            continue
+        region = regions[key]
+        name = f"halo_{key}"
+        loops[name] = make_halo_loop(region)
+        call = new_graph.call_module(name, tuple(env[p] for p in region.inputs))
+        copy_meta(region.nodes[0], call)
+        call.meta["nn_module_stack"] = _common_stack(region)
+        with mode:
+            fresh = tuple(torch.empty_strided(*buffer_layout(o.meta["val"])[:2], dtype=o.meta["val"].dtype,
+                                              device=o.meta["val"].device) for o in region.outputs)
+        call.meta["val"] = fresh
+        call.meta[REGION_META] = region
+        for j, o in enumerate(region.outputs):
+            item = new_graph.call_function(operator.getitem, (call, j))
+            copy_meta(o, item)
+            item.meta["val"] = fresh[j]
+            env[o] = item
+    root = torch.nn.Module()
+    for name, mod in gm.named_children():
+        root.add_module(name, mod)
+    for name, loop in loops.items():
+        root.add_module(name, loop)
+    out = GraphModule(root, new_graph)
+    out.graph.lint()
+    out.recompile()
+    propagate_meta(out, [n.meta["val"] for n in out.graph.nodes if n.op == "placeholder"], mode)
+    return out
