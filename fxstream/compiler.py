@@ -11,10 +11,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import GraphModule
 
+from .analysis.halo import find_halo_regions
 from .analysis.slicer import LAYOUTS, SlicePlan, plan_slicing
 from .errors import CaptureError
 from .graph_utils import strip_asserts
 from .passes.group_regions import group_regions
+from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
 from .passes.split_group_norm import TAG, split_group_norm, splittable_group_norms
 from .policy import Policy
@@ -67,6 +69,7 @@ class CompiledGraph:
     original: GraphModule
     prepared: GraphModule  # after the preparing passes, before grouping (what the plan's nodes belong to)
     inner: list = field(default_factory=list)  # CompiledGraphs of batch-region bodies (one per slice size)
+    halo: list = field(default_factory=list)  # HaloRegions grouped at the top level (Policy(halo=...))
 
 
 def _loops(gm: GraphModule) -> list:
@@ -94,11 +97,14 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
     cg = _compile(gm, policy, layout, counts, inner_counts)
     set_pipeline(cg.graph_module, policy.pipeline, policy.cpu_workers)
+    if (policy.halo or 1) > 1:
+        cg.halo, _ = find_halo_regions(cg.graph_module, policy.halo, policy.min_region_fraction)
+        cg.graph_module = group_halo_regions(cg.graph_module, cg.halo)
     return cg
 
 
 def _compile(gm: GraphModule, policy: Policy, layout: str | None, counts, inner_counts) -> CompiledGraph:
-    rest = replace(policy, batch=None)
+    rest = replace(policy, batch=None, halo=None)
     if policy.count_for("batch") > 1 and rest.slices_anything:
         outer = compile_graph(gm, Policy(batch=policy.batch, min_region_fraction=policy.min_region_fraction), layout)
         k = 0

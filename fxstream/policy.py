@@ -6,6 +6,7 @@
     >>> Policy(max_memory="6GiB")         # the fewest slices (and a batch split if needed) that fit 6 GiB
     >>> Policy(slices=8, pipeline=2)      # up to 2 slices of a region in flight (CUDA streams / CPU workers)
     >>> Policy(slices=8, rehash=StepRehash(full_every=3, steps=25))  # and reuse a cached feature on 2 steps in 3
+    >>> Policy(halo=16)                   # convolution chains (a VAE decoder) in 16 bands of rows, with halos
 """
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ class Policy:
         rehash: Step Rehash across denoising steps (:class:`~fxstream.StepRehash`): on the steps its schedule
             does not make full, a cached temporal-layer feature is reused and every op that only fed it is skipped.
             None (default): every call computes everything.
+        halo: slice count along height for chains of convolutions, upsamplings and GroupNorms (a VAE decoder):
+            each band of rows is computed with the halo of rows its convolutions need, and GroupNorm statistics
+            by extra passes (see :mod:`fxstream.analysis.halo`); exact up to float rounding. ``None``: no halo
+            slicing. With ``max_memory``, the most the budget may use.
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
             the graph's largest activation (small regions cost loop overhead and save nothing).
         cache_size: the most input signatures kept compiled at once (least recently used evicted).
@@ -88,12 +93,13 @@ class Policy:
     pipeline: int = 1
     cpu_workers: bool | None = None
     rehash: StepRehash | None = None
+    halo: int | None = None
     min_region_fraction: float = 0.05
     cache_size: int = 8
     verify: bool = False
 
     def __post_init__(self):
-        for name in ("slices", "spatial", "temporal", "batch"):
+        for name in ("slices", "spatial", "temporal", "batch", "halo"):
             _check_count(name, getattr(self, name))
         p = self.pipeline
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
@@ -127,7 +133,7 @@ class Policy:
 
     @property
     def slices_anything(self) -> bool:
-        return any(self.count_for(k) > 1 for k in ("spatial", "temporal", "batch"))
+        return any(self.count_for(k) > 1 for k in ("spatial", "temporal", "batch")) or (self.halo or 1) > 1
 
     def describe(self) -> str:
         parts = []

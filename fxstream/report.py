@@ -25,6 +25,8 @@ class RegionInfo:
     working_bytes: int = 0  # the slices' working set: its share of that peak
     in_flight: int = 1  # slices run at once (Policy.pipeline, or fewer where the budget needs it)
     node: str = ""  # the region's node in the compiled graph (``region_0``; inside a batch region ``region_0/region_3``)
+    passes: int = 1  # sweeps over the slices: a halo region's GroupNorm statistics passes and its output pass
+    compute: float = 1.0  # planned FLOPs over the unsliced ops' (halo rows and statistics passes computed again)
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,10 @@ class Report:
 
     def table(self) -> str:
         rows = [(r.module or "(top)", r.dim, r.length, r.slices, r.in_flight, r.ops, f"{r.saved_bytes / 2**20:.1f}",
-                 f"{r.peak_bytes / 2**20:.1f}", f"{r.working_bytes / 2**20:.1f}") for r in self.regions]
+                 f"{r.peak_bytes / 2**20:.1f}", f"{r.working_bytes / 2**20:.1f}", r.passes, f"{r.compute:.2f}x")
+                for r in self.regions]
         head = tabulate(rows, headers=["module", "dim", "length", "slices", "in flight", "ops", "MiB never whole",
-                                       "MiB at its peak", "MiB its slices"])
+                                       "MiB at its peak", "MiB its slices", "passes", "compute"])
         big = sorted(self.unsliced, key=lambda u: -u.bytes)[:10]
         rows2 = [(u.module or "(top)", u.op, f"{u.bytes / 2**20:.2f}", u.reason) for u in big]
         tail = tabulate(rows2, headers=["largest unsliced: module", "op", "MiB", "reason"])
@@ -140,6 +143,26 @@ def _region_infos(plan, gm, mem: MemoryPlan, offset: int = 0, prefix: str = "") 
     return out
 
 
+def _halo_infos(compiled, mem: MemoryPlan) -> list:
+    """RegionInfo of each halo region (``Policy(halo=...)``), with its passes and planned compute."""
+    from .analysis.cost import node_flops
+    from .analysis.halo import plan_halo
+    from .analysis.slicer import common_module_path
+    out = []
+    loops = [(n.name, compiled.graph_module.get_submodule(n.target)) for n in compiled.graph_module.graph.nodes
+             if n.op == "call_module" and n.name.startswith("halo_")]
+    flops = node_flops(compiled.prepared) if loops else {}
+    for name, loop in loops:
+        r = loop.region
+        hp = plan_halo(r, flops)
+        largest = max(r.outputs, key=lambda o: r.length(o))
+        interior = sum(tensor_bytes(n) for n in r.nodes if n not in r.outputs)
+        out.append(RegionInfo(common_module_path(r.nodes), "height (halo)", r.length(largest), r.count, len(r.nodes),
+                              interior, mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0), 1, name,
+                              hp.passes, hp.compute_factor))
+    return out
+
+
 def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=None) -> Report:
     """The report of a :class:`~fxstream.compiler.CompiledGraph`; ``lower_bound`` is bytes or a callable."""
     original = plan_memory(compiled.original)
@@ -153,10 +176,12 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
             at = min(k // per_loop, len(around) - 1)
             regions += _region_infos(inner.plan, inner.graph_module, plan_memory(inner.graph_module), around[at],
                                      f"{loops[at]}/")
+    regions += _halo_infos(compiled, mem)
     in_region = {n for r in compiled.plan.regions for n in r.nodes}
+    in_halo = {n.name for r in compiled.halo for n in r.nodes}
     unsliced = []
     for n in compiled.prepared.graph.nodes:
-        if n.op != "call_function" or n in in_region:
+        if n.op != "call_function" or n in in_region or n.name in in_halo:
             continue
         reason = compiled.plan.reasons.get(n) or (
             "the memory budget is met without slicing" if policy.max_memory is not None and not in_region else

@@ -208,6 +208,14 @@ class HaloRegion:
     outputs: list  # its nodes used outside it
     count: int = 1
     largest_interior_bytes: int = 0
+    _transfers: dict | None = field(default=None, repr=False)
+    _inside: set | None = field(default=None, repr=False)
+
+    @property
+    def inside(self) -> set:
+        if self._inside is None:
+            self._inside = set(self.nodes)
+        return self._inside
 
     @property
     def module(self) -> str:
@@ -300,13 +308,32 @@ def _tensor_bytes(n: Node) -> int:
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
 
-def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, exclude=()) -> tuple[list, dict]:
+def checkpoints(nodes: list, inside: set, keep_bytes: int) -> list:
+    """Region ops after which the region can be cut: the one region value still needed later is that op's own
+    output (a chain of blocks: each block's output), and it takes at most ``keep_bytes`` whole."""
+    index = {n: i for i, n in enumerate(nodes)}
+    last = {n: max((index[u] for u in n.users if u in inside), default=-1) for n in nodes}
+    open_, cuts = set(), []
+    for i, n in enumerate(nodes):
+        open_ = {m for m in open_ if last[m] > i}
+        if last[n] > i:
+            open_.add(n)
+        if open_ == {n} and i < len(nodes) - 1 and _tensor_bytes(n) <= keep_bytes:
+            cuts.append(n)
+    return cuts
+
+
+def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, exclude=(),
+                      keep_bytes: int = 0) -> tuple[list, dict]:
     """Regions sliced ``count`` ways along height with halos, and why other named ops are not sliced.
 
     A region is a connected set of accepted ops joined by edges along which the height passes; an op needing a
     region value whole leaves it; a region must be convex (nothing leaves it and comes back: what does starts
     a region of its own); regions whose largest interior value is under ``min_fraction`` of the graph's
-    largest activation are dropped. ``exclude``: nodes that must stay outside (already in other regions)."""
+    largest activation are dropped. ``exclude``: nodes that must stay outside (already in other regions).
+    ``keep_bytes``: a region is cut after every :func:`checkpoints` op whose value takes at most this many
+    bytes whole. Each cut keeps that value whole and saves the passes downstream of it from recomputing what
+    fed it (see NOTE [Statistics passes]); 0 keeps nothing whole."""
     from .slicer import _nonconvex
 
     dims, reasons = _name_heights(gm)
@@ -335,6 +362,17 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
             pending.extend(set(c) for c in nx.connected_components(g.subgraph(later)))
             continue
         done.append(comp)
+    if keep_bytes:
+        cut_up = []
+        for comp in done:
+            nodes = sorted(comp, key=order.get)
+            start = 0
+            for c in checkpoints(nodes, comp, keep_bytes):
+                end = nodes.index(c) + 1
+                cut_up.append(set(nodes[start:end]))
+                start = end
+            cut_up.append(set(nodes[start:]))
+        done = [c for c in cut_up if c]
     regions = []
     for comp in done:
         nodes = sorted(comp, key=order.get)
@@ -366,24 +404,51 @@ def _hull(a, b):
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
 
+def transfers(region: HaloRegion) -> dict:
+    """For each region op, its inputs' bands as integer maps ``(input, length, num, den, off_lo, off_hi)``:
+    output rows ``[lo, hi)`` need ``[floor(lo*num/den) + off_lo, floor((hi-1)*num/den) + off_hi + 1)``. The
+    same bands as the rules' ``need`` (a test checks), without building dicts per slice."""
+    if region._transfers is None:
+        out = {}
+        for n in region.nodes:
+            d = region.dims[n]
+            kind = HALO_RULES[n.target].kind
+            edges = []
+            for p, r in HALO_RULES[n.target].need(n, d, 0, region.length(n)).items():
+                if r is WHOLE:
+                    continue
+                if kind == "conv" and p is n.args[0]:
+                    k, st, pad, dil = conv_params(n, d - 2)
+                    m = (st, 1, -pad, -pad + dil * (k - 1))
+                elif kind == "upsample" and p is n.args[0]:
+                    m = (1, upsample_factor(n, d), 0, 0)
+                else:
+                    m = (1, 1, 0, 0)
+                edges.append((p, _shape(p)[r[0]], *m))
+            out[n] = edges
+        region._transfers = out
+    return region._transfers
+
+
 def needs(region: HaloRegion, targets: dict) -> dict:
     """Rows of every region value and input needed to compute ``targets`` ({node: (lo, hi)}), clipped to the
     tensor: each op asked for the union of what its users need, walking the region backwards."""
     need = dict(targets)
-    inside = set(region.nodes)
+    tr = transfers(region)
     for n in reversed(region.nodes):
-        if n not in need:
+        band = need.get(n)
+        if band is None or band[0] >= band[1]:
             continue
-        lo, hi = need[n]
-        if lo >= hi:
-            continue
-        for p, r in HALO_RULES[n.target].need(n, region.dims[n], lo, hi).items():
-            if r is WHOLE:
-                continue
-            length = _shape(p)[r[0]]
-            band = (max(r[1], 0), min(r[2], length))
-            if band[0] < band[1] or p in inside:
-                need[p] = _hull(need.get(p), band)
+        lo, hi = band
+        for p, length, num, den, olo, ohi in tr[n]:
+            a = max(lo * num // den + olo, 0)
+            b = min((hi - 1) * num // den + ohi + 1, length)
+            old = need.get(p)
+            if old is None:
+                if a < b or p in region.inside:
+                    need[p] = (a, b)
+            elif a < b:
+                need[p] = (min(old[0], a), max(old[1], b))
     return need
 
 
