@@ -16,8 +16,8 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
 from .analysis.cost import node_flops
-from .analysis.slicer import module_path
-from .budget import choose_slicing, lower_bound
+from .analysis.slicer import find_axes, module_path
+from .budget import choose_halo, choose_slicing, halo_lower_bound, lower_bound
 from .compiler import capture, compile_graph, describe_inputs, layout_of
 from .errors import CaptureError, ExecutionError, FxstreamError, VerificationError
 from .graph_utils import strip_asserts
@@ -128,6 +128,12 @@ class _Entry:
 
     @staticmethod
     def _compile(gm, policy: Policy, layout, weights: int):
+        if policy.max_memory is not None and not find_axes(gm, layout):
+            # no named video axis (a VAE decoder): the budget slices along height with halos
+            compiled, bound = choose_halo(gm, policy, weights)
+            return compiled, bound if bound is not None else lambda: halo_lower_bound(gm, policy).peak_bytes
+        if policy.max_memory is None and policy.halo and not find_axes(gm, layout):
+            return compile_graph(gm, policy, layout), lambda: halo_lower_bound(gm, policy).peak_bytes
         if policy.max_memory is not None:
             compiled, floor = choose_slicing(gm, policy, layout, weights)
             return compiled, floor.peak_bytes

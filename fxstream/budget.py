@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch.fx import GraphModule
 
@@ -31,7 +31,7 @@ from .runtime import set_pipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ["choose_slicing", "lower_bound", "Floor"]
+__all__ = ["choose_slicing", "lower_bound", "Floor", "choose_halo", "halo_lower_bound", "HALO_CAP"]
 
 _NO_LIMIT = 1 << 30  # "as many slices as the axis has elements"
 
@@ -167,3 +167,62 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
     log.info("budget %s: using the floor's slicing (batch=%s)", format_bytes(budget), f.batch)
     set_pipeline(f.compiled.graph_module, k, policy.cpu_workers)  # the floor fits by construction, k in flight
     return f.compiled, lowest
+
+
+# --- halo slicing (graphs without a named video axis: a VAE decoder) ---------------------------------------------
+
+HALO_CAP = 64  # the most halo slices the budget tries when the policy sets none
+
+
+def _halo_counts(policy: Policy) -> list[int]:
+    cap = policy.halo or HALO_CAP
+    out, c = [], 2
+    while c < cap:
+        out.append(c)
+        c *= 2
+    return out + [cap]
+
+
+def _keep_choices(gm: GraphModule, policy: Policy) -> list[int]:
+    """Sizes of the values a halo region could keep whole at a checkpoint, largest first, then 0 (none)."""
+    from .analysis.halo import checkpoints, find_halo_regions
+    regions, _ = find_halo_regions(compile_graph(gm, Policy(), None).graph_module, 2, policy.min_region_fraction)
+    sizes = set()
+    for r in regions:
+        for c in checkpoints(r.nodes, r.inside, 1 << 62):
+            v = c.meta["val"]
+            sizes.add(v.numel() * v.element_size())
+    return sorted(sizes, reverse=True) + [0]
+
+
+def halo_lower_bound(gm: GraphModule, policy: Policy) -> Floor:
+    """The halo floor: the most slices the policy allows (``HALO_CAP`` when it sets none), nothing kept whole."""
+    pol = replace(policy, halo=_halo_counts(policy)[-1], max_memory=None)
+    cg = compile_graph(gm, pol, None)
+    return Floor(None, cg, plan_memory(cg.graph_module))
+
+
+def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[CompiledGraph, int]:
+    """Halo slicing under ``policy.max_memory``: the fastest (most values kept whole at checkpoints, then fewest
+    slices) whose planned peak plus ``weight_bytes`` fits. Returns the compiled graph and the lower bound;
+    MemoryBudgetError with both figures when nothing fits."""
+    budget = policy.max_memory - weight_bytes
+    if plan_memory(gm).peak_bytes <= budget:
+        return compile_graph(gm, Policy(), None), None
+    best_peak = None
+    for keep in _keep_choices(gm, policy):
+        for count in _halo_counts(policy):
+            cg = compile_graph(gm, replace(policy, halo=count, max_memory=None), None, halo_keep=keep)
+            peak = plan_memory(cg.graph_module).peak_bytes
+            best_peak = peak if best_peak is None else min(best_peak, peak)
+            if peak <= budget:
+                log.info("halo budget %s met: %d slices, values up to %s kept whole", format_bytes(budget), count,
+                         format_bytes(keep))
+                return cg, None
+    raise MemoryBudgetError(
+        f"Policy.max_memory={format_bytes(policy.max_memory)} cannot be met: the weights take "
+        f"{format_bytes(weight_bytes)} and halo slicing (up to {_halo_counts(policy)[-1]} slices along height) plans "
+        f"the activations no lower than {format_bytes(best_peak)}, so at least "
+        f"{format_bytes(weight_bytes + best_peak)} is needed. Raise max_memory or Policy.halo, or decode fewer "
+        f"frames or a smaller resolution at once.",
+        max_memory=policy.max_memory, weight_bytes=weight_bytes, lower_bound_bytes=best_peak)

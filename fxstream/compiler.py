@@ -85,20 +85,23 @@ def _prepare(gm: GraphModule, split: set) -> GraphModule:
 
 
 def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: dict | None = None,
-                  inner_counts: list | None = None) -> CompiledGraph:
+                  inner_counts: list | None = None, halo_keep: int = 0) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
     (the graph for part of the batch) is compiled again with the rest of the policy: regions inside regions.
     ``counts`` ({region id: slice count}, see :func:`region_id`) overrides the policy's count for single regions (1: leave the
     region unsliced); ``inner_counts`` does the same for each inner graph, in the order of ``inner``.
+    ``halo_keep``: with ``Policy(halo=...)``, halo regions are cut where one value of at most this many bytes
+    crosses (it is kept whole; see :func:`fxstream.analysis.halo.find_halo_regions`).
     """
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
     cg = _compile(gm, policy, layout, counts, inner_counts)
     set_pipeline(cg.graph_module, policy.pipeline, policy.cpu_workers)
     if (policy.halo or 1) > 1:
-        cg.halo, _ = find_halo_regions(cg.graph_module, policy.halo, policy.min_region_fraction)
+        cg.halo, _ = find_halo_regions(cg.graph_module, policy.halo, policy.min_region_fraction,
+                                       keep_bytes=halo_keep)
         cg.graph_module = group_halo_regions(cg.graph_module, cg.halo)
     return cg
 

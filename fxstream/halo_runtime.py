@@ -15,7 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx import GraphModule, Node
 
-from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, passes
+from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, passes, plan_halo
 from .runtime import buffer_layout
 
 aten = torch.ops.aten
@@ -68,16 +68,20 @@ def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
 class HaloLoop(torch.nn.Module):
     """A region sliced ``count`` ways along height with halos (see the module docstring)."""
 
-    def __init__(self, body: GraphModule, dims: list, count: int, out_meta: list, working_bytes: int = 0):
+    def __init__(self, body: GraphModule, dims: list, count: int, out_meta: list):
         super().__init__()
         self.body = body
         self.dims = list(dims)
         self.count = count
         self.out_meta = list(out_meta)  # (shape, strides, dtype) of each full output
-        self.working_bytes = working_bytes
         self.region = body_region(body, self.dims, count)
         self.passes = passes(self.region)
-        self._plans = [[self._schedule(p, i) for i in range(len(p.slices))] for p in self.passes]
+        self.working_bytes = plan_halo(self.region, ps=self.passes).working_bytes
+        self._plans = None  # the slices' schedules, made on the first real call
+
+    def plan(self, flops: dict | None = None):
+        """The region's :class:`~fxstream.analysis.halo.HaloPlan` (with planned compute when given FLOPs)."""
+        return plan_halo(self.region, flops, self.passes)
 
     def extra_repr(self) -> str:
         return f"axis=height, slices={self.count}, passes={len(self.passes)}"
@@ -103,6 +107,8 @@ class HaloLoop(torch.nn.Module):
                 for shape, stride, dtype in self.out_meta]
         if any(is_fake(a) for a in tensors):
             return tuple(outs)
+        if self._plans is None:
+            self._plans = [[self._schedule(p, i) for i in range(len(p.slices))] for p in self.passes]
         full = dict(zip(self.region.inputs, args))
         stats: dict = {}
         out_index = {o: j for j, o in enumerate(self.region.outputs)}

@@ -146,7 +146,6 @@ def _region_infos(plan, gm, mem: MemoryPlan, offset: int = 0, prefix: str = "") 
 def _halo_infos(compiled, mem: MemoryPlan) -> list:
     """RegionInfo of each halo region (``Policy(halo=...)``), with its passes and planned compute."""
     from .analysis.cost import node_flops
-    from .analysis.halo import plan_halo
     from .analysis.slicer import common_module_path
     out = []
     loops = [(n.name, compiled.graph_module.get_submodule(n.target)) for n in compiled.graph_module.graph.nodes
@@ -154,7 +153,7 @@ def _halo_infos(compiled, mem: MemoryPlan) -> list:
     flops = node_flops(compiled.prepared) if loops else {}
     for name, loop in loops:
         r = loop.region
-        hp = plan_halo(r, flops)
+        hp = loop.plan(flops)
         largest = max(r.outputs, key=lambda o: r.length(o))
         interior = sum(tensor_bytes(n) for n in r.nodes if n not in r.outputs)
         out.append(RegionInfo(common_module_path(r.nodes), "height (halo)", r.length(largest), r.count, len(r.nodes),

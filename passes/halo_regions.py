@@ -12,9 +12,9 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule
 
-from fxstream.analysis.halo import HaloRegion, plan_halo
+from fxstream.analysis.halo import HaloRegion
 from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta
-from fxstream.halo_runtime import HaloLoop, body_region
+from fxstream.halo_runtime import HaloLoop
 from fxstream.runtime import buffer_layout
 
 from .group_regions import _common_stack, _condensed_order
@@ -44,8 +44,7 @@ def build_halo_body(region: HaloRegion) -> tuple[GraphModule, list]:
 
 def make_halo_loop(region: HaloRegion) -> HaloLoop:
     body, dims = build_halo_body(region)
-    working = plan_halo(body_region(body, dims, region.count)).working_bytes
-    return HaloLoop(body, dims, region.count, [buffer_layout(o.meta["val"]) for o in region.outputs], working)
+    return HaloLoop(body, dims, region.count, [buffer_layout(o.meta["val"]) for o in region.outputs])
 
 
 def group_halo_regions(gm: GraphModule, regions: list) -> GraphModule:

@@ -556,10 +556,11 @@ def transient_bytes(n: Node, dim: int, band, need: dict) -> int:
     return 0
 
 
-def plan_halo(region: HaloRegion, flops: dict | None = None) -> HaloPlan:
+def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = None) -> HaloPlan:
     """Simulate every pass and slice: bands made in order, freed after their last use in the slice (a view
-    keeps its input's storage), transients while their op runs. Inputs are views of the caller's values."""
-    ps = passes(region)
+    keeps its input's storage), transients while their op runs. Inputs are views of the caller's values.
+    ``ps``: the region's :func:`passes`, if already made."""
+    ps = passes(region) if ps is None else ps
     inside = set(region.nodes)
     best, best_pass = 0, 0
     work = 0.0
