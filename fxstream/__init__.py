@@ -4,6 +4,7 @@
     >>> pipe.unet = fxstream.compile(pipe.unet, policy=fxstream.Policy(slices=8))
     >>> pipe.unet = fxstream.compile(pipe.unet, policy=fxstream.Policy(max_memory="6GiB"))
     >>> pipe.unet = fxstream.compile(pipe.unet, policy=fxstream.Policy(rehash=fxstream.StepRehash(full_every=3, steps=25)))
+    >>> pipe = fxstream.compile_pipeline(pipe, policy=fxstream.Policy(max_memory="6GiB"))  # UNet + VAE decoder
 """
 from . import rehash
 from .api import CompiledModule, compile, explain
@@ -11,7 +12,9 @@ from .errors import CaptureError, ExecutionError, FxstreamError, MemoryBudgetErr
 from .policy import Policy
 from .rehash import StepRehash
 from .report import Report
+from .whole import PipelineBudgetError, PipelineReport, compile_pipeline, explain_pipeline
 
-__all__ = ["compile", "explain", "Policy", "StepRehash", "rehash", "CompiledModule", "Report", "FxstreamError",
+__all__ = ["compile", "explain", "compile_pipeline", "explain_pipeline", "PipelineReport", "PipelineBudgetError",
+           "Policy", "StepRehash", "rehash", "CompiledModule", "Report", "FxstreamError",
            "CaptureError", "ExecutionError", "MemoryBudgetError", "VerificationError"]
 __version__ = "0.1.0"
