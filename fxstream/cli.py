@@ -4,6 +4,7 @@
     fxstream explain --model svd --max-memory 4GiB --json   # the report as JSON on stdout
     fxstream viz --model svd --slices 8 --batch-split 2     # svd-viz.svg and svd-viz.html: original vs compiled
     fxstream memory --model svd-xt --slices 8 -o out/       # out/svd-xt-memory.png: bytes live per node
+    fxstream pipeline --model svd-xt --max-memory 6GiB --plot svd-xt.png   # every stage of the whole pipeline
 
 Named models are built from the configs shipped in the package on the ``meta`` device (no memory, no compute;
 full-size SVD plans in 10-20 s on two CPU cores); ``--model PATH`` loads a local diffusers UNet or pipeline folder.
@@ -18,7 +19,7 @@ import re
 import sys
 import textwrap
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .errors import FxstreamError
@@ -44,6 +45,10 @@ _EXAMPLES = {
     "memory": """examples:
   fxstream memory --model svd --slices 8 --batch-split 2 -o docs/img     # docs/img/svd-memory.png
   fxstream memory --model svd-xt --max-memory 4GiB --name svdxt-4g""",
+    "pipeline": """examples:
+  fxstream pipeline --model svd-xt --height 576 --width 1024 --frames 25 --max-memory 6GiB --plot svd-xt.png
+  fxstream pipeline --model animatediff --max-memory 4GiB --json > animatediff.json
+  fxstream pipeline --model svd --halo 8 --slices 8                # fixed slice counts, no budget""",
 }
 
 
@@ -228,7 +233,50 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compiled one, lined up block by block, with the start of each UNet block "
                                    "marked and both peaks annotated. Writes STEM-memory.png."))
     m.set_defaults(func=cmd_memory)
+    pl = sub.add_parser("pipeline", parents=[_pipeline_options(), _policy_options(), _output_options(False)],
+                        formatter_class=fmt, epilog=_EXAMPLES["pipeline"],
+                        help="plan a whole SVD or AnimateDiff pipeline under one budget, stage by stage",
+                        description=_wrap("Build the whole pipeline on the meta device (UNet, VAE, image or text "
+                                    "encoder from the shipped configs) and plan its stages as "
+                                    "fxstream.compile_pipeline runs them: encode, denoise (the UNet), decode (the "
+                                    "VAE decoder, halo-sliced along height). Prints per stage the weights "
+                                    "resident, what is offloaded, the original and planned peaks (weights "
+                                    "included) and the lower bound; --plot draws the timeline across the stages."))
+    pl.set_defaults(func=cmd_pipeline)
     return ap
+
+
+def _pipeline_options() -> argparse.ArgumentParser:
+    from .pipelines import PIPELINES
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("pipeline and video (defaults: the pipeline's own)")
+    g.add_argument("--model", choices=sorted(PIPELINES), default="svd-xt",
+                   help="the pipeline, built from the shipped configs on the meta device, random weights "
+                        "(default: svd-xt). Example: --model animatediff")
+    g.add_argument("--height", type=_pixels, metavar="PX",
+                   help="video height in pixels (default: SVD 576, AnimateDiff 512). Example: --height 320")
+    g.add_argument("--width", type=_pixels, metavar="PX",
+                   help="video width in pixels (default: SVD 1024, AnimateDiff 512). Example: --width 576")
+    g.add_argument("--frames", type=_count, metavar="N",
+                   help="frames per video (default: SVD 14, SVD-XT 25, AnimateDiff 16). Example: --frames 14")
+    g.add_argument("--batch", type=_count, default=1, metavar="N",
+                   help="videos generated at once (default: 1; classifier-free guidance doubles the UNet's "
+                        "batch). Example: --batch 2")
+    g.add_argument("--no-guidance", action="store_true", dest="no_guidance",
+                   help="plan without classifier-free guidance (the UNet's batch is not doubled)")
+    g.add_argument("--decode-chunk-size", type=_count, metavar="N", dest="decode_chunk_size",
+                   help="frames the original pipeline decodes at once (default: diffusers' own, SVD all "
+                        "frames, AnimateDiff 16); a compiled SVD pipeline always decodes all frames at once. "
+                        "Example: --decode-chunk-size 8")
+    g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                   help="weights and activations (default: fp16; fp32 for the -tiny pipelines). Example: --dtype bf16")
+    g.add_argument("--halo", type=_count, metavar="N",
+                   help="the VAE decoder's slices along height (halo slicing; with --max-memory the most it may "
+                        "use, 64 if not given). Example: --halo 8")
+    g.add_argument("--plot", type=Path, metavar="PNG",
+                   help="write the memory timeline across the stages, original against planned, with the "
+                        "budget, to this PNG. Example: --plot svd-xt.png")
+    return p
 
 
 def _policy(args) -> Policy:
@@ -299,6 +347,40 @@ def cmd_memory(args, session: Session, progress: Progress) -> int:
     return 0
 
 
+def cmd_pipeline(args, policy: Policy, progress: Progress) -> int:
+    from .pipelines import build_pipeline
+    from .session import DTYPES
+    from .whole import explain_pipeline
+    if args.plot is not None and not args.plot.parent.is_dir():
+        raise UsageError(f"argument --plot: folder {args.plot.parent} does not exist; create it or choose another path")
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UsageError(f"argument --plot: expected a .png path, got {args.plot}")
+    dtype = args.dtype or ("fp32" if args.model.endswith("-tiny") else "fp16")
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()  # the fp16 cast notice of from_config models is not for CLI users
+    start = time.perf_counter()
+    with progress.step(f"building the {args.model} pipeline on the meta device"):
+        pipe = build_pipeline(args.model, device="meta", dtype=DTYPES[dtype])
+    with progress.step(f"planning encode, denoise and decode under {policy.describe()}"):
+        try:
+            report = explain_pipeline(pipe, height=args.height, width=args.width, num_frames=args.frames,
+                                      policy=policy, batch=args.batch, guidance=not args.no_guidance,
+                                      decode_chunk_size=args.decode_chunk_size)
+        except ValueError as e:  # a size the pipeline's VAE cannot take
+            raise UsageError(str(e)) from None
+        report.lower_bound_bytes  # noqa: B018  (computed on first access: inside the progress step)
+    report.seconds = time.perf_counter() - start
+    if args.plot is not None:
+        with progress.step("plotting"):
+            report.plot(args.plot)
+    if args.json:
+        print(json.dumps(dict(report.to_json(), files=[str(args.plot)] if args.plot else []), indent=1))
+        return 0
+    print(report.table())
+    print(f"planned in {report.seconds:.1f} s" + (f"; timeline: {args.plot}" if args.plot else ""))
+    return 0
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -317,11 +399,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         policy = _policy(args)
-        if args.command == "viz" and {"svg", "html"} & set(args.format):
-            from .render import require_dot
-            require_dot()  # before the planning, not after
-        session = load_session(args, policy, progress)
-        code = args.func(args, session, progress)
+        if args.command == "pipeline":  # plans a whole pipeline, not one UNet session
+            code = args.func(args, replace(policy, halo=args.halo), progress)
+        else:
+            if args.command == "viz" and {"svg", "html"} & set(args.format):
+                from .render import require_dot
+                require_dot()  # before the planning, not after
+            session = load_session(args, policy, progress)
+            code = args.func(args, session, progress)
     except UsageError as e:  # an argument found wrong only once the model is known (--expand)
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2

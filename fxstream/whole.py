@@ -120,14 +120,12 @@ def module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> i
 
 
 def _tensor_bytes(values) -> int:
-    """Bytes of the distinct storages of the tensors among ``values`` (a view counts its whole storage once)."""
+    """Bytes of the tensors among ``values`` (each distinct tensor once, a view by its own size)."""
     seen, total = set(), 0
     for v in values:
-        if isinstance(v, torch.Tensor):
-            key = id(v) if v.device.type == "meta" else (v.device, v.untyped_storage().data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += v.untyped_storage().nbytes() if v.device.type != "meta" else v.numel() * v.element_size()
+        if isinstance(v, torch.Tensor) and id(v) not in seen:
+            seen.add(id(v))
+            total += v.numel() * v.element_size()
     return total
 
 

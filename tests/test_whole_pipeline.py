@@ -1,0 +1,216 @@
+"""Whole pipelines: fxstream.compile_pipeline / explain_pipeline on the real diffusers pipelines (tiny components,
+random weights; the full-size targets are planned on the meta device in the slow tests)."""
+import json
+import time
+
+import pytest
+import torch
+
+import fxstream
+from fxstream import cli
+from fxstream.pipelines import build_pipeline, pipeline_inputs, tiny_pipeline
+from fxstream.whole import PipelineBudgetError, planned_moves
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+STEPS = 2  # two denoising steps: the second reuses the UNet's compiled signature
+
+
+def _frames(pipe, **kw):
+    with torch.no_grad():
+        return pipe(**dict(pipeline_inputs(pipe, steps=STEPS), **kw)).frames
+
+
+@pytest.fixture(scope="module")
+def svd_reference():
+    """Frames of the uncompiled tiny SVD pipeline (decode_chunk_size=num_frames, as pipeline_inputs asks)."""
+    return _frames(tiny_pipeline("svd"))
+
+
+def _halo_regions(compiled):
+    return [r for r in compiled.explain().regions if r.dim == "height (halo)" and r.slices > 1]
+
+
+@pytest.mark.parametrize("kind", ["svd", "animatediff"])
+def test_compiled_pipeline_frames_equal(kind, svd_reference):
+    """Policy(halo=2): the UNet runs its exported graph unsliced (bitwise), the VAE decoder is halo-sliced into
+    two bands of rows (exact up to float rounding): frames within 1e-5 of the uncompiled pipeline's. The
+    pipeline is the same object, and it keeps working (a second call gives the same frames)."""
+    pipe = tiny_pipeline(kind)
+    ref = svd_reference if kind == "svd" else _frames(pipe)
+    out = fxstream.compile_pipeline(pipe, fxstream.Policy(halo=2))
+    assert out is pipe
+    assert isinstance(pipe.unet, fxstream.CompiledModule) and isinstance(pipe.vae.decoder, fxstream.CompiledModule)
+    got = _frames(pipe)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert _halo_regions(pipe.vae.decoder), "the decoder was not halo-sliced"
+    assert not pipe.unet.explain().regions  # halo is the decoder's: the UNet is not sliced by it
+    assert pipe.fxstream.offload == {"encode": None, "denoise": None, "decode": None}  # no budget: nothing decided
+    assert torch.equal(_frames(pipe), got)
+    with pytest.raises(TypeError, match="already compiled"):
+        fxstream.compile_pipeline(pipe)
+
+
+def test_svd_decodes_all_frames_at_once():
+    """SVD's temporal decoder mixes frames: decoding in chunks changes the video. The compiled pipeline's
+    decode_latents decodes all num_frames frames at once whatever decode_chunk_size it is given, so it gives the
+    uncompiled pipeline's decode_chunk_size=num_frames frames."""
+    frames = 3
+    plain, pipe = tiny_pipeline("svd"), tiny_pipeline("svd")
+    fxstream.compile_pipeline(pipe, fxstream.Policy(halo=2))
+    latents = torch.randn(1, frames, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = plain.decode_latents(latents, frames, frames)
+        chunked = plain.decode_latents(latents, frames, 1)
+        got = pipe.decode_latents(latents, frames, 1)
+    assert (chunked - whole).abs().max().item() > 1e-3  # chunks do change SVD's video
+    assert (got - whole).abs().max().item() <= 1e-5
+    assert _halo_regions(pipe.vae.decoder)
+
+
+def test_budget_compiles_and_offloads(svd_reference):
+    """A 9 MiB budget on the tiny SVD pipeline (32x32, 3 frames, float32; weights 9.5 MiB together): every stage
+    must offload the modules it does not use, and the UNet must be sliced. Frames within 1e-4 (the sliced UNet's
+    rounding compounds over the denoising steps, see test_pipelines.py); on the CPU nothing is moved. The
+    decisions and each module's budget match explain_pipeline's plan of the same run on the meta device."""
+    budget = 9 * 2**20
+    pipe = tiny_pipeline("svd")
+    fxstream.compile_pipeline(pipe, fxstream.Policy(max_memory=budget))
+    got = _frames(pipe)
+    assert (got - svd_reference).abs().max().item() <= 1e-4
+    state = pipe.fxstream
+    assert state.offload == {"encode": True, "denoise": True, "decode": True}
+    assert state.moves == [] and state.device is None  # a CPU pipeline: decisions recorded, nothing moved
+    unet = pipe.unet.explain()
+    assert unet.regions
+    for name, m in (("unet", pipe.unet), ("vae.decoder", pipe.vae.decoder)):
+        r = m.explain()
+        assert m.policy.max_memory == state.max_memory[name]
+        assert r.weight_bytes + r.peak_bytes <= state.max_memory[name]
+    # the planner takes the same decisions, and plans the UNet as it was compiled
+    plan = fxstream.explain_pipeline(build_pipeline("svd-tiny", dtype=torch.float32), height=32, width=32,
+                                     num_frames=3, policy=fxstream.Policy(max_memory=budget))
+    assert {s.name: s.offload for s in plan.stages} == state.offload
+    step = plan.stage("denoise").steps[0]
+    assert step.activation_bytes == unet.peak_bytes and step.max_memory == state.max_memory["unet"]
+    assert plan.peak_bytes <= budget < plan.original_peak_bytes
+    assert all(s.peak_bytes <= budget for s in plan.stages)
+
+
+def test_budget_that_cannot_be_met_names_the_stage():
+    """Planning: 2 MiB is below the encode stage's own weights (VAE + image encoder, 2.6 MiB). Compiling: 5 MiB
+    lets the encode stage run but not the UNet's 6.8 MiB of weights; the error comes at the pipeline's first
+    call, before the denoising loop runs."""
+    meta = build_pipeline("svd-tiny", dtype=torch.float32)
+    with pytest.raises(PipelineBudgetError, match=r"^encode stage \(image_encoder\)") as e:
+        fxstream.explain_pipeline(meta, height=32, width=32, num_frames=3, policy=fxstream.Policy(max_memory="2MiB"))
+    assert e.value.stage == "encode" and e.value.max_memory == 2 * 2**20
+    assert e.value.weight_bytes > e.value.max_memory
+    assert "weights resident" in str(e.value) and "activations lower bound" in str(e.value)
+    pipe = tiny_pipeline("svd")
+    fxstream.compile_pipeline(pipe, fxstream.Policy(max_memory="5MiB"))
+    with pytest.raises(fxstream.MemoryBudgetError, match=r"^denoise stage \(unet\)") as e:
+        _frames(pipe)
+    assert e.value.stage == "denoise" and e.value.lower_bound_bytes > 0
+    assert e.value.weight_bytes == sum(p.numel() * 4 for p in pipe.unet.parameters())
+    assert pipe.fxstream.offload["encode"] is True  # encode ran, with the UNet offloaded
+
+
+def test_explain_pipeline_figures(tmp_path):
+    """The tiny SVD pipeline at 96x96 px under 18 MiB: the UNet and the VAE decoder are both sliced to fit (the
+    decoder with halos), every stage is planned below the budget and at most its original peak, the lower bounds
+    are below the plans, and the timeline covers the three stages in order."""
+    budget = 18 * 2**20
+    pipe = build_pipeline("svd-tiny", dtype=torch.float32)
+    r = fxstream.explain_pipeline(pipe, height=96, width=96, num_frames=3, policy=fxstream.Policy(max_memory=budget))
+    assert [s.name for s in r.stages] == ["encode", "denoise", "decode"]
+    assert [s.name for s in r.stage("encode").steps] == ["image_encoder", "vae.encoder"]
+    assert [s.name for s in r.stage("decode").steps] == ["vae.decoder", "decode_latents"]
+    for s in r.stages:
+        assert s.lower_bound_bytes <= s.peak_bytes <= min(budget, s.original_peak_bytes)
+        assert s.peak_bytes == max(st.weight_bytes + st.held_bytes + st.activation_bytes for st in s.steps)
+    assert r.peak_bytes <= budget < r.original_peak_bytes
+    unet = r.stage("denoise").steps[0]
+    dec = r.stage("decode").steps[0]
+    assert unet.report.regions and any(x.dim == "height (halo)" for x in dec.report.regions)
+    assert dec.max_memory == budget - dec.held_bytes - (dec.weight_bytes - dec.report.weight_bytes)
+    assert unet.resident == {"unet": unet.weight_bytes}  # the VAE and image encoder offloaded
+    for which, peak in (("original", r.original_peak_bytes), ("compiled", r.peak_bytes)):
+        points = r.timeline[which]
+        assert [p.stage for p in points] == sorted((p.stage for p in points), key=["encode", "denoise", "decode"].index)
+        assert 0 <= points[0].x < 1 and 2 <= points[-1].x < 3
+        assert all(a.x <= b.x for a, b in zip(points, points[1:]))
+        assert max(p.peak_bytes for p in points) == peak
+    text = r.table()
+    assert "denoise" in text and "decode_latents" in text and "18.0 MiB" in text
+    data = json.loads(json.dumps(r.to_json()))
+    assert data["peak_bytes"] == r.peak_bytes and len(data["stages"]) == 3
+    r.plot(tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unsupported_pipeline_and_bad_arguments():
+    class StableDiffusionPipeline:  # any other pipeline
+        pass
+
+    for fn in (fxstream.compile_pipeline, lambda p: fxstream.explain_pipeline(p)):
+        with pytest.raises(ValueError, match="StableDiffusionPipeline.*StableVideoDiffusionPipeline and AnimateDiffPipeline"):
+            fn(StableDiffusionPipeline())
+    pipe = build_pipeline("svd-tiny", dtype=torch.float32)
+    with pytest.raises(ValueError, match="height: expected a multiple of 2"):
+        fxstream.explain_pipeline(pipe, height=33, width=32)
+    with pytest.raises(ValueError, match="num_frames: expected an int >= 1"):
+        fxstream.explain_pipeline(pipe, height=32, width=32, num_frames=0)
+    with pytest.raises(TypeError, match="policy: expected fxstream.Policy"):
+        fxstream.compile_pipeline(pipe, policy={"max_memory": "6GiB"})
+    with pytest.raises(ValueError, match="name: unknown pipeline 'sd15'"):
+        build_pipeline("sd15")
+
+
+def test_planned_moves():
+    """Placing a stage: its modules onto the accelerator, and when it offloads, the others on it to the CPU
+    (a module without weights, or already in place, is not moved)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    where = {"unet": cpu, "vae": cuda, "image_encoder": cuda, "empty": None}
+    assert planned_moves(where, ["unet"], False, "cuda") == [("unet", cuda)]
+    assert planned_moves(where, ["unet"], True, "cuda") == [("unet", cuda), ("vae", cpu), ("image_encoder", cpu)]
+    assert planned_moves(where, ["vae"], True, "cuda") == [("image_encoder", cpu)]
+
+
+def test_cli_pipeline(capsys, tmp_path):
+    """`fxstream pipeline` on the tiny AnimateDiff pipeline (no text encoder: nothing runs in encode): JSON with
+    the three stages, and the timeline PNG; a missing --plot folder is a usage error."""
+    png = tmp_path / "ad.png"
+    code = cli.main(["pipeline", "--model", "animatediff-tiny", "--height", "32", "--width", "32", "--frames", "2",
+                     "--halo", "2", "--json", "--plot", str(png)])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    data = json.loads(out)
+    assert [s["name"] for s in data["stages"]] == ["encode", "denoise", "decode"]
+    assert data["stages"][0]["steps"] == []
+    dec = data["stages"][2]["steps"][0]
+    assert dec["module"] == "vae.decoder" and dec["regions"] >= 1
+    assert data["files"] == [str(png)] and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        cli.main(["pipeline", "--model", "sd15"])
+    assert cli.main(["pipeline", "--model", "svd-tiny", "--plot", str(tmp_path / "no" / "x.png")]) == 2
+    assert "--plot: folder" in capsys.readouterr().err
+
+
+# -- the whole-pipeline targets, full size, planned on the meta device (fp16, weights included) ---------------
+@pytest.mark.slow
+@pytest.mark.parametrize("model,height,width,frames,budget", [
+    ("svd-xt", 576, 1024, 25, 6 * 2**30),
+    ("svd", 576, 1024, 14, 5 * 2**30),
+    ("animatediff", 512, 512, 16, 4 * 2**30),
+])
+def test_full_size_targets(model, height, width, frames, budget):
+    start = time.perf_counter()
+    pipe = build_pipeline(model, device="meta", dtype=torch.float16)
+    r = fxstream.explain_pipeline(pipe, height=height, width=width, num_frames=frames,
+                                  policy=fxstream.Policy(max_memory=budget))
+    print(f"\n{r.table()}\nplanned in {time.perf_counter() - start:.0f} s")
+    assert r.peak_bytes <= budget < r.original_peak_bytes
+    assert any(x.dim == "height (halo)" for x in r.stage("decode").steps[0].report.regions)
