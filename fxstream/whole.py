@@ -463,7 +463,7 @@ def _plan(module, kwargs: dict, policy: Policy, dtype: torch.dtype | None = None
 class PipelinePoint:
     """One point of a pipeline's memory timeline: bytes on the accelerator after a node of a stage's module
     (weights resident + held + activations live), and the most while it ran. ``x``: stage ``i`` spans
-    ``[i, i + 1)``, its steps share that span, each step's nodes spread evenly over its share."""
+    ``[i, i + 1)``, shared among its steps by their node counts, each step's nodes spread evenly over its share."""
 
     stage: str
     step: str
@@ -896,26 +896,33 @@ def _decoder_floor(entry, policy: Policy) -> int:
 
 
 def _timeline(stages: list) -> dict:
+    """Both series across the stages: stage ``i`` spans ``[i, i + 1)``, shared among its steps in proportion to
+    their nodes (a step that runs no module gets a tenth of the stage's nodes), each step's nodes spread evenly
+    over its share."""
     out = {"original": [], "compiled": []}
     for i, st in enumerate(stages):
-        k = max(1, len(st.steps))
-        for j, s in enumerate(st.steps):
-            x0, width = i + j / k, 1.0 / k
+        sizes = [len(s.original_report.timeline["original"]) if s.original_report is not None else 0
+                 for s in st.steps]
+        sizes = [n or max(1, sum(sizes) // 10) for n in sizes]
+        x0 = float(i)
+        for s, n in zip(st.steps, sizes):
+            width = n / sum(sizes)
             for which in ("original", "compiled"):
                 if which == "original":
                     base = sum(s.original_resident.values()) + s.original_held_bytes
-                    rep, tl_key, act = s.original_report, "original", s.original_activation_bytes
+                    rep, act = s.original_report, s.original_activation_bytes
                 else:
                     base = s.weight_bytes + s.held_bytes
-                    rep, tl_key, act = s.report, "compiled", s.activation_bytes
-                pts = rep.timeline[tl_key] if rep is not None else []
+                    rep, act = s.report, s.activation_bytes
+                pts = rep.timeline[which] if rep is not None else []
                 series = out[which]
                 series.append(PipelinePoint(st.name, s.name, "(enter)", "", x0, base, base))
                 if not pts:  # a step that runs no module: one point
                     series.append(PipelinePoint(st.name, s.name, s.name, "", x0 + width / 2, base + act, base + act))
                     continue
-                for n, t in enumerate(pts):
+                for k, t in enumerate(pts):
                     series.append(PipelinePoint(st.name, s.name, t.node, t.module,
-                                                x0 + width * (n + 1) / (len(pts) + 1),
+                                                x0 + width * (k + 1) / (len(pts) + 1),
                                                 base + t.live_bytes, base + t.peak_bytes))
+            x0 += width
     return out

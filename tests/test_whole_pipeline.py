@@ -32,11 +32,24 @@ def _halo_regions(compiled):
     return [r for r in compiled.explain().regions if r.dim == "height (halo)" and r.slices > 1]
 
 
+BUDGET = 9 * 2**20  # the tiny SVD pipeline at 32x32 px, 3 frames, float32: its weights take 9.5 MiB together
+
+
+@pytest.fixture(scope="module")
+def svd_budget_plan():
+    """explain_pipeline of the tiny SVD pipeline (on the meta device) under BUDGET, as compile_pipeline runs it."""
+    return fxstream.explain_pipeline(build_pipeline("svd-tiny", dtype=torch.float32), height=32, width=32,
+                                     num_frames=3, policy=fxstream.Policy(max_memory=BUDGET))
+
+
 @pytest.mark.parametrize("kind", ["svd", "animatediff"])
 def test_compiled_pipeline_frames_equal(kind, svd_reference):
     """Policy(halo=2): the UNet runs its exported graph unsliced (bitwise), the VAE decoder is halo-sliced into
     two bands of rows (exact up to float rounding): frames within 1e-5 of the uncompiled pipeline's. The
-    pipeline is the same object, and it keeps working (a second call gives the same frames)."""
+    pipeline is the same object, and it keeps working (a second call gives the same frames).
+
+    SVD: its temporal decoder mixes frames, so decoding in chunks changes the video; the compiled pipeline's
+    decode_latents decodes all num_frames frames at once whatever decode_chunk_size it is given."""
     pipe = tiny_pipeline(kind)
     ref = svd_reference if kind == "svd" else _frames(pipe)
     out = fxstream.compile_pipeline(pipe, fxstream.Policy(halo=2))
@@ -51,33 +64,24 @@ def test_compiled_pipeline_frames_equal(kind, svd_reference):
     assert torch.equal(_frames(pipe), got)
     with pytest.raises(TypeError, match="already compiled"):
         fxstream.compile_pipeline(pipe)
+    if kind == "svd":
+        frames, plain = 3, tiny_pipeline("svd")
+        latents = torch.randn(1, frames, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            whole = plain.decode_latents(latents, frames, frames)
+            chunked = plain.decode_latents(latents, frames, 1)
+            decoded = pipe.decode_latents(latents, frames, 1)
+        assert (chunked - whole).abs().max().item() > 1e-3  # chunks do change SVD's video
+        assert (decoded - whole).abs().max().item() <= 1e-5
 
 
-def test_svd_decodes_all_frames_at_once():
-    """SVD's temporal decoder mixes frames: decoding in chunks changes the video. The compiled pipeline's
-    decode_latents decodes all num_frames frames at once whatever decode_chunk_size it is given, so it gives the
-    uncompiled pipeline's decode_chunk_size=num_frames frames."""
-    frames = 3
-    plain, pipe = tiny_pipeline("svd"), tiny_pipeline("svd")
-    fxstream.compile_pipeline(pipe, fxstream.Policy(halo=2))
-    latents = torch.randn(1, frames, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        whole = plain.decode_latents(latents, frames, frames)
-        chunked = plain.decode_latents(latents, frames, 1)
-        got = pipe.decode_latents(latents, frames, 1)
-    assert (chunked - whole).abs().max().item() > 1e-3  # chunks do change SVD's video
-    assert (got - whole).abs().max().item() <= 1e-5
-    assert _halo_regions(pipe.vae.decoder)
-
-
-def test_budget_compiles_and_offloads(svd_reference):
-    """A 9 MiB budget on the tiny SVD pipeline (32x32, 3 frames, float32; weights 9.5 MiB together): every stage
-    must offload the modules it does not use, and the UNet must be sliced. Frames within 1e-4 (the sliced UNet's
-    rounding compounds over the denoising steps, see test_pipelines.py); on the CPU nothing is moved. The
-    decisions and each module's budget match explain_pipeline's plan of the same run on the meta device."""
-    budget = 9 * 2**20
+def test_budget_compiles_and_offloads(svd_reference, svd_budget_plan):
+    """Under BUDGET every stage must offload the modules it does not use, and the UNet must be sliced. Frames
+    within 1e-4 (the sliced UNet's rounding compounds over the denoising steps, see test_pipelines.py); on the
+    CPU nothing is moved. The decisions and the UNet's budget and plan match explain_pipeline's plan of the same
+    run on the meta device."""
     pipe = tiny_pipeline("svd")
-    fxstream.compile_pipeline(pipe, fxstream.Policy(max_memory=budget))
+    fxstream.compile_pipeline(pipe, fxstream.Policy(max_memory=BUDGET))
     got = _frames(pipe)
     assert (got - svd_reference).abs().max().item() <= 1e-4
     state = pipe.fxstream
@@ -89,14 +93,10 @@ def test_budget_compiles_and_offloads(svd_reference):
         r = m.explain()
         assert m.policy.max_memory == state.max_memory[name]
         assert r.weight_bytes + r.peak_bytes <= state.max_memory[name]
-    # the planner takes the same decisions, and plans the UNet as it was compiled
-    plan = fxstream.explain_pipeline(build_pipeline("svd-tiny", dtype=torch.float32), height=32, width=32,
-                                     num_frames=3, policy=fxstream.Policy(max_memory=budget))
+    plan = svd_budget_plan
     assert {s.name: s.offload for s in plan.stages} == state.offload
     step = plan.stage("denoise").steps[0]
-    assert step.activation_bytes == unet.peak_bytes and step.max_memory == state.max_memory["unet"]
-    assert plan.peak_bytes <= budget < plan.original_peak_bytes
-    assert all(s.peak_bytes <= budget for s in plan.stages)
+    assert step.max_memory == state.max_memory["unet"] and step.activation_bytes == unet.peak_bytes
 
 
 def test_budget_that_cannot_be_met_names_the_stage():
@@ -118,25 +118,23 @@ def test_budget_that_cannot_be_met_names_the_stage():
     assert pipe.fxstream.offload["encode"] is True  # encode ran, with the UNet offloaded
 
 
-def test_explain_pipeline_figures(tmp_path):
-    """The tiny SVD pipeline at 96x96 px under 18 MiB: the UNet and the VAE decoder are both sliced to fit (the
-    decoder with halos), every stage is planned below the budget and at most its original peak, the lower bounds
-    are below the plans, and the timeline covers the three stages in order."""
-    budget = 18 * 2**20
-    pipe = build_pipeline("svd-tiny", dtype=torch.float32)
-    r = fxstream.explain_pipeline(pipe, height=96, width=96, num_frames=3, policy=fxstream.Policy(max_memory=budget))
+def test_explain_pipeline_figures(svd_budget_plan, tmp_path):
+    """Every stage planned below the budget and at most its original peak, lower bounds below the plans, the
+    UNet sliced (the decoder fits unsliced once the UNet and image encoder are offloaded), and a timeline that
+    covers the three stages in order."""
+    r = svd_budget_plan
     assert [s.name for s in r.stages] == ["encode", "denoise", "decode"]
     assert [s.name for s in r.stage("encode").steps] == ["image_encoder", "vae.encoder"]
     assert [s.name for s in r.stage("decode").steps] == ["vae.decoder", "decode_latents"]
     for s in r.stages:
-        assert s.lower_bound_bytes <= s.peak_bytes <= min(budget, s.original_peak_bytes)
+        assert s.lower_bound_bytes <= s.peak_bytes <= min(BUDGET, s.original_peak_bytes)
         assert s.peak_bytes == max(st.weight_bytes + st.held_bytes + st.activation_bytes for st in s.steps)
-    assert r.peak_bytes <= budget < r.original_peak_bytes
-    unet = r.stage("denoise").steps[0]
-    dec = r.stage("decode").steps[0]
-    assert unet.report.regions and any(x.dim == "height (halo)" for x in dec.report.regions)
-    assert dec.max_memory == budget - dec.held_bytes - (dec.weight_bytes - dec.report.weight_bytes)
-    assert unet.resident == {"unet": unet.weight_bytes}  # the VAE and image encoder offloaded
+    assert r.peak_bytes <= BUDGET < r.original_peak_bytes
+    unet, dec = r.stage("denoise").steps[0], r.stage("decode").steps[0]
+    assert unet.report.regions and unet.activation_bytes < unet.original_activation_bytes
+    assert unet.resident == {"unet": unet.weight_bytes}  # the VAE and the image encoder offloaded
+    assert dec.resident == {"vae": dec.weight_bytes} and not dec.report.regions
+    assert dec.max_memory == BUDGET - dec.held_bytes - (dec.weight_bytes - dec.report.weight_bytes)
     for which, peak in (("original", r.original_peak_bytes), ("compiled", r.peak_bytes)):
         points = r.timeline[which]
         assert [p.stage for p in points] == sorted((p.stage for p in points), key=["encode", "denoise", "decode"].index)
@@ -144,7 +142,7 @@ def test_explain_pipeline_figures(tmp_path):
         assert all(a.x <= b.x for a, b in zip(points, points[1:]))
         assert max(p.peak_bytes for p in points) == peak
     text = r.table()
-    assert "denoise" in text and "decode_latents" in text and "18.0 MiB" in text
+    assert "denoise" in text and "decode_latents" in text and "9.0 MiB" in text
     data = json.loads(json.dumps(r.to_json()))
     assert data["peak_bytes"] == r.peak_bytes and len(data["stages"]) == 3
     r.plot(tmp_path / "timeline.png")
