@@ -273,6 +273,10 @@ def _pipeline_options() -> argparse.ArgumentParser:
     g.add_argument("--halo", type=_count, metavar="N",
                    help="the VAE decoder's slices along height (halo slicing; with --max-memory the most it may "
                         "use, 64 if not given). Example: --halo 8")
+    g.add_argument("--offload", choices=("auto", "always", "never"), default="auto",
+                   help="with --max-memory: move the modules a stage does not use off the accelerator when the "
+                        "budget needs it (auto, default), in every stage (always: the fewest slices), or never. "
+                        "Example: --offload always")
     g.add_argument("--plot", type=Path, metavar="PNG",
                    help="write the memory timeline across the stages, original against planned, with the "
                         "budget, to this PNG. Example: --plot svd-xt.png")
@@ -365,7 +369,8 @@ def cmd_pipeline(args, policy: Policy, progress: Progress) -> int:
         try:
             report = explain_pipeline(pipe, height=args.height, width=args.width, num_frames=args.frames,
                                       policy=policy, batch=args.batch, guidance=not args.no_guidance,
-                                      decode_chunk_size=args.decode_chunk_size)
+                                      decode_chunk_size=args.decode_chunk_size,
+                                      offload=args.offload if policy.max_memory is not None else "auto")
         except ValueError as e:  # a size the pipeline's VAE cannot take
             raise UsageError(str(e)) from None
         report.lower_bound_bytes  # noqa: B018  (computed on first access: inside the progress step)

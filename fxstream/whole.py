@@ -154,11 +154,17 @@ class _Fit:
 
 
 def _fit(budget: int, stage: str, step: str, own: int, held: int, keep: dict, least: dict, attempt,
-         offloaded: bool, sliced: bool) -> _Fit:
+         offloaded: bool, sliced: bool, mode: str = "auto") -> _Fit:
     """Fit one step of ``stage``: first with every module resident (``keep``: component -> weight bytes), then
-    with the ones the stage does not use offloaded (``least``). ``attempt(max_memory)`` plans the module with
-    that budget for its own weights (``own``) and activations, raising MemoryBudgetError when it cannot."""
-    modes = [True] if offloaded or sum(least.values()) >= sum(keep.values()) else [False, True]
+    with the ones the stage does not use offloaded (``least``); ``mode`` ``"always"`` / ``"never"`` tries only
+    the one. ``attempt(max_memory)`` plans the module with that budget for its own weights (``own``) and
+    activations, raising MemoryBudgetError when it cannot."""
+    if sum(least.values()) >= sum(keep.values()):
+        modes = [True]  # nothing to offload
+    elif mode == "never":
+        modes = [False]
+    else:
+        modes = [True] if offloaded or mode == "always" else [False, True]
     last = None
     for offload in modes:
         resident = least if offload else keep
@@ -169,10 +175,11 @@ def _fit(budget: int, stage: str, step: str, own: int, held: int, keep: dict, le
             return _Fit(attempt(max(room, 1)), offload, room, resident)
         except MemoryBudgetError as e:
             last = e
-    w = sum(least.values())
-    lb = last.lower_bound_bytes
-    parts = " + ".join(f"{k} {format_bytes(v)}" for k, v in least.items()) or "none"
-    others = "; every module the stage does not use offloaded" if len(keep) > len(least) else ""
+    resident = least if modes[-1] else keep  # the last try: the fewest weights this mode allows
+    w, lb = sum(resident.values()), last.lower_bound_bytes
+    parts = " + ".join(f"{k} {format_bytes(v)}" for k, v in resident.items()) or "none"
+    others = "; every module the stage does not use offloaded" if len(keep) > len(resident) else \
+        "; offload='never' keeps the modules it does not use" if len(keep) > len(least) else ""
     how = "the lowest any slicing fxstream allows" if sliced else "planned; fxstream does not slice it"
     hint = {"decode": "decode fewer frames at once or a smaller resolution",
             "denoise": "make the video smaller (frames, resolution, batch) or the dtype narrower",
@@ -229,10 +236,11 @@ class PipelineState:
     as (stage, component, device). ``device``: the accelerator the pipeline runs on (None: CPU, nothing moves).
     """
 
-    def __init__(self, pipe, kind: str, policy: Policy):
+    def __init__(self, pipe, kind: str, policy: Policy, offload: str = "auto"):
         self.kind = kind
         self.policy = policy
         self.budget = policy.max_memory
+        self.offload_mode = offload
         self.offload = {s: None for s in STAGES}
         self.max_memory: dict = {}
         self.moves: list = []
@@ -289,7 +297,8 @@ class PipelineState:
             return CompiledModule._entry(cm, kwargs)
 
         fit = _fit(self.budget, cm._stage, cm._name, module_bytes(cm.module), held, now,
-                   self._least(cm._stage, now), attempt, bool(self.offload[cm._stage]), sliced=True)
+                   self._least(cm._stage, now), attempt, bool(self.offload[cm._stage]), sliced=True,
+                   mode=self.offload_mode)
         self._decide(cm._stage, fit, cm._name)
         self._place(cm._stage)
         return fit.result
@@ -312,7 +321,8 @@ class PipelineState:
                 self._decide("encode", _Fit(None, True, 0, {}), name)
             else:
                 fit = _fit(self.budget, "encode", name, 0, _tensor_bytes(kw.values()), now, self._least("encode", now),
-                           _fixed(0, report.peak_bytes), bool(self.offload["encode"]), sliced=False)
+                           _fixed(0, report.peak_bytes), bool(self.offload["encode"]), sliced=False,
+                           mode=self.offload_mode)
                 self._decide("encode", fit, name)
             self._place("encode")
         setattr(hook, _HOOK_MARK, True)
@@ -338,7 +348,7 @@ class PipelineState:
             now = self._bytes_now()
             fit = _fit(self.budget, "decode", "decode_latents", 0, 0, now, self._least("decode", now),
                        _fixed(0, _decode_tail_bytes(n * per_frame, dtype.itemsize)), bool(self.offload["decode"]),
-                       sliced=False)
+                       sliced=False, mode=self.offload_mode)
             self._decide("decode", fit, "decode_latents")
             self._place("decode")
 
@@ -354,7 +364,17 @@ def planned_moves(where: dict, used: list, offload: bool, device) -> list:
     return moves
 
 
-def compile_pipeline(pipe, policy: Policy | None = None):
+def _check_offload(offload, policy: Policy) -> str:
+    if offload not in ("auto", "always", "never"):
+        raise ValueError(f"offload: expected 'auto' (move the modules a stage does not use off the accelerator "
+                         f"when the budget needs it), 'always' or 'never', got {offload!r}")
+    if offload != "auto" and policy.max_memory is None:
+        raise ValueError(f"offload={offload!r}: only used with a budget; write "
+                         "policy=fxstream.Policy(max_memory='6GiB')")
+    return offload
+
+
+def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto"):
     """Compile every heavy module of a ``StableVideoDiffusionPipeline`` or ``AnimateDiffPipeline`` in place and
     return the same pipeline, usable as before.
 
@@ -367,11 +387,15 @@ def compile_pipeline(pipe, policy: Policy | None = None):
     (:class:`PipelineState`); a stage that cannot fit raises :class:`PipelineBudgetError` (a
     MemoryBudgetError) naming it, before anything of that stage runs.
 
+    ``offload="always"`` moves them off in every stage (the most room for activations: the fewest slices, at the
+    cost of moving weights at every stage), ``"never"`` keeps everything on the accelerator.
+
     SVD's ``decode_latents`` is wrapped to decode all ``num_frames`` frames of a video at once (exact; see the
     module docstring).
     """
     kind = pipeline_kind(pipe)
     policy = _check_policy(policy)
+    offload = _check_offload(offload, policy)
     units = _units(pipe)
     for name in ("unet", "vae"):
         if name not in units:
@@ -385,7 +409,7 @@ def compile_pipeline(pipe, policy: Policy | None = None):
             raise ValueError(f"pipe: accelerate offload hooks on {', '.join(hooked) or 'the pipeline'}: with "
                              "max_memory, compile_pipeline moves the modules itself; call pipe.remove_all_hooks() "
                              "(undo enable_model_cpu_offload / enable_sequential_cpu_offload) first")
-    state = PipelineState(pipe, kind, policy)
+    state = PipelineState(pipe, kind, policy, offload)
     compile_module(pipe.unet, stage_policy(policy, "denoise"))  # the same checks fxstream.compile makes
     pipe.unet = _StageModule(pipe.unet, stage_policy(policy, "denoise"), state, "denoise", "unet")
     pipe.vae.decoder = _StageModule(pipe.vae.decoder, stage_policy(policy, "decode"), state, "decode", "vae.decoder")
@@ -701,8 +725,8 @@ def _required(entry, name: str):
 class _Planner:
     """Plans the steps of the stages in order under one budget (the same decisions compile_pipeline takes)."""
 
-    def __init__(self, kind: str, units: dict, policy: Policy):
-        self.kind, self.policy, self.budget = kind, policy, policy.max_memory
+    def __init__(self, kind: str, units: dict, policy: Policy, offload: str = "auto"):
+        self.kind, self.policy, self.budget, self.mode = kind, policy, policy.max_memory, offload
         self.used = _stage_units(kind, units)
         self.bytes = {k: module_bytes(m) for k, m in units.items()}
         self.offload = {s: False for s in STAGES}
@@ -732,7 +756,8 @@ class _Planner:
             attempt = _fixed(0, fixed.report.peak_bytes)
         entry, max_memory = None, None
         if self.budget is not None:
-            fit = _fit(self.budget, stage, name, own, held_in, now, least, attempt, self.offload[stage], sliced)
+            fit = _fit(self.budget, stage, name, own, held_in, now, least, attempt, self.offload[stage], sliced,
+                       self.mode)
             self.offload[stage] = self.offload[stage] or fit.offload
             if sliced and tail is None:
                 entry, max_memory = fit.result, fit.max_memory
@@ -770,7 +795,7 @@ class _Planner:
 
 def explain_pipeline(pipe, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                      policy: Policy | None = None, batch: int = 1, guidance: bool = True,
-                     decode_chunk_size: int | None = None) -> PipelineReport:
+                     decode_chunk_size: int | None = None, offload: str = "auto") -> PipelineReport:
     """Plan a whole ``StableVideoDiffusionPipeline`` or ``AnimateDiffPipeline`` run under ``policy`` without
     computing anything (a pipeline built on the meta device works: :func:`fxstream.pipelines.build_pipeline`).
 
@@ -783,13 +808,14 @@ def explain_pipeline(pipe, *, height: int | None = None, width: int | None = Non
     pipeline is called with (default: diffusers' default, SVD ``num_frames``, AnimateDiff 16); the compiled SVD
     pipeline decodes ``num_frames`` at once, the compiled AnimateDiff pipeline uses the same chunks.
 
-    Each stage is planned with the same decisions :func:`compile_pipeline` takes; a stage that cannot fit the
+    Each stage is planned with the same decisions :func:`compile_pipeline` takes (``offload`` as there); a stage that cannot fit the
     budget raises :class:`PipelineBudgetError` naming it. The original figures are the uncompiled pipeline's
     with every module resident.
     """
     start = time.perf_counter()
     kind = pipeline_kind(pipe)
     policy = _check_policy(policy)
+    offload = _check_offload(offload, policy)
     units = _units(pipe)
     for name in ("unet", "vae"):
         if name not in units:
@@ -822,7 +848,7 @@ def explain_pipeline(pipe, *, height: int | None = None, width: int | None = Non
     def empty(*shape, dtype=dt):
         return torch.empty(shape, dtype=dtype, device=dev)
 
-    plan = _Planner(kind, units, policy)
+    plan = _Planner(kind, units, policy, offload)
     # encode ---------------------------------------------------------------------------------------------------
     if kind == "svd":
         enc = pipe.image_encoder

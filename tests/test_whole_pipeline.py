@@ -9,7 +9,7 @@ import torch
 import fxstream
 from fxstream import cli
 from fxstream.pipelines import build_pipeline, pipeline_inputs, tiny_pipeline
-from fxstream.whole import PipelineBudgetError, planned_moves
+from fxstream.whole import PipelineBudgetError, _fit, planned_moves
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -161,10 +161,40 @@ def test_unsupported_pipeline_and_bad_arguments():
         fxstream.explain_pipeline(pipe, height=33, width=32)
     with pytest.raises(ValueError, match="num_frames: expected an int >= 1"):
         fxstream.explain_pipeline(pipe, height=32, width=32, num_frames=0)
+    with pytest.raises(ValueError, match="offload: expected 'auto'"):
+        fxstream.compile_pipeline(pipe, fxstream.Policy(max_memory="1GiB"), offload=True)
+    with pytest.raises(ValueError, match="offload='always': only used with a budget"):
+        fxstream.explain_pipeline(pipe, height=32, width=32, offload="always")
     with pytest.raises(TypeError, match="policy: expected fxstream.Policy"):
         fxstream.compile_pipeline(pipe, policy={"max_memory": "6GiB"})
     with pytest.raises(ValueError, match="name: unknown pipeline 'sd15'"):
         build_pipeline("sd15")
+
+
+def test_fit_offloads_only_when_needed():
+    """A step is planned with every module resident first, and with the modules its stage does not use offloaded
+    only if that fails; offload='always' / 'never' try one; the error names the stage and gives its figures."""
+    keep, least = {"unet": 60, "vae": 30, "image_encoder": 10}, {"vae": 30}
+    tried = []
+
+    def attempt(room):  # the module's weights (30) and activations (at least 40) must fit its room
+        tried.append(room)
+        if room < 70:
+            raise fxstream.MemoryBudgetError("no", max_memory=room, weight_bytes=30, lower_bound_bytes=40)
+        return room
+
+    fit = _fit(200, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True)
+    assert (fit.offload, fit.max_memory, tried) == (False, 125, [125])  # 200 - (100 - 30) - 5: everything stays
+    tried.clear()
+    fit = _fit(120, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True)
+    assert (fit.offload, fit.max_memory, tried) == (True, 115, [45, 115])
+    tried.clear()
+    fit = _fit(200, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True, mode="always")
+    assert (fit.offload, tried) == (True, [195])
+    with pytest.raises(PipelineBudgetError, match=r"^decode stage \(vae.decoder\).*weights resident"
+                       r".*offload='never'.*held by the pipeline.*activations lower bound") as e:
+        _fit(120, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True, mode="never")
+    assert (e.value.stage, e.value.weight_bytes, e.value.held_bytes, e.value.lower_bound_bytes) == ("decode", 100, 5, 40)
 
 
 def test_planned_moves():
