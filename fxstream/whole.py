@@ -19,8 +19,10 @@ holds across the call (the module's inputs; while decoding, the frames of earlie
 planned activations. :func:`compile_pipeline` compiles the UNet and the VAE decoder (halo slicing along height:
 :class:`~fxstream.Policy` ``halo``) each with ``max_memory = budget - the other weights resident - what the
 pipeline holds``. Modules a stage does not use stay where they are while that budget can be met with them
-resident, and move to the CPU (plain ``.to()`` calls, from forward pre-hooks) when it cannot; on a pipeline that
-runs on the CPU nothing moves and the decisions are only recorded (``pipe.fxstream``).
+resident, and move to the CPU (plain ``.to()`` calls, from forward pre-hooks) when it cannot (``offload=`` changes
+the rule); on a pipeline that runs on the CPU nothing moves and the decisions are only recorded (``pipe.fxstream``).
+The accelerator is where the pipeline's modules are, or ``compile_pipeline(..., device="cuda")`` for a pipeline
+left on the CPU whose weights together exceed the budget.
 
 Exact decoding: SVD's temporal decoder mixes frames, so decoding in chunks of ``decode_chunk_size < num_frames``
 frames changes the video. A compiled SVD pipeline always decodes ``num_frames`` frames at once (its
@@ -106,6 +108,12 @@ def _stage_units(kind: str, units: dict) -> dict:
     """The components each stage runs (the rest may be offloaded during it)."""
     encode = ["image_encoder", "vae"] if kind == "svd" else ["text_encoder"]
     return {"encode": [u for u in encode if u in units], "denoise": ["unet"], "decode": ["vae"]}
+
+
+def _device_of(module: torch.nn.Module):
+    """The device of ``module``'s first parameter or buffer (None: it has none)."""
+    t = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return t.device if t is not None else None
 
 
 def _inner(module):
@@ -258,9 +266,9 @@ class PipelineState:
     def _exec_device(self):
         if self.device is None:
             for m in _units(self._pipe).values():
-                p = next(m.parameters(), None)
-                if p is not None and p.device.type not in ("cpu", "meta"):
-                    self.device = p.device
+                d = _device_of(m)
+                if d is not None and d.type not in ("cpu", "meta"):
+                    self.device = d
                     break
         return self.device
 
@@ -270,7 +278,7 @@ class PipelineState:
         if device is None:
             return  # a CPU pipeline: nothing to move
         units = _units(self._pipe)
-        where = {k: (next(m.parameters()).device if module_bytes(m) else None) for k, m in units.items()}
+        where = {k: _device_of(m) for k, m in units.items()}
         for unit, target in planned_moves(where, _stage_units(self.kind, units)[stage], bool(self.offload[stage]),
                                           device):
             units[unit].to(target)
@@ -374,7 +382,7 @@ def _check_offload(offload, policy: Policy) -> str:
     return offload
 
 
-def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto"):
+def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto", device=None):
     """Compile every heavy module of a ``StableVideoDiffusionPipeline`` or ``AnimateDiffPipeline`` in place and
     return the same pipeline, usable as before.
 
@@ -389,6 +397,11 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
 
     ``offload="always"`` moves them off in every stage (the most room for activations: the fewest slices, at the
     cost of moving weights at every stage), ``"never"`` keeps everything on the accelerator.
+
+    The accelerator is where the pipeline's modules are (``pipe.to("cuda")`` first), or ``device`` (with a
+    budget): a pipeline whose weights together exceed the budget can stay on the CPU, each stage's modules are
+    moved to ``device`` when it starts (the encode stage's ones at once, so that diffusers' execution device is
+    ``device``).
 
     SVD's ``decode_latents`` is wrapped to decode all ``num_frames`` frames of a video at once (exact; see the
     module docstring).
@@ -409,7 +422,16 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
             raise ValueError(f"pipe: accelerate offload hooks on {', '.join(hooked) or 'the pipeline'}: with "
                              "max_memory, compile_pipeline moves the modules itself; call pipe.remove_all_hooks() "
                              "(undo enable_model_cpu_offload / enable_sequential_cpu_offload) first")
+    if device is not None:
+        device = torch.device(device)
+        if device.type in ("cpu", "meta"):
+            raise ValueError(f"device: expected an accelerator such as 'cuda', got {str(device)!r}; a pipeline on "
+                             "the CPU needs no device")
+        if policy.max_memory is None:
+            raise ValueError("device: only used with a budget (the stages' modules are moved there as the budget "
+                             "allows); without one, move the pipeline there: pipe.to('cuda')")
     state = PipelineState(pipe, kind, policy, offload)
+    state.device = device
     compile_module(pipe.unet, stage_policy(policy, "denoise"))  # the same checks fxstream.compile makes
     pipe.unet = _StageModule(pipe.unet, stage_policy(policy, "denoise"), state, "denoise", "unet")
     pipe.vae.decoder = _StageModule(pipe.vae.decoder, stage_policy(policy, "decode"), state, "decode", "vae.decoder")
@@ -425,6 +447,8 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
             if isinstance(m, torch.nn.Module):
                 state._handles.append(m.register_forward_pre_hook(state._stage_hook("decode")))
     pipe.fxstream = state
+    if device is not None:
+        state._place("encode")  # diffusers creates its tensors on the first non-CPU module's device
     return pipe
 
 
@@ -519,6 +543,22 @@ class StepReport:
     max_memory: int | None = None  # the budget the compiled module got
     report: object = field(default=None, repr=False)  # fxstream.Report of the module (compiled)
     original_report: object = field(default=None, repr=False)  # fxstream.Report of its original call
+
+    @property
+    def slicing(self) -> str:
+        """The compiled module's slicing in a few words (regions, most slices; a halo region's passes and planned
+        compute, which recomputes halo rows and GroupNorm statistics)."""
+        if self.report is None or not self.sliced:
+            return "-"
+        regions = self.report.regions
+        if not regions:
+            return "none"
+        text = f"{len(regions)} region{'s' if len(regions) > 1 else ''}, up to {max(r.slices for r in regions)} slices"
+        halo = [r for r in regions if r.dim == "height (halo)"]
+        if halo:
+            worst = max(halo, key=lambda r: r.compute)
+            text += f"; halo up to {worst.passes} passes, {worst.compute:.1f}x compute"
+        return text
 
     @property
     def lower_bound_activation_bytes(self) -> int:
@@ -625,14 +665,16 @@ class PipelineReport:
         rows = []
         for st in self.stages:
             if not st.steps:
-                rows.append((st.name, "(nothing runs)", "", "", "", "", "", "", "", ""))
+                rows.append((st.name, "(nothing runs)", "", "", "", "", "", "", "", "", ""))
             for s in st.steps:
                 rows.append((st.name, s.name + ("" if s.sliced else " *"), s.runs,
                              b(s.weight_bytes) + f" ({', '.join(s.resident) or '-'})",
                              ", ".join(st.offloaded) if st.offload else "-", b(s.held_bytes),
-                             b(s.original_peak_bytes), b(s.peak_bytes), b(s.lower_bound_bytes), b(s.max_memory)))
+                             b(s.original_peak_bytes), b(s.peak_bytes), b(s.lower_bound_bytes), b(s.max_memory),
+                             s.slicing))
         head = tabulate(rows, headers=["stage", "module", "runs", "weights resident", "offloaded", "held",
-                                       "original peak", "planned peak", "lower bound", "max_memory given"])
+                                       "original peak", "planned peak", "lower bound", "max_memory given",
+                                       "slicing"])
         budget = f", budget {format_bytes(self.budget)}" if self.budget is not None else ""
         fits = "" if self.budget is None else (" (fits)" if self.peak_bytes <= self.budget else " (over budget)")
         return (f"{self.describe()}\n{head}\n* planned as diffusers runs it (fxstream does not slice it)\n"
@@ -660,7 +702,8 @@ class PipelineReport:
                            "lower_bound_activation_bytes": s.lower_bound_activation_bytes,
                            "peak_bytes": s.peak_bytes, "original_peak_bytes": s.original_peak_bytes,
                            "lower_bound_bytes": s.lower_bound_bytes, "max_memory": s.max_memory,
-                           "regions": len(s.report.regions) if s.report is not None else 0}
+                           "regions": len(s.report.regions) if s.report is not None else 0,
+                           "slicing": s.slicing}
                           for s in st.steps],
             } for st in self.stages],
         }

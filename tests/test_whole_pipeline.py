@@ -165,6 +165,10 @@ def test_unsupported_pipeline_and_bad_arguments():
         fxstream.compile_pipeline(pipe, fxstream.Policy(max_memory="1GiB"), offload=True)
     with pytest.raises(ValueError, match="offload='always': only used with a budget"):
         fxstream.explain_pipeline(pipe, height=32, width=32, offload="always")
+    with pytest.raises(ValueError, match="device: expected an accelerator"):
+        fxstream.compile_pipeline(pipe, fxstream.Policy(max_memory="1GiB"), device="cpu")
+    with pytest.raises(ValueError, match="device: only used with a budget"):
+        fxstream.compile_pipeline(pipe, device="cuda")
     with pytest.raises(TypeError, match="policy: expected fxstream.Policy"):
         fxstream.compile_pipeline(pipe, policy={"max_memory": "6GiB"})
     with pytest.raises(ValueError, match="name: unknown pipeline 'sd15'"):
