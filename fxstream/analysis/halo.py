@@ -573,7 +573,8 @@ def _static(region: HaloRegion) -> dict:
                 conv = (*conv_params(n, d - 2), _tensor_bytes(x) // max(_shape(x)[d], 1))
             v = n.meta["val"]
             f32 = row * 4 // v.element_size() if kind == "stats" and v.dtype not in (torch.float32, torch.float64) else 0
-            out[n] = (row, alias, conv, f32)
+            up = upsample_factor(n, d) if kind == "upsample" else 0
+            out[n] = (row, alias, conv, f32, up)
         region._static = out
     return region._static
 
@@ -616,13 +617,14 @@ def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = N
                     best, best_pass = (copy_rows[t] * (b - a), pi) if copy_rows[t] * (b - a) > best else (best, best_pass)
             for j, n in enumerate(todo):
                 lo, hi = need[n]
-                row, alias, conv, f32 = static[n]
+                row, alias, conv, f32, up = static[n]
                 base = root.get(n.args[0]) if alias else None
                 if base is not None:
                     root[n] = base
                 else:
                     root[n] = n
-                    held[n] = row * (hi - lo)
+                    # an upsampled band is made whole from its input rows, then narrowed (a view of it)
+                    held[n] = row * ((((hi - 1) // up + 1) - lo // up) * up if up else hi - lo)
                     live += held[n]
                 users_left[root[n]] = max(users_left.get(root[n], j), last.get(n, j))
                 extra = f32 * (hi - lo)
