@@ -239,22 +239,21 @@ def _name_heights(gm: GraphModule) -> tuple[dict, dict]:
     dims[src] = src.meta["val"].dim() - 2
     work = [src]
 
-    def try_node(u: Node, want: tuple | None = None) -> dict | None:
+    def try_node(u: Node) -> int | None:
+        """The dim of ``u`` holding the height, if its rule takes every named input where it is named."""
         rule = halo_rule(u)
         if rule is None:
             reasons[u] = f"no halo rule for {u.target}"
             return None
-        for e in range(len(_shape(u)) if _tensor_valued(u) else 0):
+        for e in range(len(_shape(u))):
             try:
                 req = rule.need(u, e, 0, _shape(u)[e])
             except CantSlice as err:
                 reasons[u] = str(err)
                 continue
-            if want is not None and e != want[1]:
-                continue
-            if all(r is WHOLE or p not in dims or dims[p] == r[0] for p, r in req.items()) and \
-                    (want is not None or any(r is not WHOLE and p in dims for p, r in req.items())):
-                return {"dim": e, "req": req}
+            named = [(p, r) for p, r in req.items() if r is not WHOLE and p in dims]
+            if named and all(dims[p] == r[0] for p, r in named):
+                return e
         return None
 
     while work:
@@ -264,7 +263,7 @@ def _name_heights(gm: GraphModule) -> tuple[dict, dict]:
                 continue
             found = try_node(u)
             if found is not None:
-                dims[u] = found["dim"]
+                dims[u] = found
                 reasons.pop(u, None)
                 work.append(u)
         # backwards: inputs of a named op that its rule needs in rows get the height named too
