@@ -202,23 +202,44 @@ def halo_lower_bound(gm: GraphModule, policy: Policy) -> Floor:
     return Floor(None, cg, plan_memory(cg.graph_module))
 
 
+def _halo_flops(cg: CompiledGraph, flops: dict) -> float:
+    """Planned FLOPs of a compiled graph with halo regions: each region's ops times its compute factor."""
+    inside, total = set(), 0.0
+    for n in cg.graph_module.graph.nodes:
+        if n.op == "call_module" and n.name.startswith("halo_"):
+            loop = cg.graph_module.get_submodule(n.target)
+            names = {m.name for m in loop.region.nodes}
+            inside |= names
+            total += loop.plan(flops).compute_factor * sum(flops.get(m, 0) for m in names)
+    return total + sum(v for k, v in flops.items() if k not in inside)
+
+
 def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[CompiledGraph, int]:
-    """Halo slicing under ``policy.max_memory``: the fastest (most values kept whole at checkpoints, then fewest
-    slices) whose planned peak plus ``weight_bytes`` fits. Returns the compiled graph and the lower bound;
-    MemoryBudgetError with both figures when nothing fits."""
+    """Halo slicing under ``policy.max_memory``: for each checkpoint size (values up to it kept whole), the
+    fewest slices whose planned peak plus ``weight_bytes`` fits; of those, the one with the fewest planned FLOPs
+    (halo rows and statistics passes recomputed). Returns the compiled graph and the lower bound (None: not
+    computed); MemoryBudgetError with both figures when nothing fits."""
+    from .analysis.cost import node_flops
     budget = policy.max_memory - weight_bytes
     if plan_memory(gm).peak_bytes <= budget:
         return compile_graph(gm, Policy(), None), None
-    best_peak = None
+    best_peak, best, flops = None, None, None
     for keep in _keep_choices(gm, policy):
         for count in _halo_counts(policy):
             cg = compile_graph(gm, replace(policy, halo=count, max_memory=None), None, halo_keep=keep)
             peak = plan_memory(cg.graph_module).peak_bytes
             best_peak = peak if best_peak is None else min(best_peak, peak)
             if peak <= budget:
-                log.info("halo budget %s met: %d slices, values up to %s kept whole", format_bytes(budget), count,
-                         format_bytes(keep))
-                return cg, None
+                flops = node_flops(cg.prepared) if flops is None else flops
+                cost = _halo_flops(cg, flops)
+                if best is None or cost < best[0]:
+                    best = (cost, cg, count, keep)
+                break
+    if best is not None:
+        cost, cg, count, keep = best
+        log.info("halo budget %s met: %d slices, values up to %s kept whole, %.2fx planned FLOPs",
+                 format_bytes(budget), count, format_bytes(keep), cost / max(sum(flops.values()), 1))
+        return cg, None
     raise MemoryBudgetError(
         f"Policy.max_memory={format_bytes(policy.max_memory)} cannot be met: the weights take "
         f"{format_bytes(weight_bytes)} and halo slicing (up to {_halo_counts(policy)[-1]} slices along height) plans "

@@ -70,6 +70,7 @@ class CompiledGraph:
     prepared: GraphModule  # after the preparing passes, before grouping (what the plan's nodes belong to)
     inner: list = field(default_factory=list)  # CompiledGraphs of batch-region bodies (one per slice size)
     halo: list = field(default_factory=list)  # HaloRegions grouped at the top level (Policy(halo=...))
+    halo_reasons: dict = field(default_factory=dict)  # node name -> why halo slicing left it out
 
 
 def _loops(gm: GraphModule) -> list:
@@ -100,8 +101,9 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
     cg = _compile(gm, policy, layout, counts, inner_counts)
     set_pipeline(cg.graph_module, policy.pipeline, policy.cpu_workers)
     if (policy.halo or 1) > 1:
-        cg.halo, _ = find_halo_regions(cg.graph_module, policy.halo, policy.min_region_fraction,
-                                       keep_bytes=halo_keep)
+        cg.halo, why = find_halo_regions(cg.graph_module, policy.halo, policy.min_region_fraction,
+                                         keep_bytes=halo_keep)
+        cg.halo_reasons = {n.name: f"height (halo): {r}" for n, r in why.items()}
         cg.graph_module = group_halo_regions(cg.graph_module, cg.halo)
     return cg
 

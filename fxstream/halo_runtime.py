@@ -130,6 +130,7 @@ class HaloLoop(torch.nn.Module):
                         d = self.region.dims[n]
                         t, lo = env[n]
                         outs[out_index[n]].narrow(d, a, b - a).copy_(t.narrow(d, a - lo, b - a))
+                        del t  # else the band outlives its slice
                     for f in free:
                         env.pop(f, None)
             for g, s in acc.items():
@@ -185,18 +186,23 @@ class HaloLoop(torch.nn.Module):
         x = n.args[0]
         k, s, p, dil = conv_params(n, d - 2)
         ilo, ihi = conv_band(k, s, p, dil, lo, hi)
-        t, tlo = env[x]
         length = x.meta["val"].shape[d]
         clo, chi = max(ilo, 0), min(ihi, length)
-        band = t.narrow(d, clo - tlo, max(chi - clo, 0))
-        pads = [0, 0] * (band.dim() - 1 - d) + [clo - ilo, ihi - chi]
-        band = aten.constant_pad_nd.default(band, pads, 0.0)
+        w = full[n.args[1]] if n.args[1] in full else env[n.args[1]][0]
+        if chi <= clo:  # every row this band needs is the convolution's zero padding
+            shape = list(x.meta["val"].shape)
+            shape[d] = ihi - ilo
+            band = torch.zeros(shape, dtype=x.meta["val"].dtype, device=w.device)
+        else:
+            t, tlo = env[x]
+            band = t.narrow(d, clo - tlo, chi - clo)
+            pads = [0, 0] * (band.dim() - 1 - d) + [clo - ilo, ihi - chi]
+            band = aten.constant_pad_nd.default(band, pads, 0.0)
         args = list(n.args) + [None] * (7 - len(n.args))
         nsp = band.dim() - 2
         padding = list(args[4]) if args[4] is not None else [0] * nsp
         padding = padding * nsp if len(padding) == 1 else padding
         padding[d - 2] = 0
-        w = full[n.args[1]] if n.args[1] in full else env[n.args[1]][0]
         b = None if args[2] is None else (full[args[2]] if args[2] in full else env[args[2]][0])
         return n.target(band, w, b, args[3] or [1] * nsp, padding, args[5] or [1] * nsp, args[6] or 1)
 

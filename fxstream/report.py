@@ -182,7 +182,7 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
     for n in compiled.prepared.graph.nodes:
         if n.op != "call_function" or n in in_region or n.name in in_halo:
             continue
-        reason = compiled.plan.reasons.get(n) or (
+        reason = compiled.plan.reasons.get(n) or getattr(compiled, "halo_reasons", {}).get(n.name) or (
             "the memory budget is met without slicing" if policy.max_memory is not None and not in_region else
             "policy slices nothing" if not policy.slices_anything else "not reached by any sliced axis")
         unsliced.append(UnslicedOp(n.name, str(n.target), module_path(n), reason, tensor_bytes(n)))

@@ -128,3 +128,24 @@ def test_quick_defaults():
     assert args.models == ["svd-tiny", "animatediff-tiny"] and args.repeats == 1
     assert "torch-compile" not in args.methods and "fxstream-slices" in args.methods
     assert bench_compare.parse_args([]).models == bench_compare.DEFAULT_MODELS
+
+
+def test_partial_file_resumes_finished_cases(tmp_path, monkeypatch):
+    """--partial: a finished case's rows are kept; run again, it is skipped; other settings start afresh."""
+    calls = []
+
+    def fake_run_case(case, device, methods, repeats, steps, timeout, log):
+        calls.append((case.name, device))
+        return [bench_compare.Row(model=case.name, device=device, method=m, label=m, status="n/a", note="not run here") for m in methods]
+
+    monkeypatch.setattr(bench_compare, "run_case", fake_run_case)
+    part = tmp_path / "partial.json"
+    argv = ["--quick", "--no-write", "--methods", "eager", "exported", "--partial", str(part)]
+    assert bench_compare.main(argv) == 0
+    first = list(calls)
+    assert first and part.exists()
+    calls.clear()
+    assert bench_compare.main(argv) == 0
+    assert calls == []  # every case came from the file
+    assert bench_compare.main(argv[:-2] + ["--repeats", "2", "--partial", str(part)]) == 0
+    assert calls == first  # other settings: nothing reused

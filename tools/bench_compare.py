@@ -3,6 +3,7 @@
     python tools/bench_compare.py                  # mid sizes measured on the CPU (and CUDA if present), full sizes planned
     python tools/bench_compare.py --quick --no-write                        # tiny models, 1 repeat: a smoke test
     python tools/bench_compare.py --models svd-mid --methods eager exported naive --repeats 1 --no-write
+    python tools/bench_compare.py --partial bench-partial.json   # stoppable: run it again to resume
 
 Models: ``svd-mid``, ``svd-xt-mid`` (svd-mid's architecture with 14 frames: SVD-XT is SVD's architecture at 25
 frames) and ``animatediff-mid`` run for real (batch 2, 64x64 latent, fp32, random weights); ``svd``, ``svd-xt``
@@ -29,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import json
 import signal
 import statistics
 import sys
@@ -585,6 +587,30 @@ def _seconds(text):
     return v
 
 
+def _settings(args) -> dict:
+    """What makes rows comparable: a partial file made with other settings is not reused."""
+    return {"methods": list(args.methods), "repeats": args.repeats, "steps": args.steps,
+            "compile_timeout": args.compile_timeout, "environment": environment()}
+
+
+def load_partial(args) -> dict:
+    """{"case/device": [Row]} from ``--partial`` when it was written with the same settings, else {}."""
+    if args.partial is None or not args.partial.exists():
+        return {}
+    blob = json.loads(args.partial.read_text())
+    if blob.get("settings") != json.loads(json.dumps(_settings(args))):
+        print(f"{args.partial}: written with other settings, not reused", file=sys.stderr)
+        return {}
+    return {k: [Row(**r) for r in rows] for k, rows in blob["cases"].items()}
+
+
+def save_partial(args, done: dict) -> None:
+    if args.partial is None:
+        return
+    blob = {"settings": _settings(args), "cases": {k: [asdict(r) for r in rows] for k, rows in done.items()}}
+    args.partial.write_text(json.dumps(blob, indent=1))
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python tools/bench_compare.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -602,6 +628,9 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="tiny models, 1 repeat, no torch.compile: a smoke test")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA runs even where CUDA is available")
     ap.add_argument("--no-write", action="store_true", help="print only: write no docs, JSON or chart")
+    ap.add_argument("--partial", type=Path, metavar="FILE",
+                    help="keep each finished case's rows in FILE (JSON) and, run again with the same settings, skip "
+                         "the cases already there: a long run can be stopped and resumed")
     ap.add_argument("--out", type=Path, default=ROOT / "docs",
                     help="folder of benchmarks.md / benchmarks.json (section 'compare') and img/bench-compare.png "
                          "(default: docs/)")
@@ -621,12 +650,20 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
+    done = load_partial(args)
     rows = []
-    for device in devices:
-        for case in (c for c in cases if not c.meta):
-            rows += run_case(case, device, args.methods, args.repeats, args.steps, args.compile_timeout, log)
-    for case in (c for c in cases if c.meta):
-        rows += run_case(case, "meta", args.methods, args.repeats, args.steps, args.compile_timeout, log)
+    runs = [(case, device) for device in devices for case in cases if not case.meta] + \
+        [(case, "meta") for case in cases if case.meta]
+    for case, device in runs:
+        key = f"{case.name}/{device}"
+        if key in done:
+            log(f"{key}: rows from {args.partial}")
+            rows += done[key]
+            continue
+        got = run_case(case, device, args.methods, args.repeats, args.steps, args.compile_timeout, log)
+        rows += got
+        done[key] = got
+        save_partial(args, done)
     notes = notes_for(rows, cases)
     for device, show in (("cpu", measured_table), ("cuda", measured_table), ("meta", planned_table)):
         sel = [r for r in rows if r.device == device]

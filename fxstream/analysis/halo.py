@@ -210,6 +210,7 @@ class HaloRegion:
     largest_interior_bytes: int = 0
     _transfers: dict | None = field(default=None, repr=False)
     _inside: set | None = field(default=None, repr=False)
+    _static: dict | None = field(default=None, repr=False)
 
     @property
     def inside(self) -> set:
@@ -238,22 +239,21 @@ def _name_heights(gm: GraphModule) -> tuple[dict, dict]:
     dims[src] = src.meta["val"].dim() - 2
     work = [src]
 
-    def try_node(u: Node, want: tuple | None = None) -> dict | None:
+    def try_node(u: Node) -> int | None:
+        """The dim of ``u`` holding the height, if its rule takes every named input where it is named."""
         rule = halo_rule(u)
         if rule is None:
             reasons[u] = f"no halo rule for {u.target}"
             return None
-        for e in range(len(_shape(u)) if _tensor_valued(u) else 0):
+        for e in range(len(_shape(u))):
             try:
                 req = rule.need(u, e, 0, _shape(u)[e])
             except CantSlice as err:
                 reasons[u] = str(err)
                 continue
-            if want is not None and e != want[1]:
-                continue
-            if all(r is WHOLE or p not in dims or dims[p] == r[0] for p, r in req.items()) and \
-                    (want is not None or any(r is not WHOLE and p in dims for p, r in req.items())):
-                return {"dim": e, "req": req}
+            named = [(p, r) for p, r in req.items() if r is not WHOLE and p in dims]
+            if named and all(dims[p] == r[0] for p, r in named):
+                return e
         return None
 
     while work:
@@ -263,7 +263,7 @@ def _name_heights(gm: GraphModule) -> tuple[dict, dict]:
                 continue
             found = try_node(u)
             if found is not None:
-                dims[u] = found["dim"]
+                dims[u] = found
                 reasons.pop(u, None)
                 work.append(u)
         # backwards: inputs of a named op that its rule needs in rows get the height named too
@@ -556,46 +556,92 @@ def transient_bytes(n: Node, dim: int, band, need: dict) -> int:
     return 0
 
 
+def _static(region: HaloRegion) -> dict:
+    """Per region op, what the plan needs of it: (bytes per row, whether it aliases its first input, the
+    convolution band parameters and input bytes per row, bytes per row of a float32 working copy)."""
+    if region._static is None:
+        out = {}
+        for n in region.nodes:
+            d = region.dims[n]
+            row = _tensor_bytes(n) // max(region.length(n), 1)
+            alias = n.args[0] in region.inside and aliases(n)
+            conv = None
+            kind = HALO_RULES[n.target].kind
+            if kind == "conv":
+                x = n.args[0]
+                conv = (*conv_params(n, d - 2), _tensor_bytes(x) // max(_shape(x)[d], 1))
+            v = n.meta["val"]
+            f32 = row * 4 // v.element_size() if kind == "stats" and v.dtype not in (torch.float32, torch.float64) else 0
+            up = upsample_factor(n, d) if kind == "upsample" else 0
+            out[n] = (row, alias, conv, f32, up)
+        region._static = out
+    return region._static
+
+
+def _copy_rows(n: Node, region: HaloRegion) -> int:
+    """Bytes per row of a statistics pass's float32 copy of a GroupNorm input band (half precision only)."""
+    v = n.meta["val"]
+    if v.dtype in (torch.float32, torch.float64):
+        return 0
+    return _tensor_bytes(n) // max(region.length(n), 1) * 4 // v.element_size()
+
+
 def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = None) -> HaloPlan:
     """Simulate every pass and slice: bands made in order, freed after their last use in the slice (a view
-    keeps its input's storage), transients while their op runs. Inputs are views of the caller's values.
-    ``ps``: the region's :func:`passes`, if already made."""
+    keeps its input's storage), transients while their op runs (a convolution's padded input, a GroupNorm's
+    float32 working copy, a statistics pass's float32 copy of the band it sums). Inputs are views of the
+    caller's values. ``ps``: the region's :func:`passes`, if already made."""
     ps = passes(region) if ps is None else ps
-    inside = set(region.nodes)
+    inside = region.inside
+    static = _static(region)
     best, best_pass = 0, 0
     work = 0.0
+    scale = {n: flops.get(n.name, 0) / max(region.length(n), 1) for n in region.nodes} if flops else {}
     for pi, p in enumerate(ps):
+        targets = {g.args[0] for g in p.stats}
+        copy_rows = {t: _copy_rows(t, region) for t in targets}
         for i, need in enumerate(p.slices):
+            assign = p.assign[i]
             todo = [n for n in region.nodes if n in need and need[n][0] < need[n][1]]
             last = {}
             for j, n in enumerate(todo):
                 for a in n.all_input_nodes:
                     if a in inside:
                         last[a] = j
-            root = {}
-            held = {}  # root -> bytes
-            users_left = {}
+            root, held, users_left = {}, {}, {}
             live = 0
+            for t in targets:  # a region input summed straight away
+                if t not in inside and t in assign:
+                    a, b = assign[t]
+                    best, best_pass = (copy_rows[t] * (b - a), pi) if copy_rows[t] * (b - a) > best else (best, best_pass)
             for j, n in enumerate(todo):
-                band = need[n]
-                base = root.get(n.args[0]) if aliases(n) and n.args[0] in inside else None
+                lo, hi = need[n]
+                row, alias, conv, f32, up = static[n]
+                base = root.get(n.args[0]) if alias else None
                 if base is not None:
                     root[n] = base
                 else:
                     root[n] = n
-                    b = _band_bytes(n, region.dims[n], band)
-                    held[n] = b
-                    live += b
+                    # an upsampled band is made whole from its input rows, then narrowed (a view of it)
+                    held[n] = row * ((((hi - 1) // up + 1) - lo // up) * up if up else hi - lo)
+                    live += held[n]
                 users_left[root[n]] = max(users_left.get(root[n], j), last.get(n, j))
-                during = live + transient_bytes(n, region.dims[n], band, need)
-                best, best_pass = (during, pi) if during > best else (best, best_pass)
+                extra = f32 * (hi - lo)
+                if conv is not None:
+                    k, st, pad, dil, xrow = conv
+                    a, b = conv_band(k, st, pad, dil, lo, hi)
+                    extra = xrow * (b - a)
+                if n in targets and n in assign:
+                    a, b = assign[n]
+                    extra = max(extra, copy_rows[n] * (b - a))
+                if live + extra > best:
+                    best, best_pass = live + extra, pi
                 for r in [r for r, lu in users_left.items() if lu <= j]:
                     live -= held.pop(r, 0)
                     del users_left[r]
-                if flops is not None:
-                    work += flops.get(n.name, 0) * (band[1] - band[0]) / max(region.length(n), 1)
+                if scale:
+                    work += scale[n] * (hi - lo)
     total = sum((flops or {}).get(n.name, 0) for n in region.nodes)
     return HaloPlan(best, len(ps), work / total if total else 1.0, best_pass)
 
-
-__all__ += ["stat_levels", "passes", "Pass", "halo_rule", "transient_bytes", "aliases"]
+__all__ += ["stat_levels", "passes", "Pass", "halo_rule", "transient_bytes", "aliases", "transfers"]
