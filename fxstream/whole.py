@@ -162,11 +162,12 @@ class _Fit:
 
 
 def _fit(budget: int, stage: str, step: str, own: int, held: int, keep: dict, least: dict, attempt,
-         offloaded: bool, sliced: bool, mode: str = "auto") -> _Fit:
+         offloaded: bool, sliced: bool, mode: str = "auto", floor=None) -> _Fit:
     """Fit one step of ``stage``: first with every module resident (``keep``: component -> weight bytes), then
     with the ones the stage does not use offloaded (``least``); ``mode`` ``"always"`` / ``"never"`` tries only
     the one. ``attempt(max_memory)`` plans the module with that budget for its own weights (``own``) and
-    activations, raising MemoryBudgetError when it cannot."""
+    activations, raising MemoryBudgetError when it cannot. ``floor()``: a lower bound of those activations (a
+    try below it is skipped unless it is the last: a failing halo budget search compiles every slicing)."""
     if sum(least.values()) >= sum(keep.values()):
         modes = [True]  # nothing to offload
     elif mode == "never":
@@ -177,8 +178,8 @@ def _fit(budget: int, stage: str, step: str, own: int, held: int, keep: dict, le
     for offload in modes:
         resident = least if offload else keep
         room = budget - (sum(resident.values()) - own) - held
-        if room <= own and offload != modes[-1]:
-            continue  # the weights alone do not fit: offloading is needed
+        if offload != modes[-1] and (room <= own or (floor is not None and room - own < floor())):
+            continue  # the weights alone, or with the activations' lower bound, do not fit: offloading is needed
         try:
             return _Fit(attempt(max(room, 1)), offload, room, resident)
         except MemoryBudgetError as e:
@@ -304,9 +305,10 @@ class PipelineState:
             cm.policy = replace(cm._base_policy, max_memory=max_memory)
             return CompiledModule._entry(cm, kwargs)
 
+        floor = _halo_floor(cm.module, kwargs, cm._base_policy) if cm._stage == "decode" else None
         fit = _fit(self.budget, cm._stage, cm._name, module_bytes(cm.module), held, now,
                    self._least(cm._stage, now), attempt, bool(self.offload[cm._stage]), sliced=True,
-                   mode=self.offload_mode)
+                   mode=self.offload_mode, floor=floor)
         self._decide(cm._stage, fit, cm._name)
         self._place(cm._stage)
         return fit.result
@@ -777,10 +779,11 @@ class _Planner:
 
     def add(self, stage: str, name: str, runs: str, module, kwargs: dict, *, sliced: bool, held: int = 0,
             original_kwargs: dict | None = None, original_held: int | None = None, upcast: dict | None = None,
-            dtype: torch.dtype | None = None, lower_bound=None, tail: int | None = None) -> StepReport:
+            dtype: torch.dtype | None = None, lower_bound=None, tail: int | None = None, floor=None) -> StepReport:
         """Plan one step. ``held``: bytes the pipeline holds besides the module's inputs; ``upcast``: component ->
         weight bytes during this step (SVD's VAE in float32, planned in ``dtype``); ``tail``: the activations of
-        a step that runs no module; ``lower_bound(entry)``: its activations' lower bound if not the report's."""
+        a step that runs no module; ``lower_bound(entry)``: its activations' lower bound if not the report's;
+        ``floor()``: the same, computed before planning (see :func:`_fit`)."""
         now = dict(self.bytes, **(upcast or {}))
         least = {k: v for k, v in now.items() if k in self.used[stage]}
         held_in = held + _tensor_bytes(kwargs.values())
@@ -800,7 +803,7 @@ class _Planner:
         entry, max_memory = None, None
         if self.budget is not None:
             fit = _fit(self.budget, stage, name, own, held_in, now, least, attempt, self.offload[stage], sliced,
-                       self.mode)
+                       self.mode, floor)
             self.offload[stage] = self.offload[stage] or fit.offload
             if sliced and tail is None:
                 entry, max_memory = fit.result, fit.max_memory
@@ -939,11 +942,13 @@ def explain_pipeline(pipe, *, height: int | None = None, width: int | None = Non
     tail = _decode_tail_bytes(frames_total * per_frame, vdt.itemsize)
     plan.add("decode", "decode_latents", "once (cat + float32 copy)", None, {}, sliced=False, tail=tail)
     dec_policy = stage_policy(policy, "decode")
+    floor = _halo_floor(vae.decoder, decoder_kwargs(chunk), dec_policy)
     plan.add("decode", "vae.decoder", f"{n_chunks} chunk{'s' if n_chunks > 1 else ''} of {chunk} frames", vae.decoder,
              decoder_kwargs(chunk), sliced=True, held=(n_chunks - 1) * chunk * per_frame,
              original_kwargs=decoder_kwargs(o_chunk) if o_chunk != chunk else None,
              original_held=(o_chunks - 1) * o_chunk * per_frame,
-             lower_bound=lambda r: _decoder_floor(r, dec_policy))
+             lower_bound=lambda entry: floor.value if floor.value is not None else _decoder_floor(entry, dec_policy),
+             floor=floor)
     # the decode tail runs after the decoder: show it last
     steps = plan.steps["decode"]
     steps.append(steps.pop(0))
@@ -953,6 +958,22 @@ def explain_pipeline(pipe, *, height: int | None = None, width: int | None = Non
     report.timeline = _timeline(stages)
     report.seconds = time.perf_counter() - start
     return report
+
+
+class _halo_floor:
+    """The VAE decoder's halo floor on these inputs (:func:`fxstream.budget.halo_lower_bound`), computed on the
+    first call (a capture and one compile at the most slices) and kept."""
+
+    def __init__(self, module, kwargs: dict, policy: Policy):
+        self.module, self.kwargs, self.policy = module, kwargs, replace(policy, max_memory=None)
+        self.value = None
+
+    def __call__(self) -> int:
+        if self.value is None:
+            from .budget import halo_lower_bound
+            entry = _required(_plan(self.module, self.kwargs, Policy()), "vae.decoder")
+            self.value = halo_lower_bound(entry.program.graph_module, self.policy).peak_bytes
+        return self.value
 
 
 def _decoder_floor(entry, policy: Policy) -> int:
