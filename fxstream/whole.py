@@ -317,9 +317,7 @@ class PipelineState:
         """Forward pre-hook of an encode-stage module: plan it (once per input signature, on a meta copy),
         decide, place."""
         def hook(module, args, kwargs):
-            bound = inspect.signature(module.forward).bind(*args, **kwargs)
-            bound.apply_defaults()
-            kw = dict(bound.arguments)
+            kw = _as_kwargs(module, args, kwargs)
             key = (name, tuple((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
                                for k, v in kw.items()), next(module.parameters()).dtype)
             if key not in self._encode_plans:
@@ -361,6 +359,22 @@ class PipelineState:
                        sliced=False, mode=self.offload_mode)
             self._decide("decode", fit, "decode_latents")
             self._place("decode")
+
+
+def _as_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name, as ``fxstream.explain`` takes them (``**kwargs`` spread out)."""
+    sig = inspect.signature(module.forward)
+    out = {}
+    for name, value in sig.bind(*args, **kwargs).arguments.items():
+        kind = sig.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{type(module).__name__}.forward(*{name}): positional arguments beyond its named ones "
+                            "cannot be planned")
+        else:
+            out[name] = value
+    return out
 
 
 def planned_moves(where: dict, used: list, offload: bool, device) -> list:
