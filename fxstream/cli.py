@@ -275,7 +275,8 @@ def _pipeline_options() -> argparse.ArgumentParser:
                         "use, 64 if not given). Example: --halo 8")
     g.add_argument("--offload", choices=("auto", "always", "never"), default="auto",
                    help="with --max-memory: move the modules a stage does not use off the accelerator when the "
-                        "budget needs it (auto, default), in every stage (always: the fewest slices), or never. "
+                        "budget needs it or it plans less recomputation (auto, default), in every stage (always: "
+                        "the fewest slices), or never. "
                         "Example: --offload always")
     g.add_argument("--plot", type=Path, metavar="PNG",
                    help="write the memory timeline across the stages, original against planned, with the "

@@ -19,8 +19,9 @@ holds across the call (the module's inputs; while decoding, the frames of earlie
 planned activations. :func:`compile_pipeline` compiles the UNet and the VAE decoder (halo slicing along height:
 :class:`~fxstream.Policy` ``halo``) each with ``max_memory = budget - the other weights resident - what the
 pipeline holds``. Modules a stage does not use stay where they are while that budget can be met with them
-resident, and move to the CPU (plain ``.to()`` calls, from forward pre-hooks) when it cannot (``offload=`` changes
-the rule); on a pipeline that runs on the CPU nothing moves and the decisions are only recorded (``pipe.fxstream``).
+resident at no more than 1.5x the stage's FLOPs (``AUTO_OFFLOAD_COMPUTE``: the halo passes a tight decoder budget
+costs), and move to the CPU (plain ``.to()`` calls, from forward pre-hooks) when it cannot or when moving them
+plans less compute (``offload=`` changes the rule); on a pipeline that runs on the CPU nothing moves and the decisions are only recorded (``pipe.fxstream``).
 The accelerator is where the pipeline's modules are, or ``compile_pipeline(..., device="cuda")`` for a pipeline
 left on the CPU whose weights together exceed the budget.
 
@@ -153,6 +154,17 @@ def stage_policy(policy: Policy, stage: str) -> Policy:
 
 
 # -- fitting one step into the budget -------------------------------------------------------------------------
+AUTO_OFFLOAD_COMPUTE = 1.5  # offload="auto" also tries offloading when the resident fit plans more compute
+
+
+def _planned_compute(result) -> float:
+    """Planned FLOPs of a fitted module over its unsliced ones, from its report's halo regions (1.0 without)."""
+    report = getattr(result, "report", None)
+    regions = [r for r in getattr(report, "regions", []) if r.dim.startswith("height")]
+    ops = sum(r.ops for r in regions)
+    return sum(r.compute * r.ops for r in regions) / ops if ops else 1.0
+
+
 @dataclass
 class _Fit:
     result: object
@@ -174,16 +186,23 @@ def _fit(budget: int, stage: str, step: str, own: int, held: int, keep: dict, le
         modes = [False]
     else:
         modes = [True] if offloaded or mode == "always" else [False, True]
-    last = None
+    last, fits = None, []
     for offload in modes:
         resident = least if offload else keep
         room = budget - (sum(resident.values()) - own) - held
         if offload != modes[-1] and (room <= own or (floor is not None and room - own < floor())):
             continue  # the weights alone, or with the activations' lower bound, do not fit: offloading is needed
         try:
-            return _Fit(attempt(max(room, 1)), offload, room, resident)
+            fits.append(_Fit(attempt(max(room, 1)), offload, room, resident))
         except MemoryBudgetError as e:
             last = e
+            continue
+        # "auto" keeps the modules resident unless the slicing that fits them recomputes much (halo passes):
+        # moving weights costs a copy each way, a decoder planned at 80x its FLOPs costs far more
+        if offload == modes[-1] or _planned_compute(fits[-1].result) <= AUTO_OFFLOAD_COMPUTE:
+            break
+    if fits:
+        return min(fits, key=lambda f: _planned_compute(f.result))
     resident = least if modes[-1] else keep  # the last try: the fewest weights this mode allows
     w, lb = sum(resident.values()), last.lower_bound_bytes
     parts = " + ".join(f"{k} {format_bytes(v)}" for k, v in resident.items()) or "none"
@@ -391,7 +410,7 @@ def planned_moves(where: dict, used: list, offload: bool, device) -> list:
 def _check_offload(offload, policy: Policy) -> str:
     if offload not in ("auto", "always", "never"):
         raise ValueError(f"offload: expected 'auto' (move the modules a stage does not use off the accelerator "
-                         f"when the budget needs it), 'always' or 'never', got {offload!r}")
+                         f"when the budget needs it or it saves recomputation), 'always' or 'never', got {offload!r}")
     if offload != "auto" and policy.max_memory is None:
         raise ValueError(f"offload={offload!r}: only used with a budget; write "
                          "policy=fxstream.Policy(max_memory='6GiB')")
@@ -406,7 +425,8 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
     gets ``policy`` without ``halo``, the decoder ``halo`` and the runtime settings). With
     ``policy.max_memory`` the budget applies to each stage (see the module docstring): every compiled module
     gets ``max_memory`` = the budget less the other weights resident during its stage and what the pipeline
-    holds, and the modules a stage does not use are moved to the CPU during it when the budget needs it.
+    holds, and the modules a stage does not use are moved to the CPU during it when the budget needs it or
+    when that lets the stage recompute less (``offload="auto"``: see the module docstring).
     Decisions are taken at each stage's first call with new input shapes and recorded in ``pipe.fxstream``
     (:class:`PipelineState`); a stage that cannot fit raises :class:`PipelineBudgetError` (a
     MemoryBudgetError) naming it, before anything of that stage runs.
