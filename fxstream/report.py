@@ -27,6 +27,7 @@ class RegionInfo:
     node: str = ""  # the region's node in the compiled graph (``region_0``; inside a batch region ``region_0/region_3``)
     passes: int = 1  # sweeps over the slices: a halo region's GroupNorm statistics passes and its output pass
     compute: float = 1.0  # planned FLOPs over the unsliced ops' (halo rows and statistics passes computed again)
+    flops: int = 0  # planned FLOPs of the region's ops run once, unsliced (halo regions)
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,23 @@ class Report:
     timeline: dict = field(default_factory=dict)
     _lower_bound: Callable | int | None = field(default=None, repr=False)
     rehash: RehashInfo | None = None  # with Policy(rehash=...): what a rehash step skips
+    _total_flops: int = field(default=0, repr=False)  # planned FLOPs of the original graph (with halo regions)
 
     @property
     def lower_bound_bytes(self) -> int:
         if callable(self._lower_bound):
             self._lower_bound = self._lower_bound()
         return self._lower_bound
+
+    @property
+    def compute_factor(self) -> float:
+        """Planned FLOPs of the compiled graph over the original's: halo regions recompute halo rows and run
+        GroupNorm statistics passes (1.0 without halo regions)."""
+        halo = [r for r in self.regions if r.flops]
+        if not halo:
+            return 1.0
+        total = self._total_flops if self._total_flops else sum(r.flops for r in halo)
+        return (total + sum((r.compute - 1.0) * r.flops for r in halo)) / total
 
     @property
     def sliced_ops(self) -> int:
@@ -143,8 +155,9 @@ def _region_infos(plan, gm, mem: MemoryPlan, offset: int = 0, prefix: str = "") 
     return out
 
 
-def _halo_infos(compiled, mem: MemoryPlan) -> list:
-    """RegionInfo of each halo region (``Policy(halo=...)``), with its passes and planned compute."""
+def _halo_infos(compiled, mem: MemoryPlan) -> tuple[list, int]:
+    """RegionInfo of each halo region (``Policy(halo=...)``), with its passes and planned compute, and the
+    planned FLOPs of the whole graph (0 without halo regions)."""
     from .analysis.cost import node_flops
     from .analysis.slicer import common_module_path
     out = []
@@ -158,8 +171,8 @@ def _halo_infos(compiled, mem: MemoryPlan) -> list:
         interior = sum(tensor_bytes(n) for n in r.nodes if n not in r.outputs)
         out.append(RegionInfo(common_module_path(r.nodes), "height (halo)", r.length(largest), r.count, len(r.nodes),
                               interior, mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0), 1, name,
-                              hp.passes, hp.compute_factor))
-    return out
+                              hp.passes, hp.compute_factor, sum(flops.get(n.name, 0) for n in r.nodes)))
+    return out, sum(flops.values())
 
 
 def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=None) -> Report:
@@ -175,7 +188,8 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
             at = min(k // per_loop, len(around) - 1)
             regions += _region_infos(inner.plan, inner.graph_module, plan_memory(inner.graph_module), around[at],
                                      f"{loops[at]}/")
-    regions += _halo_infos(compiled, mem)
+    halo_infos, total_flops = _halo_infos(compiled, mem)
+    regions += halo_infos
     in_region = {n for r in compiled.plan.regions for n in r.nodes}
     in_halo = {n.name for r in compiled.halo for n in r.nodes}
     unsliced = []
@@ -186,6 +200,8 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
             "the memory budget is met without slicing" if policy.max_memory is not None and not in_region else
             "policy slices nothing" if not policy.slices_anything else "not reached by any sliced axis")
         unsliced.append(UnslicedOp(n.name, str(n.target), module_path(n), reason, tensor_bytes(n)))
-    return Report(policy, regions, unsliced, weight_bytes, original.peak_bytes, mem.peak_bytes,
-                  original.peak_node, mem.peak_node, original.peak_module, mem.peak_module,
-                  {"original": original.timeline, "compiled": mem.timeline}, lower_bound)
+    rep = Report(policy, regions, unsliced, weight_bytes, original.peak_bytes, mem.peak_bytes,
+                 original.peak_node, mem.peak_node, original.peak_module, mem.peak_module,
+                 {"original": original.timeline, "compiled": mem.timeline}, lower_bound)
+    rep._total_flops = total_flops
+    return rep
