@@ -198,7 +198,7 @@ def _keep_choices(gm: GraphModule, policy: Policy) -> list[int]:
 def halo_lower_bound(gm: GraphModule, policy: Policy) -> Floor:
     """The halo floor: the most slices the policy allows (``HALO_CAP`` when it sets none), nothing kept whole."""
     pol = replace(policy, halo=_halo_counts(policy)[-1], max_memory=None)
-    cg = compile_graph(gm, pol, None)
+    cg = compile_graph(gm, pol, None, halo_keep=0)
     return Floor(None, cg, plan_memory(cg.graph_module))
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from .analysis.halo import find_halo_regions
-from .analysis.slicer import LAYOUTS, SlicePlan, plan_slicing
+from .analysis.slicer import LAYOUTS, SlicePlan, plan_slicing, tensor_bytes
 from .errors import CaptureError
 from .graph_utils import strip_asserts
 from .passes.group_regions import group_regions
@@ -86,7 +86,7 @@ def _prepare(gm: GraphModule, split: set) -> GraphModule:
 
 
 def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: dict | None = None,
-                  inner_counts: list | None = None, halo_keep: int = 0) -> CompiledGraph:
+                  inner_counts: list | None = None, halo_keep: int | None = None) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
@@ -94,13 +94,19 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
     ``counts`` ({region id: slice count}, see :func:`region_id`) overrides the policy's count for single regions (1: leave the
     region unsliced); ``inner_counts`` does the same for each inner graph, in the order of ``inner``.
     ``halo_keep``: with ``Policy(halo=...)``, halo regions are cut where one value of at most this many bytes
-    crosses (it is kept whole; see :func:`fxstream.analysis.halo.find_halo_regions`).
+    crosses (it is kept whole; see :func:`fxstream.analysis.halo.find_halo_regions`). Default: the graph's
+    largest activation over the halo count, about one band's size, so keeping a block's output whole costs about
+    what its slices hold anyway and saves the statistics passes behind it from recomputing the block.
     """
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
     cg = _compile(gm, policy, layout, counts, inner_counts)
     set_pipeline(cg.graph_module, policy.pipeline, policy.cpu_workers)
     if (policy.halo or 1) > 1:
+        if halo_keep is None:
+            biggest = max((tensor_bytes(n) for n in cg.graph_module.graph.nodes if n.op == "call_function"),
+                          default=0)
+            halo_keep = biggest // policy.halo
         cg.halo, why = find_halo_regions(cg.graph_module, policy.halo, policy.min_region_fraction,
                                          keep_bytes=halo_keep)
         cg.halo_reasons = {n.name: f"height (halo): {r}" for n, r in why.items()}

@@ -75,8 +75,10 @@ class Policy:
             None (default): every call computes everything.
         halo: slice count along height for chains of convolutions, upsamplings and GroupNorms (a VAE decoder):
             each band of rows is computed with the halo of rows its convolutions need, and GroupNorm statistics
-            by extra passes (see :mod:`fxstream.analysis.halo`); exact up to float rounding. ``None``: no halo
-            slicing. With ``max_memory``, the most the budget may use.
+            by extra passes (see :mod:`fxstream.analysis.halo`); exact up to float rounding. Block outputs up to
+            about one band's size (the largest activation / N) are kept whole, so the passes do not recompute
+            the blocks before them. ``None``: no halo slicing. With ``max_memory``, the most the budget may use
+            (it then chooses what to keep whole).
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
             the graph's largest activation (small regions cost loop overhead and save nothing).
         cache_size: the most input signatures kept compiled at once (least recently used evicted).
