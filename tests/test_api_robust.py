@@ -124,6 +124,7 @@ def test_weights_and_structure_changed_after_compile_are_never_stale():
         assert torch.allclose(c(x), net(x), atol=1e-6) and len(c._entries) == 4
 
 
+@pytest.mark.slow
 def test_a_real_peft_lora_loaded_rescaled_and_fused_after_compile():
     """diffusers' PEFT integration on the tiny AnimateDiff UNet: every change is seen, none is stale."""
     peft = pytest.importorskip("peft")

@@ -40,6 +40,7 @@ def svd_rows(svd_bench):
                 for m in ("eager", "naive", "fxstream-slices", "freenoise")]
 
 
+@pytest.mark.slow  # the svd_rows fixture runs every method: minutes on 2 cores
 def test_quick_rows_have_the_fields(svd_rows):
     rows = {r.method: r for r in svd_rows}
     for key in ("eager", "naive", "fxstream-slices"):
@@ -53,12 +54,14 @@ def test_quick_rows_have_the_fields(svd_rows):
     assert rows["freenoise"].status == "n/a" and "AnimateDiff" in rows["freenoise"].note
 
 
+@pytest.mark.slow  # the svd_rows fixture runs every method: minutes on 2 cores
 def test_naive_slicing_changes_svd_while_fxstream_matches(svd_rows):
     rows = {r.method: r for r in svd_rows}
     assert rows["naive"].max_abs_diff > 1e-2  # frames no longer see each other across chunks
     assert rows["fxstream-slices"].max_abs_diff <= 1e-5
 
 
+@pytest.mark.slow  # the svd_rows fixture runs every method: minutes on 2 cores
 def test_writers(svd_rows, tmp_path):
     text = bench_compare.measured_table(svd_rows)
     assert "naive: whole UNet on 2 chunks" in text and "Policy(slices=2)" in text and "n/a: AnimateDiff only" in text

@@ -18,6 +18,9 @@ import fxstream
 from fxstream.models import build_unet, example_inputs
 
 MODELS = ["svd-tiny", "animatediff-tiny", "unet3d-tiny", "i2vgenxl-tiny"]
+# the default run covers two layouts; --runslow every model
+FAST = ["svd-tiny", pytest.param("animatediff-tiny", marks=pytest.mark.slow), "unet3d-tiny",
+        pytest.param("i2vgenxl-tiny", marks=pytest.mark.slow)]
 HALF = [torch.bfloat16, torch.float16]
 
 
@@ -30,7 +33,7 @@ def _max_diff(a, b) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)], ids=str)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", FAST)
 def test_half_precision_on_cpu(name, dtype):
     unet = build_unet(name, dtype=dtype)
     kw = example_inputs(name, unet)
@@ -101,7 +104,8 @@ def _cast(kw: dict, dtype=None, device=None) -> dict:
     return out
 
 
-@pytest.mark.parametrize("move,policy", [("compiled", fxstream.Policy(slices=2)), ("module", fxstream.Policy())],
+@pytest.mark.parametrize("move,policy", [("compiled", fxstream.Policy(slices=2)),
+                                         pytest.param("module", fxstream.Policy(), marks=pytest.mark.slow)],
                          ids=["compiled-sliced", "module-exact"])
 def test_moved_to_bfloat16_after_compile_recompiles(move, policy):
     """``.to(torch.bfloat16)`` on the compiled wrapper or on the wrapped module: the weights' dtype is part of the
@@ -128,6 +132,7 @@ def test_moved_to_bfloat16_after_compile_recompiles(move, policy):
     assert len(compiled._entries) == 2 and _max_diff(out, ref) <= 1e-5
 
 
+@pytest.mark.slow
 def test_moved_to_another_device_after_compile_recompiles():
     """No GPU here: the meta device stands for another device. The signature holds the weights' device."""
     unet = build_unet("svd-tiny")

@@ -33,7 +33,7 @@ def test_a_budget_the_unsliced_decoder_meets_slices_nothing(decoder, unsliced):
     assert rep.regions == [] and rep.peak_bytes == unsliced.original_peak_bytes
 
 
-@pytest.mark.parametrize("share", [0.75, 0.55])
+@pytest.mark.parametrize("share", [0.75, pytest.param(0.55, marks=pytest.mark.slow)])
 def test_a_tighter_budget_is_met_exactly(decoder, unsliced, share):
     dec, kw = decoder
     budget = unsliced.weight_bytes + int(share * unsliced.original_peak_bytes)
