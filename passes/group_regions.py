@@ -20,7 +20,7 @@ from fxstream.runtime import LoopRegion, buffer_layout, slice_view
 
 aten = torch.ops.aten
 
-__all__ = ["group_regions", "build_body"]
+__all__ = ["group_regions", "build_body", "emit_grouped"]
 
 
 def build_body(region: Region, n: int, mode) -> GraphModule:
@@ -119,29 +119,43 @@ def group_regions(gm: GraphModule, plan: SlicePlan) -> GraphModule:
     if not plan.regions:
         return gm
     mode = fake_mode_of(gm)
+    return emit_grouped(gm, plan.regions, "region", lambda r: make_loop(r, mode), "fxstream.region")
+
+
+def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, meta_key: str = "") -> GraphModule:
+    """``gm`` emitted again in a topological order of the condensed DAG, each region (``.nodes``, ``.inputs``,
+    ``.outputs``; cut regions list ``(node, cut)`` pairs) one ``call_module`` node ``{prefix}_{i}`` running
+    ``make(region)``, with ``getitem`` nodes for its outputs. Shared by Operator Grouping and halo grouping."""
+    mode = fake_mode_of(gm)
     nodes = list(gm.graph.nodes)
     new_graph = Graph()
     new_graph._codegen = gm.graph._codegen
     env: dict = {}
     loops = {}
-    for kind, key in _condensed_order(gm, plan.regions):
+
+    def plain(items):
+        return [x[0] if isinstance(x, tuple) else x for x in items]
+
+    for kind, key in _condensed_order(gm, regions):
         if kind == "node":
             old = nodes[key]
             env[old] = new_graph.node_copy(old, env.__getitem__)
             continue
-        region = plan.regions[key]
-        name = f"region_{key}"
-        loops[name] = make_loop(region, mode)
-        call = new_graph.call_module(name, tuple(env[p] for p, _ in region.inputs))
+        region = regions[key]
+        name = f"{prefix}_{key}"
+        loops[name] = make(region)
+        outputs = plain(region.outputs)
+        call = new_graph.call_module(name, tuple(env[p] for p in plain(region.inputs)))
         copy_meta(region.nodes[0], call)
         call.meta["nn_module_stack"] = _common_stack(region)
         # the runtime allocates every output afresh (see buffer_layout), whatever the original value aliased
         with mode:
             fresh = tuple(torch.empty_strided(*buffer_layout(o.meta["val"])[:2], dtype=o.meta["val"].dtype,
-                                              device=o.meta["val"].device) for o, _ in region.outputs)
+                                              device=o.meta["val"].device) for o in outputs)
         call.meta["val"] = fresh
-        call.meta["fxstream.region"] = region
-        for j, (o, c) in enumerate(region.outputs):
+        if meta_key:
+            call.meta[meta_key] = region
+        for j, o in enumerate(outputs):
             item = new_graph.call_function(operator.getitem, (call, j))
             copy_meta(o, item)
             item.meta["val"] = fresh[j]

@@ -7,17 +7,14 @@ the region's outputs.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.fx import Graph, GraphModule
 
 from fxstream.analysis.halo import HaloRegion
-from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta
 from fxstream.halo_runtime import HaloLoop
 from fxstream.runtime import buffer_layout
 
-from .group_regions import _common_stack, _condensed_order
+from .group_regions import emit_grouped
 
 __all__ = ["group_halo_regions", "build_halo_body"]
 
@@ -51,40 +48,4 @@ def group_halo_regions(gm: GraphModule, regions: list) -> GraphModule:
     """A new GraphModule in which every halo region is a ``call_module`` node (``gm`` itself if none)."""
     if not regions:
         return gm
-    mode = fake_mode_of(gm)
-    nodes = list(gm.graph.nodes)
-    new_graph = Graph()
-    new_graph._codegen = gm.graph._codegen
-    env: dict = {}
-    loops = {}
-    for kind, key in _condensed_order(gm, regions):
-        if kind == "node":
-            old = nodes[key]
-            env[old] = new_graph.node_copy(old, env.__getitem__)
-            continue
-        region = regions[key]
-        name = f"halo_{key}"
-        loops[name] = make_halo_loop(region)
-        call = new_graph.call_module(name, tuple(env[p] for p in region.inputs))
-        copy_meta(region.nodes[0], call)
-        call.meta["nn_module_stack"] = _common_stack(region)
-        with mode:
-            fresh = tuple(torch.empty_strided(*buffer_layout(o.meta["val"])[:2], dtype=o.meta["val"].dtype,
-                                              device=o.meta["val"].device) for o in region.outputs)
-        call.meta["val"] = fresh
-        call.meta[REGION_META] = region
-        for j, o in enumerate(region.outputs):
-            item = new_graph.call_function(operator.getitem, (call, j))
-            copy_meta(o, item)
-            item.meta["val"] = fresh[j]
-            env[o] = item
-    root = torch.nn.Module()
-    for name, mod in gm.named_children():
-        root.add_module(name, mod)
-    for name, loop in loops.items():
-        root.add_module(name, loop)
-    out = GraphModule(root, new_graph)
-    out.graph.lint()
-    out.recompile()
-    propagate_meta(out, [n.meta["val"] for n in out.graph.nodes if n.op == "placeholder"], mode)
-    return out
+    return emit_grouped(gm, regions, "halo", make_halo_loop, REGION_META)
