@@ -263,7 +263,7 @@ def _pipeline_options() -> argparse.ArgumentParser:
                    help="videos generated at once (default: 1; classifier-free guidance doubles the UNet's "
                         "batch). Example: --batch 2")
     g.add_argument("--no-guidance", action="store_true", dest="no_guidance",
-                   help="plan without classifier-free guidance (the UNet's batch is not doubled)")
+                   help="plan without classifier-free guidance (the UNet's batch is not doubled). Example: --no-guidance")
     g.add_argument("--decode-chunk-size", type=_count, metavar="N", dest="decode_chunk_size",
                    help="frames the original pipeline decodes at once (default: diffusers' own, SVD all "
                         "frames, AnimateDiff 16); a compiled SVD pipeline always decodes all frames at once. "

@@ -178,7 +178,7 @@ def test_fxstream_errors_are_one_line(capsys, monkeypatch):
 def test_help_explains_every_option_with_an_example(capsys):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"explain", "viz", "memory"}
+    assert set(sub.choices) == {"explain", "viz", "memory", "pipeline"}
     for name, p in sub.choices.items():
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):
