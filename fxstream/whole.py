@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .api import CompiledModule, FallbackWarning, _Entry
+from .api import CompiledModule, FallbackWarning, _check_policy, _Entry
 from .api import compile as compile_module
 from .errors import CaptureError, MemoryBudgetError
 from .policy import Policy, format_bytes
@@ -90,14 +90,6 @@ def pipeline_kind(pipe) -> str:
         f"{' and '.join(SUPPORTED)}. For another pipeline, compile its UNet alone: "
         "pipe.unet = fxstream.compile(pipe.unet, policy)")
 
-
-def _check_policy(policy) -> Policy:
-    if policy is None:
-        return Policy()
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy: expected fxstream.Policy, got {type(policy).__name__}; "
-                        "write policy=fxstream.Policy(max_memory='6GiB')")
-    return policy
 
 
 def _units(pipe) -> dict:
