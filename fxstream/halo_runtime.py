@@ -114,6 +114,9 @@ class HaloLoop(torch.nn.Module):
         out_index = {o: j for j, o in enumerate(self.region.outputs)}
         for p, plans in zip(self.passes, self._plans):
             acc = {g: _Stats() for g in p.stats}
+            summed: dict = {}  # GroupNorm input -> the GroupNorms this pass gathers statistics of
+            for g in p.stats:
+                summed.setdefault(g.args[0], []).append(g)
             for i, steps in enumerate(plans):
                 assign, need = p.assign[i], p.slices[i]
                 env = {}
@@ -121,10 +124,13 @@ class HaloLoop(torch.nn.Module):
                     if ph in need and ph in self.region.dims:
                         lo, hi = need[ph]
                         env[ph] = (full[ph].narrow(self.region.dims[ph], lo, hi - lo), lo)
-                self._gather(p, acc, assign, env)
+                for x in summed:
+                    if x.op == "placeholder" and x in env:
+                        self._gather(x, summed[x], acc, assign, env)
                 for n, band, free in steps:
                     env[n] = (self._run(n, band, env, full, stats), band[0])
-                    self._gather(p, acc, assign, env, n)
+                    if n in summed:
+                        self._gather(n, summed[n], acc, assign, env)
                     if not p.stats and n in out_index and n in assign:
                         a, b = assign[n]
                         d = self.region.dims[n]
@@ -140,15 +146,14 @@ class HaloLoop(torch.nn.Module):
                 stats[g] = s.finish(eps, compute)
         return tuple(outs)
 
-    def _gather(self, p, acc: dict, assign: dict, env: dict, made: Node | None = None) -> None:
-        for g in p.stats:
-            x = g.args[0]
-            if x not in assign or x not in env or (made is not None and x is not made) or \
-                    (made is None and x.op != "placeholder"):
-                continue
-            a, b = assign[x]
-            d = self.region.dims[x]
-            t, lo = env[x]
+    def _gather(self, x: Node, norms: list, acc: dict, assign: dict, env: dict) -> None:
+        """Add this slice's rows of ``x`` (its assigned share, each row once) to the statistics of ``norms``."""
+        if x not in assign:
+            return
+        a, b = assign[x]
+        d = self.region.dims[x]
+        t, lo = env[x]
+        for g in norms:
             acc[g].add(_groups(t.narrow(d, a - lo, b - a), g.args[1]))
 
     def _arg(self, a, req, env, full):
@@ -164,9 +169,9 @@ class HaloLoop(torch.nn.Module):
         rule = HALO_RULES[n.target]
         d = self.region.dims[n]
         lo, hi = band
-        req = rule.need(n, d, lo, hi)
-        if rule.kind == "conv":
+        if rule.kind == "conv":  # its band comes from conv_band; no requirement dict per slice
             return self._conv(n, d, lo, hi, env, full)
+        req = rule.need(n, d, lo, hi)
         if rule.kind == "upsample":
             return self._upsample(n, d, lo, hi, req, env, full)
 
@@ -215,7 +220,7 @@ class HaloLoop(torch.nn.Module):
         size = list(n.meta["val"].shape[2:])
         size[d - 2] = (ihi - ilo) * f
         if n.target is aten.upsample_nearest2d.vec:
-            out_size, scales = n.args[1], n.args[2] if len(n.args) > 2 else None
+            scales = n.args[2] if len(n.args) > 2 else None
             y = n.target(band, None if scales is not None else size, scales)
         else:
             y = n.target(band, size, *n.args[2:])

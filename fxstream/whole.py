@@ -624,21 +624,13 @@ class StageReport:
     def modules(self) -> list:
         return [s.name for s in self.steps if s.report is not None or not s.sliced]
 
-    @property
-    def weight_bytes(self) -> int:
-        return max((s.weight_bytes for s in self.steps), default=0)
+    def _most(self, attr: str) -> int:
+        return max((getattr(s, attr) for s in self.steps), default=0)
 
-    @property
-    def peak_bytes(self) -> int:
-        return max((s.peak_bytes for s in self.steps), default=0)
-
-    @property
-    def original_peak_bytes(self) -> int:
-        return max((s.original_peak_bytes for s in self.steps), default=0)
-
-    @property
-    def lower_bound_bytes(self) -> int:
-        return max((s.lower_bound_bytes for s in self.steps), default=0)
+    weight_bytes = property(lambda self: self._most("weight_bytes"))
+    peak_bytes = property(lambda self: self._most("peak_bytes"))
+    original_peak_bytes = property(lambda self: self._most("original_peak_bytes"))
+    lower_bound_bytes = property(lambda self: self._most("lower_bound_bytes"))
 
 
 @dataclass

@@ -537,7 +537,7 @@ def test_more_slices_lower_the_planned_and_measured_peak():
     Not 2: planned 176128 (measured 208896) against 131072 unsliced here. The runtime copies every conv band
     through ``constant_pad_nd`` (also where the pads are all zero, in the interior slices) while the unsliced conv
     pads inside its kernel, so a slice holds its input band, that copy and its output, on top of the full output
-    buffer: about 2.5 full tensors at 2 slices against 2 unsliced. Planned (``transient_bytes``), so not a planner
+    buffer: about 2.5 full tensors at 2 slices against 2 unsliced. Planned (the band plan counts the pad copy), so not a planner
     error; a cost of the runtime's design."""
     torch.manual_seed(0)
     e = Exported(Chain(["up2", "conv3", "silu", "conv3"], 8), dict(x=torch.randn(FRAMES, 8, 16, 16)))

@@ -539,23 +539,6 @@ _ALIAS_OPS = set(_VIEWS) | {aten.permute.default, aten.transpose.int, aten.alias
                             aten.dropout.default}
 
 
-def transient_bytes(n: Node, dim: int, band, need: dict) -> int:
-    """Bytes an op holds only while it runs on a band: a convolution's padded input copy, a GroupNorm's float32
-    working copy of a half-precision band."""
-    kind = HALO_RULES[n.target].kind
-    if kind == "conv":
-        x = n.args[0]
-        k, s, p, dil = conv_params(n, dim - 2)
-        lo, hi = conv_band(k, s, p, dil, *band)
-        return _tensor_bytes(x) * (hi - lo) // max(_shape(x)[dim], 1)
-    if kind == "stats":
-        v = n.meta["val"]
-        if v.dtype in (torch.float32, torch.float64):
-            return 0
-        return _band_bytes(n, dim, band) * 4 // v.element_size()
-    return 0
-
-
 def _static(region: HaloRegion) -> dict:
     """Per region op, what the plan needs of it: (bytes per row, whether it aliases its first input, the
     convolution band parameters and input bytes per row, bytes per row of a float32 working copy)."""
@@ -644,4 +627,4 @@ def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = N
     total = sum((flops or {}).get(n.name, 0) for n in region.nodes)
     return HaloPlan(best, len(ps), work / total if total else 1.0, best_pass)
 
-__all__ += ["stat_levels", "passes", "Pass", "halo_rule", "transient_bytes", "aliases", "transfers"]
+__all__ += ["stat_levels", "passes", "Pass", "halo_rule", "aliases", "transfers"]
