@@ -175,12 +175,70 @@ HALO_CAP = 64  # the most halo slices the budget tries when the policy sets none
 
 
 def _halo_counts(policy: Policy) -> list[int]:
-    cap = policy.halo or HALO_CAP
+    """Tile counts the budget tries: doubling from 2 up to the policy's (``HALO_CAP`` if it sets none)."""
+    cap = policy.halo_tiles if policy.halo is not None else HALO_CAP
     out, c = [], 2
     while c < cap:
         out.append(c)
         c *= 2
     return out + [cap]
+
+
+def _pow2_upto(cap: int) -> list[int]:
+    out, c = [], 1
+    while c < cap:
+        out.append(c)
+        c *= 2
+    return out + [cap]
+
+
+def _halo_grids(policy: Policy, height: int, width: int) -> list[list[tuple[int, int]]]:
+    """Grids the budget tries, grouped by tile count (ascending): for each count, bands of rows and the grid
+    whose tiles are closest to square in pixels (smallest halos per tile; a ``height x width`` image). An int
+    ``Policy.halo`` caps the tiles in all, a pair the rows and the columns."""
+    if isinstance(policy.halo, tuple):
+        rmax, cmax = policy.halo
+        shapes = [(r, c) for r in _pow2_upto(rmax) for c in _pow2_upto(cmax) if r * c > 1]
+    else:
+        counts = _halo_counts(policy)
+        shapes = [(t // c, c) for t in counts for c in _pow2_upto(t) if t % c == 0]
+    by_count: dict = {}
+    for r, c in shapes:
+        by_count.setdefault(r * c, []).append((r, c))
+    out = []
+    for t in sorted(by_count):
+        grids = by_count[t]
+        square = min(grids, key=lambda g: (abs(math.log((height / g[0]) / (width / g[1]))), g))
+        out.append(list(dict.fromkeys([g for g in grids if g[1] == 1] + [square])))
+    return out
+
+
+def _latent_shape(gm: GraphModule) -> tuple:
+    """The shape of the graph's first user input of 4 or more dims (a decoder's latents: frames first, height
+    and width last)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if n.op == "placeholder" and not n.name.startswith(("p_", "b_", "c_")) and getattr(v, "dim", lambda: 0)() >= 4:
+            return tuple(int(s) for s in v.shape)
+    return (1, 1, 1, 1)
+
+
+def _image_size(gm: GraphModule) -> tuple[int, int]:
+    return _latent_shape(gm)[-2:]
+
+
+def _frame_counts(gm: GraphModule, policy: Policy) -> list[int]:
+    """Slice counts along the frames (the latents' dim 0) the budget tries for what height halos cannot take
+    (a decoder's attention over each frame): 1, then doubling up to ``Policy.spatial`` (``slices``), or to the
+    frame count when the policy sets neither."""
+    frames = _latent_shape(gm)[0]
+    cap = min(policy.spatial or policy.slices or frames, frames)
+    return [1] + [c for c in _pow2_upto(cap) if c > 1]
+
+
+def _halo_policy(policy: Policy, grid: tuple[int, int], frames: int = 1) -> Policy:
+    return replace(policy, halo=grid if grid[1] > 1 else grid[0], max_memory=None, slices=None,
+                   spatial=frames if frames > 1 else None)
 
 
 def _keep_choices(gm: GraphModule, policy: Policy) -> list[int]:
@@ -196,10 +254,15 @@ def _keep_choices(gm: GraphModule, policy: Policy) -> list[int]:
 
 
 def halo_lower_bound(gm: GraphModule, policy: Policy) -> Floor:
-    """The halo floor: the most slices the policy allows (``HALO_CAP`` when it sets none), nothing kept whole."""
-    pol = replace(policy, halo=_halo_counts(policy)[-1], max_memory=None)
-    cg = compile_graph(gm, pol, None, halo_keep=0)
-    return Floor(None, cg, plan_memory(cg.graph_module))
+    """The halo floor: the most tiles the policy allows (``HALO_CAP`` when it sets none), as bands and as the
+    squarest grid, nothing kept whole; the lower of the two plans."""
+    best = None
+    for grid in _halo_grids(policy, *_image_size(gm))[-1]:
+        cg = compile_graph(gm, _halo_policy(policy, grid, _frame_counts(gm, policy)[-1]), None, halo_keep=0)
+        floor = Floor(None, cg, plan_memory(cg.graph_module))
+        if best is None or floor.peak_bytes < best.peak_bytes:
+            best = floor
+    return best
 
 
 def _halo_flops(cg: CompiledGraph, flops: dict) -> float:
@@ -215,34 +278,50 @@ def _halo_flops(cg: CompiledGraph, flops: dict) -> float:
 
 
 def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[CompiledGraph, int]:
-    """Halo slicing under ``policy.max_memory``: for each checkpoint size (values up to it kept whole), the
-    fewest slices whose planned peak plus ``weight_bytes`` fits; of those, the one with the fewest planned FLOPs
-    (halo rows and statistics passes recomputed). Returns the compiled graph and the lower bound (None: not
+    """Halo slicing under ``policy.max_memory``: the fewest slices along frames (for what height halos cannot
+    take, such as an attention over each frame) whose floor fits; then for each checkpoint size (values up to it
+    kept whole), the fewest tiles (bands of rows, or the squarest grid) whose planned peak plus ``weight_bytes``
+    fits; of those, the one with the fewest planned FLOPs (halo rows and statistics passes recomputed). Returns the compiled graph and the lower bound (None: not
     computed); MemoryBudgetError with both figures when nothing fits."""
     from .analysis.cost import node_flops
     budget = policy.max_memory - weight_bytes
     if plan_memory(gm).peak_bytes <= budget:
         return compile_graph(gm, Policy(), None), None
     best_peak, best, flops = None, None, None
-    for keep in _keep_choices(gm, policy):
-        for count in _halo_counts(policy):
-            cg = compile_graph(gm, replace(policy, halo=count, max_memory=None), None, halo_keep=keep)
-            peak = plan_memory(cg.graph_module).peak_bytes
-            best_peak = peak if best_peak is None else min(best_peak, peak)
-            if peak <= budget:
-                flops = node_flops(cg.prepared) if flops is None else flops
-                cost = _halo_flops(cg, flops)
-                if best is None or cost < best[0]:
-                    best = (cost, cg, count, keep)
-                break
+    grids = _halo_grids(policy, *_image_size(gm))
+    for frames in _frame_counts(gm, policy):
+        # the floor of this frame count (finest grid, nothing kept whole) first: no finer search where it misses
+        floor = plan_memory(compile_graph(gm, _halo_policy(policy, grids[-1][-1], frames), None,
+                                          halo_keep=0).graph_module).peak_bytes
+        best_peak = floor if best_peak is None else min(best_peak, floor)
+        if floor > budget:
+            continue
+        for keep in _keep_choices(gm, policy):
+            for group in grids:
+                fit = False
+                for grid in group:
+                    cg = compile_graph(gm, _halo_policy(policy, grid, frames), None, halo_keep=keep)
+                    peak = plan_memory(cg.graph_module).peak_bytes
+                    best_peak = min(best_peak, peak)
+                    if peak <= budget:
+                        fit = True
+                        flops = node_flops(cg.prepared) if flops is None else flops
+                        cost = _halo_flops(cg, flops)
+                        if best is None or cost < best[0]:
+                            best = (cost, cg, grid, keep, frames)
+                if fit:
+                    break
+        if best is not None:
+            break
     if best is not None:
-        cost, cg, count, keep = best
-        log.info("halo budget %s met: %d slices, values up to %s kept whole, %.2fx planned FLOPs",
-                 format_bytes(budget), count, format_bytes(keep), cost / max(sum(flops.values()), 1))
+        cost, cg, grid, keep, frames = best
+        log.info("halo budget %s met: %dx%d tiles, %d slices along frames, values up to %s kept whole, %.2fx "
+                 "planned FLOPs", format_bytes(budget), *grid, frames, format_bytes(keep),
+                 cost / max(sum(flops.values()), 1))
         return cg, None
     raise MemoryBudgetError(
         f"Policy.max_memory={format_bytes(policy.max_memory)} cannot be met: the weights take "
-        f"{format_bytes(weight_bytes)} and halo slicing (up to {_halo_counts(policy)[-1]} slices along height) plans "
+        f"{format_bytes(weight_bytes)} and halo slicing (up to {_halo_counts(policy)[-1]} tiles, as bands of rows or a grid) plans "
         f"the activations no lower than {format_bytes(best_peak)}, so at least "
         f"{format_bytes(weight_bytes + best_peak)} is needed. Raise max_memory or Policy.halo, or decode fewer "
         f"frames or a smaller resolution at once.",

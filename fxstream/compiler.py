@@ -12,7 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from .analysis.halo import find_halo_regions
-from .analysis.slicer import LAYOUTS, SlicePlan, plan_slicing, tensor_bytes
+from .analysis.slicer import LAYOUTS, SlicePlan, find_axes, plan_slicing, tensor_bytes
 from .errors import CaptureError
 from .graph_utils import strip_asserts
 from .passes.group_regions import group_regions
@@ -102,14 +102,27 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
     cg = _compile(gm, policy, layout, counts, inner_counts)
     set_pipeline(cg.graph_module, policy.pipeline, policy.cpu_workers)
-    if (policy.halo or 1) > 1:
+    if policy.halo_tiles > 1:
+        rows, cols = policy.halo_grid
         if halo_keep is None:
             biggest = max((tensor_bytes(n) for n in cg.graph_module.graph.nodes if n.op == "call_function"),
                           default=0)
-            halo_keep = biggest // policy.halo
-        cg.halo, why = find_halo_regions(cg.graph_module, policy.halo, policy.min_region_fraction,
-                                         keep_bytes=halo_keep)
-        cg.halo_reasons = {n.name: f"height (halo): {r}" for n, r in why.items()}
+            halo_keep = biggest // policy.halo_tiles
+        cg.halo, why = find_halo_regions(cg.graph_module, rows, policy.min_region_fraction, keep_bytes=halo_keep,
+                                         cols=cols)
+        cg.halo_reasons = {n.name: f"{'height' if cols == 1 else 'height x width'} (halo): {r}"
+                           for n, r in why.items()}
+        frames = policy.count_for("spatial")
+        if frames > 1 and not find_axes(gm, layout):
+            # what height halos could not take (a decoder's attention over each frame's pixels), along frames
+            taken = {n for r in cg.halo for n in r.nodes}
+            more, why = find_halo_regions(cg.graph_module, frames, policy.min_region_fraction, exclude=taken, axis=0)
+            for n, r in why.items():
+                if n not in taken:
+                    cg.halo_reasons.setdefault(n.name, f"frames (halo): {r}")
+            for n in (n for r in more for n in r.nodes):
+                cg.halo_reasons.pop(n.name, None)
+            cg.halo += more
         cg.graph_module = group_halo_regions(cg.graph_module, cg.halo)
     return cg
 

@@ -15,7 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx import GraphModule, Node
 
-from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, passes, plan_halo
+from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, norm_chunks, passes, plan_halo
 from .runtime import buffer_layout
 
 aten = torch.ops.aten
@@ -23,14 +23,17 @@ aten = torch.ops.aten
 __all__ = ["HaloLoop", "body_region"]
 
 
-def body_region(body: GraphModule, dims: list, count: int) -> HaloRegion:
+def body_region(body: GraphModule, dims: list, count: int, wdims: list | None = None, cols: int = 1,
+                along: str = "height") -> HaloRegion:
     """The :class:`HaloRegion` of a body graph: ``dims[i]`` is the height dim of the i-th placeholder (None: read
-    whole) followed by one per call_function node."""
+    whole) followed by one per call_function node; ``wdims`` the width dims the same way (a grid of ``cols``
+    columns; ``count`` tiles in all)."""
     phs = [n for n in body.graph.nodes if n.op == "placeholder"]
     ops = [n for n in body.graph.nodes if n.op == "call_function"]
     out = list(next(n for n in body.graph.nodes if n.op == "output").args[0])
     named = {n: d for n, d in zip(phs + ops, dims) if d is not None}
-    return HaloRegion(ops, named, phs, out, count)
+    wnamed = {n: d for n, d in zip(phs + ops, wdims or []) if d is not None}
+    return HaloRegion(ops, named, phs, out, count, wdims=wnamed, cols=cols, along=along)
 
 
 class _Stats:
@@ -68,13 +71,18 @@ def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
 class HaloLoop(torch.nn.Module):
     """A region sliced ``count`` ways along height with halos (see the module docstring)."""
 
-    def __init__(self, body: GraphModule, dims: list, count: int, out_meta: list):
+    def __init__(self, body: GraphModule, dims: list, count: int, out_meta: list, wdims: list | None = None,
+                 cols: int = 1, along: str = "height"):
         super().__init__()
         self.body = body
         self.dims = list(dims)
+        self.wdims = list(wdims or [])
         self.count = count
+        self.cols = cols
         self.out_meta = list(out_meta)  # (shape, strides, dtype) of each full output
-        self.region = body_region(body, self.dims, count)
+        self.along = along
+        self.region = body_region(body, self.dims, count, self.wdims, cols, along)
+        self._axes = self.region.axes
         self.passes = passes(self.region)
         self.working_bytes = plan_halo(self.region, ps=self.passes).working_bytes
         self._plans = None  # the slices' schedules, made on the first real call
@@ -84,12 +92,13 @@ class HaloLoop(torch.nn.Module):
         return plan_halo(self.region, flops, self.passes)
 
     def extra_repr(self) -> str:
-        return f"axis=height, slices={self.count}, passes={len(self.passes)}"
+        axis = self.along if self.cols == 1 else f"height x width, grid={self.count // self.cols}x{self.cols}"
+        return f"axis={axis}, slices={self.count}, passes={len(self.passes)}"
 
     def _schedule(self, p, i: int) -> list:
-        """[(node, band, free after)] for slice ``i`` of pass ``p``."""
-        need = p.slices[i]
-        todo = [n for n in self.region.nodes if n in need and need[n][0] < need[n][1]]
+        """(need, assign, [(node, bands, free after)]) for slice ``i`` of pass ``p``."""
+        need, assign = p.tile(i)
+        todo = [n for n in self.region.nodes if n in need]
         last = {}
         for j, n in enumerate(todo):
             for a in n.all_input_nodes:
@@ -98,7 +107,16 @@ class HaloLoop(torch.nn.Module):
         for j, n in enumerate(todo):
             steps.append((n, need[n], [a for a in n.all_input_nodes if last.get(a) == j] +
                           ([n] if n not in last else [])))
-        return steps
+        return need, assign, steps
+
+    def _dims(self, n: Node) -> list:
+        return [ax[n] for ax in self._axes]
+
+    def _narrow(self, t: torch.Tensor, n: Node, bands, offsets=None) -> torch.Tensor:
+        """Bands ``((lo, hi), ...)`` of value ``n`` out of ``t``, which holds its rows from ``offsets``."""
+        for k, (d, (lo, hi)) in enumerate(zip(self._dims(n), bands)):
+            t = t.narrow(d, lo - (offsets[k] if offsets else 0), hi - lo)
+        return t
 
     def forward(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -117,25 +135,21 @@ class HaloLoop(torch.nn.Module):
             summed: dict = {}  # GroupNorm input -> the GroupNorms this pass gathers statistics of
             for g in p.stats:
                 summed.setdefault(g.args[0], []).append(g)
-            for i, steps in enumerate(plans):
-                assign, need = p.assign[i], p.slices[i]
+            for need, assign, steps in plans:
                 env = {}
                 for ph in self.region.inputs:
                     if ph in need and ph in self.region.dims:
-                        lo, hi = need[ph]
-                        env[ph] = (full[ph].narrow(self.region.dims[ph], lo, hi - lo), lo)
+                        env[ph] = (self._narrow(full[ph], ph, need[ph]), tuple(lo for lo, _ in need[ph]))
                 for x in summed:
                     if x.op == "placeholder" and x in env:
                         self._gather(x, summed[x], acc, assign, env)
-                for n, band, free in steps:
-                    env[n] = (self._run(n, band, env, full, stats), band[0])
+                for n, bands, free in steps:
+                    env[n] = (self._run(n, bands, env, full, stats), tuple(lo for lo, _ in bands))
                     if n in summed:
                         self._gather(n, summed[n], acc, assign, env)
                     if not p.stats and n in out_index and n in assign:
-                        a, b = assign[n]
-                        d = self.region.dims[n]
-                        t, lo = env[n]
-                        outs[out_index[n]].narrow(d, a, b - a).copy_(t.narrow(d, a - lo, b - a))
+                        t, offsets = env[n]
+                        self._narrow(outs[out_index[n]], n, assign[n]).copy_(self._narrow(t, n, assign[n], offsets))
                         del t  # else the band outlives its slice
                     for f in free:
                         env.pop(f, None)
@@ -150,98 +164,133 @@ class HaloLoop(torch.nn.Module):
         """Add this slice's rows of ``x`` (its assigned share, each row once) to the statistics of ``norms``."""
         if x not in assign:
             return
-        a, b = assign[x]
-        d = self.region.dims[x]
-        t, lo = env[x]
+        t, offsets = env[x]
+        band = self._narrow(t, x, assign[x], offsets)
         for g in norms:
-            acc[g].add(_groups(t.narrow(d, a - lo, b - a), g.args[1]))
+            acc[g].add(_groups(band, g.args[1]))
 
-    def _arg(self, a, req, env, full):
+    def _arg(self, a, reqs, env, full):
+        """Argument ``a`` of an op: whole, or the bands ``reqs`` (one (dim, lo, hi) per axis) out of its band."""
         if not isinstance(a, Node):
             return a
-        if req is WHOLE or a not in env:
+        if reqs is WHOLE or a not in env:
             return full.get(a, None) if a in full else env[a][0]
-        d, lo, hi = req
-        t, tlo = env[a]
-        return t.narrow(d, lo - tlo, hi - lo)
+        t, offsets = env[a]
+        for (d, lo, hi), off in zip(reqs, offsets):
+            t = t.narrow(d, lo - off, hi - lo)
+        return t
 
-    def _run(self, n: Node, band, env: dict, full: dict, stats: dict):
+    def _run(self, n: Node, bands, env: dict, full: dict, stats: dict):
         rule = HALO_RULES[n.target]
-        d = self.region.dims[n]
-        lo, hi = band
-        if rule.kind == "conv":  # its band comes from conv_band; no requirement dict per slice
-            return self._conv(n, d, lo, hi, env, full)
-        req = rule.need(n, d, lo, hi)
-        if rule.kind == "upsample":
-            return self._upsample(n, d, lo, hi, req, env, full)
+        ds = self._dims(n)
+        kind = rule.kind_at(ds[0])
+        if kind == "conv":  # its bands come from conv_band; no requirement dict per slice
+            return self._conv(n, ds, bands, env, full)
+        reqs = [rule.need(n, d, lo, hi) for d, (lo, hi) in zip(ds, bands)]
+        if kind == "upsample":
+            return self._upsample(n, ds, bands, reqs, env)
 
         def arg(a):
-            return self._arg(a, req.get(a, WHOLE), env, full)
+            rs = [r.get(a, WHOLE) for r in reqs]
+            return self._arg(a, WHOLE if any(r is WHOLE for r in rs) else rs, env, full)
 
         args, kwargs = torch.fx.map_arg((n.args, n.kwargs), arg)
-        if rule.kind == "view":
+        if kind == "view":
             shape = list(n.meta["val"].shape)
-            shape[d] = hi - lo
+            for d, (lo, hi) in zip(ds, bands):
+                shape[d] = hi - lo
             return aten.reshape.default(args[0], shape)
-        if rule.kind == "stats":
+        if kind == "stats":
             return self._norm(n, args, stats[n])
         return n.target(*args, **kwargs)
 
-    def _conv(self, n: Node, d: int, lo: int, hi: int, env: dict, full: dict):
+    def _conv(self, n: Node, ds: list, bands, env: dict, full: dict):
         x = n.args[0]
-        k, s, p, dil = conv_params(n, d - 2)
-        ilo, ihi = conv_band(k, s, p, dil, lo, hi)
-        length = x.meta["val"].shape[d]
-        clo, chi = max(ilo, 0), min(ihi, length)
+        shape = list(x.meta["val"].shape)
+        wanted, clipped = [], []
+        for d, (lo, hi) in zip(ds, bands):
+            ilo, ihi = conv_band(*conv_params(n, d - 2), lo, hi)
+            wanted.append((d, ilo, ihi))
+            clipped.append((max(ilo, 0), min(ihi, shape[d])))
         w = full[n.args[1]] if n.args[1] in full else env[n.args[1]][0]
-        if chi <= clo:  # every row this band needs is the convolution's zero padding
-            shape = list(x.meta["val"].shape)
-            shape[d] = ihi - ilo
+        if any(chi <= clo for clo, chi in clipped):  # every row this band needs is the convolution's zero padding
+            for d, ilo, ihi in wanted:
+                shape[d] = ihi - ilo
             band = torch.zeros(shape, dtype=x.meta["val"].dtype, device=w.device)
         else:
-            t, tlo = env[x]
-            band = t.narrow(d, clo - tlo, chi - clo)
-            pads = [0, 0] * (band.dim() - 1 - d) + [clo - ilo, ihi - chi]
-            band = aten.constant_pad_nd.default(band, pads, 0.0)
+            t, offsets = env[x]
+            pads = [0, 0] * len(shape)
+            for (d, ilo, ihi), (clo, chi), off in zip(wanted, clipped, offsets):
+                t = t.narrow(d, clo - off, chi - clo)
+                pads[2 * (len(shape) - 1 - d)], pads[2 * (len(shape) - 1 - d) + 1] = clo - ilo, ihi - chi
+            while pads and pads[-1] == 0 and pads[-2] == 0:
+                pads = pads[:-2]
+            band = aten.constant_pad_nd.default(t, pads, 0.0) if pads else t
         args = list(n.args) + [None] * (7 - len(n.args))
         nsp = band.dim() - 2
         padding = list(args[4]) if args[4] is not None else [0] * nsp
         padding = padding * nsp if len(padding) == 1 else padding
-        padding[d - 2] = 0
+        for d in ds:
+            padding[d - 2] = 0
         b = None if args[2] is None else (full[args[2]] if args[2] in full else env[args[2]][0])
         return n.target(band, w, b, args[3] or [1] * nsp, padding, args[5] or [1] * nsp, args[6] or 1)
 
-    def _upsample(self, n: Node, d: int, lo: int, hi: int, req: dict, env: dict, full: dict):
+    def _upsample(self, n: Node, ds: list, bands, reqs: list, env: dict):
         x = n.args[0]
-        _, ilo, ihi = req[x]
-        t, tlo = env[x]
-        band = t.narrow(d, ilo - tlo, ihi - ilo)
-        f = n.meta["val"].shape[d] // x.meta["val"].shape[d]
+        t, offsets = env[x]
         size = list(n.meta["val"].shape[2:])
-        size[d - 2] = (ihi - ilo) * f
+        cuts = []
+        for d, (lo, hi), req, off in zip(ds, bands, reqs, offsets):
+            _, ilo, ihi = req[x]
+            t = t.narrow(d, ilo - off, ihi - ilo)
+            f = n.meta["val"].shape[d] // x.meta["val"].shape[d]
+            size[d - 2] = (ihi - ilo) * f
+            cuts.append((d, lo - ilo * f, hi - lo))
         if n.target is aten.upsample_nearest2d.vec:
             scales = n.args[2] if len(n.args) > 2 else None
-            y = n.target(band, None if scales is not None else size, scales)
+            y = n.target(t, None if scales is not None else size, scales)
         else:
-            y = n.target(band, size, *n.args[2:])
-        return y.narrow(d, lo - ilo * f, hi - lo)
+            y = n.target(t, size, *n.args[2:])
+        for d, start, length in cuts:
+            y = y.narrow(d, start, length)
+        return y
 
     @staticmethod
     def _norm(n: Node, args, st):
+        """GroupNorm of a band with the region's statistics, in float32 like the unsliced op (see
+        :func:`~fxstream.analysis.halo.norm_chunks`): a half-precision band is normalised a few groups at a time
+        into its output, so the float32 working copy is a fraction of the band."""
         x, g = args[0], args[1]
         w = args[2] if len(args) > 2 else None
         b = args[3] if len(args) > 3 else None
         mean, rstd = st
         shape = [mean.shape[0], mean.shape[1]] + [1] * (x.dim() - 1)
-        y = torch.sub(_groups(x, g), mean.reshape(shape))
-        y.mul_(rstd.reshape(shape))
-        y = y.flatten(1, 2)
-        aff = [x.shape[1]] + [1] * (x.dim() - 2)
-        if w is not None:
-            y.mul_(w.reshape(aff))
-        if b is not None:
-            y.add_(b.reshape(aff))
-        return y.to(x.dtype)
+        mean, rstd = mean.reshape(shape), rstd.reshape(shape)
+        per = x.shape[1] // g
+        aff = [g, per] + [1] * (x.dim() - 2)
+        w = None if w is None else w.reshape(aff)
+        b = None if b is None else b.reshape(aff)
+        xg = _groups(x, g)
+        k = norm_chunks(x.dtype, g)
+        if k == 1:
+            y = torch.sub(xg, mean).mul_(rstd)
+            if w is not None:
+                y.mul_(w)
+            if b is not None:
+                y.add_(b)
+            return y.flatten(1, 2).to(x.dtype)
+        out = torch.empty_like(xg)
+        step = -(-g // k)
+        for lo in range(0, g, step):
+            m = min(step, g - lo)
+            y = torch.sub(xg.narrow(1, lo, m), mean.narrow(1, lo, m)).mul_(rstd.narrow(1, lo, m))
+            if w is not None:
+                y.mul_(w.narrow(0, lo, m))
+            if b is not None:
+                y.add_(b.narrow(0, lo, m))
+            out.narrow(1, lo, m).copy_(y)
+            del y
+        return out.flatten(1, 2)
 
 
 def out_meta_of(outputs) -> list:

@@ -77,8 +77,10 @@ class Policy:
             each band of rows is computed with the halo of rows its convolutions need, and GroupNorm statistics
             by extra passes (see :mod:`fxstream.analysis.halo`); exact up to float rounding. Block outputs up to
             about one band's size (the largest activation / N) are kept whole, so the passes do not recompute
-            the blocks before them. ``None``: no halo slicing. With ``max_memory``, the most the budget may use
-            (it then chooses what to keep whole).
+            the blocks before them. A pair ``(rows, columns)`` cuts each band into columns too: a grid of tiles
+            with halos along height and width, whose halos cost less than those of thin bands. ``None``: no halo
+            slicing. With ``max_memory``, an int is the most tiles in all the budget may use (it chooses between
+            bands and grids, and what to keep whole), a pair the most rows and columns.
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
             the graph's largest activation (small regions cost loop overhead and save nothing).
         cache_size: the most input signatures kept compiled at once (least recently used evicted).
@@ -95,14 +97,24 @@ class Policy:
     pipeline: int = 1
     cpu_workers: bool | None = None
     rehash: StepRehash | None = None
-    halo: int | None = None
+    halo: int | tuple[int, int] | None = None
     min_region_fraction: float = 0.05
     cache_size: int = 8
     verify: bool = False
 
     def __post_init__(self):
-        for name in ("slices", "spatial", "temporal", "batch", "halo"):
+        for name in ("slices", "spatial", "temporal", "batch"):
             _check_count(name, getattr(self, name))
+        h = self.halo
+        if isinstance(h, list):
+            h = tuple(h)
+            object.__setattr__(self, "halo", h)
+        if isinstance(h, tuple):
+            if len(h) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in h):
+                raise ValueError(f"Policy.halo: expected None, an int >= 1 (bands of rows) or a pair of ints >= 1 "
+                                 f"(rows, columns of tiles), got {self.halo!r}")
+        else:
+            _check_count("halo", h)
         p = self.pipeline
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ValueError(f"Policy.pipeline: expected an int >= 1 (slices in flight; 1: one at a time), got {p!r}")
@@ -135,7 +147,18 @@ class Policy:
 
     @property
     def slices_anything(self) -> bool:
-        return any(self.count_for(k) > 1 for k in ("spatial", "temporal", "batch")) or (self.halo or 1) > 1
+        return any(self.count_for(k) > 1 for k in ("spatial", "temporal", "batch")) or self.halo_tiles > 1
+
+    @property
+    def halo_grid(self) -> tuple[int, int]:
+        """``halo`` as (rows, columns) of tiles: (N, 1) for N bands of rows, (1, 1) for None."""
+        h = self.halo
+        return (1, 1) if h is None else tuple(h) if isinstance(h, tuple) else (h, 1)
+
+    @property
+    def halo_tiles(self) -> int:
+        r, c = self.halo_grid
+        return r * c
 
     def describe(self) -> str:
         parts = []

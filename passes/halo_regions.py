@@ -21,9 +21,9 @@ __all__ = ["group_halo_regions", "build_halo_body"]
 REGION_META = "fxstream.halo_region"
 
 
-def build_halo_body(region: HaloRegion) -> tuple[GraphModule, list]:
-    """The region's ops as a GraphModule (placeholders: its inputs; outputs: its outputs) and the height dim of
-    each placeholder and op, in order (None: read whole)."""
+def build_halo_body(region: HaloRegion) -> tuple[GraphModule, list, list]:
+    """The region's ops as a GraphModule (placeholders: its inputs; outputs: its outputs), the height dim of
+    each placeholder and op, in order (None: read whole), and their width dims (a grid; else empty)."""
     g = Graph()
     env: dict = {}
     dims = []
@@ -36,12 +36,14 @@ def build_halo_body(region: HaloRegion) -> tuple[GraphModule, list]:
         env[n] = g.node_copy(n, env.__getitem__)
         dims.append(region.dims[n])
     g.output(tuple(env[o] for o in region.outputs))
-    return GraphModule(torch.nn.Module(), g), dims
+    wdims = [region.wdims.get(n) for n in [*region.inputs, *region.nodes]] if region.cols > 1 else []
+    return GraphModule(torch.nn.Module(), g), dims, wdims
 
 
 def make_halo_loop(region: HaloRegion) -> HaloLoop:
-    body, dims = build_halo_body(region)
-    return HaloLoop(body, dims, region.count, [buffer_layout(o.meta["val"]) for o in region.outputs])
+    body, dims, wdims = build_halo_body(region)
+    return HaloLoop(body, dims, region.count, [buffer_layout(o.meta["val"]) for o in region.outputs], wdims,
+                    region.cols, region.along)
 
 
 def group_halo_regions(gm: GraphModule, regions: list) -> GraphModule:

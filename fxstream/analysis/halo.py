@@ -44,6 +44,15 @@ class HaloRule:
     need: Callable
     kind: str
 
+    def kind_at(self, d: int) -> str:
+        """How the runtime runs the op sliced along its dim ``d``: along the batch dim (0) a convolution, an
+        upsampling or a GroupNorm works sample by sample, so it runs on the band as it is ("rows")."""
+        return "rows" if d == 0 and self.kind in ("conv", "upsample", "stats") else self.kind
+
+
+def kind_at(n: Node, d: int) -> str:
+    return HALO_RULES[n.target].kind_at(d)
+
 
 def _shape(n) -> list[int]:
     return val_shape(n)
@@ -109,8 +118,8 @@ def linear(node, d, lo, hi):
 
 
 def group_norm(node, d, lo, hi):
-    if d < 2:
-        raise CantSlice(f"group_norm: dim {d} is not spatial")
+    if d == 1:
+        raise CantSlice("group_norm: dim 1 holds the channels")
     req = {node.args[0]: (d, lo, hi)}
     for a in node.args[2:4]:
         if isinstance(a, Node):
@@ -145,10 +154,9 @@ def conv_band(k: int, s: int, p: int, dil: int, lo: int, hi: int) -> tuple[int, 
 
 
 def conv(node, d, lo, hi):
-    if d < 2:
-        raise CantSlice(f"convolution: dim {d} is not spatial")
-    k, s, p, dil = conv_params(node, d - 2)
-    req = {node.args[0]: (d, *conv_band(k, s, p, dil, lo, hi))}
+    if d == 1:
+        raise CantSlice("convolution: dim 1 holds the channels")
+    req = {node.args[0]: (0, lo, hi) if d == 0 else (d, *conv_band(*conv_params(node, d - 2), lo, hi))}
     for a in node.args[1:3]:
         if isinstance(a, Node):
             req[a] = WHOLE
@@ -166,10 +174,19 @@ def upsample_factor(node: Node, d: int) -> int:
 
 
 def upsample(node, d, lo, hi):
-    if d < 2:
-        raise CantSlice(f"upsample: dim {d} is not spatial")
+    if d == 1:
+        raise CantSlice("upsample: dim 1 holds the channels")
+    if d == 0:
+        return {node.args[0]: (0, lo, hi)}
     f = upsample_factor(node, d)
     return {node.args[0]: (d, lo // f, (hi - 1) // f + 1)}
+
+
+def attention(node, d, lo, hi):
+    if d >= len(_shape(node)) - 2:
+        raise CantSlice("attention: its sequence and features are not sliced")
+    return _broadcast_need(node, d, lo, hi, [a for a in [*node.args[:4], node.kwargs.get("attn_mask")]
+                                             if isinstance(a, Node)])
 
 
 HALO_RULES: dict = {}
@@ -187,6 +204,7 @@ HALO_RULES.update({
     aten.upsample_nearest2d.vec: HaloRule(upsample, "upsample"),
     aten.upsample_nearest2d.default: HaloRule(upsample, "upsample"),
     aten.group_norm.default: HaloRule(group_norm, "stats"),
+    aten.scaled_dot_product_attention.default: HaloRule(attention, "rows"),
 })
 
 
@@ -200,15 +218,20 @@ def _tensor_valued(n: Node) -> bool:
 
 @dataclass
 class HaloRegion:
-    """Ops sliced together along height with halos: ``dims`` names the height dim of every value it touches."""
+    """Ops sliced together along height with halos: ``dims`` names the height dim of every value it touches.
+    A grid (``cols > 1``) also cuts every band of rows into ``cols`` tiles along width (``wdims``): ``count`` is
+    rows * cols tiles, each computed with its halo along both axes."""
 
     nodes: list  # in graph order
     dims: dict  # node (region op or input) -> height dim
     inputs: list  # nodes outside the region it reads, in order
     outputs: list  # its nodes used outside it
-    count: int = 1
+    count: int = 1  # tiles in all: rows * cols
     largest_interior_bytes: int = 0
-    _transfers: dict | None = field(default=None, repr=False)
+    wdims: dict = field(default_factory=dict)  # node -> width dim (tiles of a grid: cols > 1)
+    cols: int = 1
+    along: str = "height"  # what ``dims`` names: "height", or "frames" (the first input's dim 0)
+    _transfers: dict = field(default_factory=dict, repr=False)
     _inside: set | None = field(default=None, repr=False)
     _static: dict | None = field(default=None, repr=False)
 
@@ -223,12 +246,25 @@ class HaloRegion:
         from .slicer import common_module_path
         return common_module_path(self.nodes)
 
-    def length(self, n: Node) -> int:
-        return _shape(n)[self.dims[n]]
+    @property
+    def rows(self) -> int:
+        return self.count // self.cols
+
+    @property
+    def axes(self) -> list[dict]:
+        """The dims of each sliced axis: [height] or, for a grid, [height, width]."""
+        return [self.dims, self.wdims] if self.cols > 1 else [self.dims]
+
+    def length(self, n: Node, axis: int = 0) -> int:
+        return _shape(n)[self.axes[axis][n]]
+
+    def lengths(self, n: Node) -> tuple:
+        return tuple(_shape(n)[ax[n]] for ax in self.axes)
 
 
-def _name_heights(gm: GraphModule) -> tuple[dict, dict]:
-    """Flood height from the first user input of 4 or more dims (height is its second-to-last dim): forwards
+def _name_heights(gm: GraphModule, axis: int = -2) -> tuple[dict, dict]:
+    """Flood height (``axis=-1``: width, 0: the batch of frames) from the first user input of 4 or more dims
+    (height is its second-to-last dim, width its last): forwards
     through every op a rule accepts, and backwards into inputs a rule needs in rows (an attention's output that
     a residual adds back). Returns (dims, reasons)."""
     src = next((n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith(("p_", "b_", "c_"))
@@ -236,7 +272,7 @@ def _name_heights(gm: GraphModule) -> tuple[dict, dict]:
     dims, reasons = {}, {}
     if src is None:
         return dims, reasons
-    dims[src] = src.meta["val"].dim() - 2
+    dims[src] = axis % src.meta["val"].dim()
     work = [src]
 
     def try_node(u: Node) -> int | None:
@@ -323,24 +359,60 @@ def checkpoints(nodes: list, inside: set, keep_bytes: int) -> list:
     return cuts
 
 
+def _trim_entries(comp: set, order: dict) -> set:
+    """``comp`` less the ops that read only values from outside it and whose own value is smaller than the
+    activations they read last: run before the region, such an op frees those (a residual add of two whole
+    values leaves one whole value for the region to hold; the caller's inputs and weights stay alive anyway)."""
+    comp = set(comp)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(comp):
+            ins = n.all_input_nodes
+            if any(p in comp for p in ins) or not any(u in comp for u in n.users):
+                continue
+            freed = sum(_tensor_bytes(p) for p in set(ins) if p.op == "call_function"
+                        and all(u is n or (u not in comp and order[u] < order[n]) for u in p.users))
+            if freed > _tensor_bytes(n):
+                comp.discard(n)
+                changed = True
+    return comp
+
+
 def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, exclude=(),
-                      keep_bytes: int = 0) -> tuple[list, dict]:
-    """Regions sliced ``count`` ways along height with halos, and why other named ops are not sliced.
+                      keep_bytes: int = 0, cols: int = 1, axis: int = -2) -> tuple[list, dict]:
+    """Regions sliced ``count`` ways along height with halos, and why other named ops are not sliced. ``cols > 1``:
+    grids of ``count`` rows by ``cols`` columns of tiles, with halos along height and width (ops must take both).
+    ``axis=0``: regions along the first input's dim 0 instead (a decoder's frames: per-frame ops such as an
+    attention over each frame's pixels slice as they are, a temporal convolution with a halo of frames).
 
     A region is a connected set of accepted ops joined by edges along which the height passes; an op needing a
     region value whole leaves it; a region must be convex (nothing leaves it and comes back: what does starts
     a region of its own); regions whose largest interior value is under ``min_fraction`` of the graph's
-    largest activation are dropped. ``exclude``: nodes that must stay outside (already in other regions).
+    largest activation outside ``exclude`` are dropped. ``exclude``: nodes that must stay outside (already in other regions).
     ``keep_bytes``: a region is cut after every :func:`checkpoints` op whose value takes at most this many
     bytes whole. Each cut keeps that value whole and saves the passes downstream of it from recomputing what
     fed it (see NOTE [Statistics passes]); 0 keeps nothing whole."""
     from .slicer import _nonconvex
 
-    dims, reasons = _name_heights(gm)
+    dims, reasons = _name_heights(gm, axis)
     ok = {n: r for n, r in _accepted(gm, dims, reasons).items() if n not in exclude}
+    wdims = {}
+    if cols > 1:
+        wdims, wreasons = _name_heights(gm, axis=-1)
+        wok = _accepted(gm, wdims, wreasons)
+        for n in list(ok):
+            why = wreasons.get(n, "width is not named here") if n not in wok else None
+            if why is None and any((r is WHOLE) != (wok[n].get(p) is WHOLE) for p, r in ok[n].items()):
+                why = "needs an input whole along one axis and in rows along the other"
+            if why is not None:
+                reasons[n] = f"width: {why}"
+                del ok[n]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    biggest = max((_tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
+    # the largest activation left to slice (what other regions took is theirs)
+    biggest = max((_tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function" and n not in exclude),
+                  default=0)
     g = nx.Graph()
     g.add_nodes_from(ok)
     for n, req in ok.items():
@@ -362,6 +434,7 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
             pending.extend(set(c) for c in nx.connected_components(g.subgraph(later)))
             continue
         done.append(comp)
+    done = [_trim_entries(comp, order) for comp in done]
     if keep_bytes:
         cut_up = []
         for comp in done:
@@ -384,13 +457,15 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
         outputs = [n for n in nodes if any(u not in comp for u in n.users) or out_node in n.users]
         interior = [_tensor_bytes(n) for n in nodes if n not in outputs]
         largest = max(interior, default=0)
-        if count < 2 or largest == 0 or largest < min_fraction * biggest:
+        if count * cols < 2 or largest == 0 or largest < min_fraction * biggest:
             for n in nodes:
-                reasons.setdefault(n, "height: region too small to pay for its loop")
+                reasons.setdefault(n, f"{'frames' if axis == 0 else 'height'}: region too small to pay for its loop")
             continue
         region_dims = {n: dims[n] for n in nodes}
         region_dims.update({p: dims[p] for p in inputs if p in dims})
-        regions.append(HaloRegion(nodes, region_dims, inputs, outputs, count, largest))
+        region_wdims = {n: wdims[n] for n in [*nodes, *inputs] if n in wdims and (n in comp or n in region_dims)}
+        regions.append(HaloRegion(nodes, region_dims, inputs, outputs, count * cols, largest, region_wdims, cols,
+                                  "frames" if axis == 0 else "height"))
         for n in nodes:
             reasons.pop(n, None)
     regions.sort(key=lambda r: order[r.nodes[0]])
@@ -404,17 +479,19 @@ def _hull(a, b):
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
 
-def transfers(region: HaloRegion) -> dict:
-    """For each region op, its inputs' bands as integer maps ``(input, length, num, den, off_lo, off_hi)``:
-    output rows ``[lo, hi)`` need ``[floor(lo*num/den) + off_lo, floor((hi-1)*num/den) + off_hi + 1)``. The
-    same bands as the rules' ``need`` (a test checks), without building dicts per slice."""
-    if region._transfers is None:
+def transfers(region: HaloRegion, axis: int = 0) -> dict:
+    """For each region op, its inputs' bands along ``axis`` (0: height, 1: a grid's width) as integer maps
+    ``(input, length, num, den, off_lo, off_hi)``: output rows ``[lo, hi)`` need ``[floor(lo*num/den) + off_lo,
+    floor((hi-1)*num/den) + off_hi + 1)``. The same bands as the rules' ``need`` (a test checks), without
+    building dicts per slice."""
+    if axis not in region._transfers:
+        dims = region.axes[axis]
         out = {}
         for n in region.nodes:
-            d = region.dims[n]
-            kind = HALO_RULES[n.target].kind
+            d = dims[n]
+            kind = kind_at(n, d)
             edges = []
-            for p, r in HALO_RULES[n.target].need(n, d, 0, region.length(n)).items():
+            for p, r in HALO_RULES[n.target].need(n, d, 0, region.length(n, axis)).items():
                 if r is WHOLE:
                     continue
                 if kind == "conv" and p is n.args[0]:
@@ -426,15 +503,17 @@ def transfers(region: HaloRegion) -> dict:
                     m = (1, 1, 0, 0)
                 edges.append((p, _shape(p)[r[0]], *m))
             out[n] = edges
-        region._transfers = out
-    return region._transfers
+        region._transfers[axis] = out
+    return region._transfers[axis]
 
 
-def needs(region: HaloRegion, targets: dict) -> dict:
-    """Rows of every region value and input needed to compute ``targets`` ({node: (lo, hi)}), clipped to the
-    tensor: each op asked for the union of what its users need, walking the region backwards."""
+def needs(region: HaloRegion, targets: dict, axis: int = 0) -> dict:
+    """Rows (``axis`` 1: columns) of every region value and input needed to compute ``targets`` ({node: (lo,
+    hi)}), clipped to the tensor: each op asked for the union of what its users need, walking the region
+    backwards. Along the two axes of a grid the walks are independent: every rule's band along one axis depends
+    only on the band along that axis."""
     need = dict(targets)
-    tr = transfers(region)
+    tr = transfers(region, axis)
     for n in reversed(region.nodes):
         band = need.get(n)
         if band is None or band[0] >= band[1]:
@@ -463,41 +542,71 @@ def stat_levels(region: HaloRegion) -> dict:
             if p in inside:
                 d = max(d, depth[p] + (1 if p in levels else 0))
         depth[n] = d
-        if HALO_RULES[n.target].kind == "stats":
+        if kind_at(n, region.dims[n]) == "stats":
             levels[n] = d
     return levels
 
 
 @dataclass
 class Pass:
-    """One sweep over the slices: ``slices[i]`` is {node: (lo, hi)} to compute (inputs: rows to read);
-    ``assign[i]`` the rows each target (a GroupNorm's input, or a region output) takes from slice ``i``."""
+    """One sweep over the slices: ``slices[i]`` is {node: (lo, hi)}, the rows to compute (inputs: rows to read);
+    ``assign[i]`` the rows each target (a GroupNorm's input, or a region output) takes from slice ``i``. A grid's
+    ``wslices`` and ``wassign`` give the columns the same way (empty lists otherwise); :meth:`tile` joins them."""
 
     stats: list  # GroupNorm nodes whose statistics this pass gathers (empty: the output pass)
     slices: list = field(default_factory=list)
     assign: list = field(default_factory=list)
+    wslices: list = field(default_factory=list)
+    wassign: list = field(default_factory=list)
+
+    def tile(self, i: int) -> tuple[dict, dict]:
+        """Slice ``i``'s bands as {node: ((lo, hi), ...)} per axis: what to compute (values with an empty band
+        along any axis left out) and what each target takes."""
+        if not self.wslices:
+            return ({n: (b,) for n, b in self.slices[i].items() if b[0] < b[1]},
+                    {n: (b,) for n, b in self.assign[i].items()})
+        h, w, ha, wa = self.slices[i], self.wslices[i], self.assign[i], self.wassign[i]
+        need = {n: (b, w[n]) for n, b in h.items() if n in w and b[0] < b[1] and w[n][0] < w[n][1]}
+        return need, {n: (b, wa[n]) for n, b in ha.items() if n in wa}
+
+
+def _assign(region: HaloRegion, targets: list, i: int, count: int, axis: int) -> dict:
+    assign = {}
+    for t in dict.fromkeys(targets):
+        length = region.length(t, axis)
+        bounds = slice_bounds(length, min(count, length))
+        if i < len(bounds):
+            s, k = bounds[i]
+            assign[t] = (s, s + k)
+    return assign
 
 
 def passes(region: HaloRegion) -> list[Pass]:
-    """The statistics passes (one per level) and the output pass, each with every slice's bands."""
+    """The statistics passes (one per level) and the output pass, each with every slice's bands (a grid's
+    slices run row by row: slice ``i`` is row ``i // cols``, column ``i % cols``)."""
     levels = stat_levels(region)
     out = []
     for lv in range(max(levels.values(), default=-1) + 1):
         gns = [g for g, v in levels.items() if v == lv]
         out.append(Pass(gns))
     out.append(Pass([]))
+    rows, cols = region.rows, region.cols
     for ps in out:
         targets = [g.args[0] for g in ps.stats] if ps.stats else list(region.outputs)
+        hcache, wcache = {}, {}
         for i in range(region.count):
-            assign = {}
-            for t in dict.fromkeys(targets):
-                length = _shape(t)[region.dims[t]]
-                bounds = slice_bounds(length, min(region.count, length))
-                if i < len(bounds):
-                    s, k = bounds[i]
-                    assign[t] = (s, s + k)
-            ps.assign.append(assign)
-            ps.slices.append(needs(region, assign))
+            r, c = divmod(i, cols)
+            if r not in hcache:
+                a = _assign(region, targets, r, rows, 0)
+                hcache[r] = (a, needs(region, a))
+            ps.assign.append(hcache[r][0])
+            ps.slices.append(hcache[r][1])
+            if cols > 1:
+                if c not in wcache:
+                    a = _assign(region, targets, c, cols, 1)
+                    wcache[c] = (a, needs(region, a, 1))
+                ps.wassign.append(wcache[c][0])
+                ps.wslices.append(wcache[c][1])
     return out
 
 
@@ -511,11 +620,6 @@ class HaloPlan:
     passes: int
     compute_factor: float
     peak_pass: int = 0
-
-
-def _band_bytes(n: Node, dim: int, band) -> int:
-    length = _shape(n)[dim]
-    return _tensor_bytes(n) * (band[1] - band[0]) // max(length, 1)
 
 
 def aliases(n: Node) -> bool:
@@ -540,33 +644,47 @@ _ALIAS_OPS = set(_VIEWS) | {aten.permute.default, aten.transpose.int, aten.alias
 
 
 def _static(region: HaloRegion) -> dict:
-    """Per region op, what the plan needs of it: (bytes per row, whether it aliases its first input, the
-    convolution band parameters and input bytes per row, bytes per row of a float32 working copy)."""
+    """Per region op, what the plan needs of it: (its bytes, its lengths along the sliced axes, whether it aliases
+    its first input, a convolution's per-axis band parameters with its input's bytes and lengths, the factor of a
+    float32 working copy (0: none), the per-axis upsampling factors (0: none))."""
     if region._static is None:
         out = {}
         for n in region.nodes:
-            d = region.dims[n]
-            row = _tensor_bytes(n) // max(region.length(n), 1)
+            ds = [ax[n] for ax in region.axes]
             alias = n.args[0] in region.inside and aliases(n)
             conv = None
-            kind = HALO_RULES[n.target].kind
+            kind = kind_at(n, ds[0])
             if kind == "conv":
                 x = n.args[0]
-                conv = (*conv_params(n, d - 2), _tensor_bytes(x) // max(_shape(x)[d], 1))
+                conv = ([conv_params(n, d - 2) for d in ds], _tensor_bytes(x), [_shape(x)[d] for d in ds])
             v = n.meta["val"]
-            f32 = row * 4 // v.element_size() if kind == "stats" and v.dtype not in (torch.float32, torch.float64) else 0
-            up = upsample_factor(n, d) if kind == "upsample" else 0
-            out[n] = (row, alias, conv, f32, up)
+            f32 = 0.0
+            if kind == "stats" and v.dtype not in (torch.float32, torch.float64):
+                g = n.args[1]
+                f32 = 4 / v.element_size() * math.ceil(g / norm_chunks(v.dtype, g)) / g
+            up = [upsample_factor(n, d) for d in ds] if kind == "upsample" else None
+            out[n] = (_tensor_bytes(n), math.prod(region.lengths(n)), alias, conv, f32, up)
         region._static = out
     return region._static
 
 
-def _copy_rows(n: Node, region: HaloRegion) -> int:
-    """Bytes per row of a statistics pass's float32 copy of a GroupNorm input band (half precision only)."""
+NORM_CHUNKS = 8  # a half-precision band is normalised in this many chunks of groups (float32 working copies)
+
+
+def norm_chunks(dtype: torch.dtype, groups: int) -> int:
+    """How many chunks of groups the runtime normalises a GroupNorm band in: 1 in float32 (its working copy is
+    its output), else up to ``NORM_CHUNKS``."""
+    return 1 if dtype in (torch.float32, torch.float64) else min(NORM_CHUNKS, groups)
+
+
+def _copy_factor(n: Node) -> int:
+    """A statistics pass's float32 copy of a GroupNorm input band over the band's bytes (0: none, float32)."""
     v = n.meta["val"]
-    if v.dtype in (torch.float32, torch.float64):
-        return 0
-    return _tensor_bytes(n) // max(region.length(n), 1) * 4 // v.element_size()
+    return 0 if v.dtype in (torch.float32, torch.float64) else 4 // v.element_size()
+
+
+def _cells(bands) -> int:
+    return math.prod(hi - lo for lo, hi in bands)
 
 
 def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = None) -> HaloPlan:
@@ -579,13 +697,13 @@ def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = N
     static = _static(region)
     best, best_pass = 0, 0
     work = 0.0
-    scale = {n: flops.get(n.name, 0) / max(region.length(n), 1) for n in region.nodes} if flops else {}
+    scale = {n: flops.get(n.name, 0) / max(static[n][1], 1) for n in region.nodes} if flops else {}
     for pi, p in enumerate(ps):
         targets = {g.args[0] for g in p.stats}
-        copy_rows = {t: _copy_rows(t, region) for t in targets}
-        for i, need in enumerate(p.slices):
-            assign = p.assign[i]
-            todo = [n for n in region.nodes if n in need and need[n][0] < need[n][1]]
+        copy = {t: (_copy_factor(t) * _tensor_bytes(t), max(math.prod(region.lengths(t)), 1)) for t in targets}
+        for i in range(len(p.slices)):
+            need, assign = p.tile(i)
+            todo = [n for n in region.nodes if n in need]
             last = {}
             for j, n in enumerate(todo):
                 for a in n.all_input_nodes:
@@ -595,35 +713,37 @@ def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = N
             live = 0
             for t in targets:  # a region input summed straight away
                 if t not in inside and t in assign:
-                    a, b = assign[t]
-                    best, best_pass = (copy_rows[t] * (b - a), pi) if copy_rows[t] * (b - a) > best else (best, best_pass)
+                    c = copy[t][0] * _cells(assign[t]) // copy[t][1]
+                    best, best_pass = (c, pi) if c > best else (best, best_pass)
             for j, n in enumerate(todo):
-                lo, hi = need[n]
-                row, alias, conv, f32, up = static[n]
+                bands = need[n]
+                size, cells, alias, conv, f32, up = static[n]
                 base = root.get(n.args[0]) if alias else None
                 if base is not None:
                     root[n] = base
                 else:
                     root[n] = n
                     # an upsampled band is made whole from its input rows, then narrowed (a view of it)
-                    held[n] = row * ((((hi - 1) // up + 1) - lo // up) * up if up else hi - lo)
+                    made = _cells(bands) if up is None else math.prod(
+                        (((hi - 1) // f + 1) - lo // f) * f for (lo, hi), f in zip(bands, up))
+                    held[n] = size * made // max(cells, 1)
                     live += held[n]
                 users_left[root[n]] = max(users_left.get(root[n], j), last.get(n, j))
-                extra = f32 * (hi - lo)
-                if conv is not None:
-                    k, st, pad, dil, xrow = conv
-                    a, b = conv_band(k, st, pad, dil, lo, hi)
-                    extra = xrow * (b - a)
+                extra = int(size * f32 * _cells(bands) / max(cells, 1))
+                if conv is not None:  # the padded copy of its input band, where the band reaches the padding
+                    params, xsize, xlens = conv
+                    spans = [conv_band(*pr, lo, hi) for pr, (lo, hi) in zip(params, bands)]
+                    if any(a < 0 or b > xl for (a, b), xl in zip(spans, xlens)):
+                        extra = xsize * math.prod(b - a for a, b in spans) // max(math.prod(xlens), 1)
                 if n in targets and n in assign:
-                    a, b = assign[n]
-                    extra = max(extra, copy_rows[n] * (b - a))
+                    extra = max(extra, copy[n][0] * _cells(assign[n]) // copy[n][1])
                 if live + extra > best:
                     best, best_pass = live + extra, pi
                 for r in [r for r, lu in users_left.items() if lu <= j]:
                     live -= held.pop(r, 0)
                     del users_left[r]
                 if scale:
-                    work += scale[n] * (hi - lo)
+                    work += scale[n] * _cells(bands)
     total = sum((flops or {}).get(n.name, 0) for n in region.nodes)
     return HaloPlan(best, len(ps), work / total if total else 1.0, best_pass)
 
