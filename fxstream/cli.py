@@ -63,6 +63,19 @@ def _count(text: str) -> int:
     return value
 
 
+def _halo(text: str) -> int | tuple[int, int]:
+    """``N`` bands of rows or ``RxC`` tiles."""
+    rows, sep, cols = text.lower().partition("x")
+    try:
+        value = (int(rows), int(cols)) if sep else int(rows)
+    except ValueError:
+        value = 0
+    if min(value if isinstance(value, tuple) else (value,)) < 1:
+        raise argparse.ArgumentTypeError(f"expected N (bands of rows) or RxC (rows x columns of tiles), whole numbers "
+                                         f">= 1, got {text!r}; for example 8 or 8x8")
+    return value
+
+
 def _pixels(text: str) -> int:
     value = _count(text)
     if value % 8:
@@ -270,9 +283,9 @@ def _pipeline_options() -> argparse.ArgumentParser:
                         "Example: --decode-chunk-size 8")
     g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
                    help="weights and activations (default: fp16; fp32 for the -tiny pipelines). Example: --dtype bf16")
-    g.add_argument("--halo", type=_count, metavar="N",
-                   help="the VAE decoder's slices along height (halo slicing; with --max-memory the most it may "
-                        "use, 64 if not given). Example: --halo 8")
+    g.add_argument("--halo", type=_halo, metavar="N|RxC",
+                   help="the VAE decoder's halo slicing: N bands of rows or RxC tiles (with --max-memory the most "
+                        "tiles it may use, 64 if not given). Example: --halo 8 or --halo 8x8")
     g.add_argument("--offload", choices=("auto", "always", "never"), default="auto",
                    help="with --max-memory: move the modules a stage does not use off the accelerator when the "
                         "budget needs it or it plans less recomputation (auto, default), in every stage (always: "

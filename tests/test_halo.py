@@ -565,8 +565,9 @@ def test_planner_counts_an_upsampling_band_as_held(monkeypatch):
     seen = []
     original = HaloLoop._upsample
 
-    def recording(self, n, d, lo, hi, req, env, full):
-        y = original(self, n, d, lo, hi, req, env, full)
+    def recording(self, n, ds, bands, reqs, env):
+        y = original(self, n, ds, bands, reqs, env)
+        (lo, hi), = bands
         seen.append((lo, hi, y.untyped_storage().nbytes(), y.numel() * y.element_size()))
         return y
 
