@@ -281,8 +281,9 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
     """Halo slicing under ``policy.max_memory``: the fewest slices along frames (for what height halos cannot
     take, such as an attention over each frame) whose floor fits; then for each checkpoint size (values up to it
     kept whole), the fewest tiles (bands of rows, or the squarest grid) whose planned peak plus ``weight_bytes``
-    fits; of those, the one with the fewest planned FLOPs (halo rows and statistics passes recomputed). Returns the compiled graph and the lower bound (None: not
-    computed); MemoryBudgetError with both figures when nothing fits."""
+    fits; of those, the one with the fewest planned FLOPs (halo rows and statistics passes recomputed). Returns
+    the compiled graph and the lower bound (None: not computed); MemoryBudgetError with both figures when nothing
+    fits."""
     from .analysis.cost import node_flops
     budget = policy.max_memory - weight_bytes
     if plan_memory(gm).peak_bytes <= budget:
@@ -321,8 +322,8 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
         return cg, None
     raise MemoryBudgetError(
         f"Policy.max_memory={format_bytes(policy.max_memory)} cannot be met: the weights take "
-        f"{format_bytes(weight_bytes)} and halo slicing (up to {_halo_counts(policy)[-1]} tiles, as bands of rows or a grid) plans "
-        f"the activations no lower than {format_bytes(best_peak)}, so at least "
-        f"{format_bytes(weight_bytes + best_peak)} is needed. Raise max_memory or Policy.halo, or decode fewer "
+        f"{format_bytes(weight_bytes)} and halo slicing (up to {_halo_counts(policy)[-1]} tiles, as bands of rows "
+        f"or a grid, and up to {_frame_counts(gm, policy)[-1]} slices of frames) plans the activations no lower "
+        f"than {format_bytes(best_peak)}, so at least {format_bytes(weight_bytes + best_peak)} is needed. Raise max_memory or Policy.halo, or decode fewer "
         f"frames or a smaller resolution at once.",
         max_memory=policy.max_memory, weight_bytes=weight_bytes, lower_bound_bytes=best_peak)

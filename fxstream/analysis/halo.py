@@ -389,7 +389,8 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
     A region is a connected set of accepted ops joined by edges along which the height passes; an op needing a
     region value whole leaves it; a region must be convex (nothing leaves it and comes back: what does starts
     a region of its own); regions whose largest interior value is under ``min_fraction`` of the graph's
-    largest activation outside ``exclude`` are dropped. ``exclude``: nodes that must stay outside (already in other regions).
+    largest activation outside ``exclude`` are dropped. ``exclude``: nodes that must stay outside (already in
+    other regions).
     ``keep_bytes``: a region is cut after every :func:`checkpoints` op whose value takes at most this many
     bytes whole. Each cut keeps that value whole and saves the passes downstream of it from recomputing what
     fed it (see NOTE [Statistics passes]); 0 keeps nothing whole."""
