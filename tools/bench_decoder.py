@@ -80,11 +80,17 @@ def _weights(module) -> int:
 
 
 def _halo_desc(report) -> tuple[str, str, str]:
-    halo = [r for r in report.regions if r.dim.startswith("height")]
+    """(regions x slices per kind: bands of rows, tiles of a grid, slices of frames; the most passes; compute)."""
+    halo = [r for r in report.regions if r.dim.endswith("(halo)")]
     if not halo:
         return "-", "-", "1.00x"
-    return f"{len(halo)} x {max(r.slices for r in halo)}", str(max(r.passes for r in halo)), \
-        f"{report.compute_factor:.2f}x"
+    kinds = [("height (halo)", "bands"), ("height x width (halo)", "tiles"), ("frames (halo)", "frames")]
+    parts = []
+    for dim, word in kinds:
+        rs = [r for r in halo if r.dim == dim]
+        if rs:
+            parts.append(f"{len(rs)} x {max(r.slices for r in rs)} {word}")
+    return "; ".join(parts), str(max(r.passes for r in halo)), f"{report.compute_factor:.2f}x"
 
 
 def measured(kind: str, frames: int, latent: int, repeats: int, fraction: float, tiny: bool) -> list[dict]:
