@@ -21,8 +21,17 @@ POLICIES = [fxstream.Policy(), pytest.param(fxstream.Policy(slices=4), marks=pyt
             fxstream.Policy(batch=2, slices=4), fxstream.Policy(spatial=2, temporal=5)]
 
 
-@pytest.mark.parametrize("model", ["svd_tiny", "animatediff_tiny"])
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe() if hasattr(p, "describe") else None)
+def _cases():
+    """Every policy on both tiny UNets; regions inside a batch split (the slowest case) on SVD's by default."""
+    for policy in POLICIES:
+        marks = list(getattr(policy, "marks", ()))
+        policy = getattr(policy, "values", (policy,))[0]
+        for model in ("svd_tiny", "animatediff_tiny"):
+            slow = marks + ([pytest.mark.slow] if model == "animatediff_tiny" and policy.batch else [])
+            yield pytest.param(model, policy, marks=slow, id=f"{policy.describe()}-{model}")
+
+
+@pytest.mark.parametrize("model,policy", list(_cases()))
 def test_planned_peak_within_5_percent_of_measured(model, policy, request):
     unet, kw = request.getfixturevalue(model)
     compiled = fxstream.compile(unet, policy=policy)

@@ -149,7 +149,8 @@ def _generation(compiled, kw, steps=6, seed=0):
 
 
 @pytest.mark.parametrize("policy", [Policy(rehash=StepRehash(full_every=1)),
-                                    Policy(slices=2, rehash=StepRehash(schedule=[0, 1, 2, 3, 4, 5]))])
+                                    pytest.param(Policy(slices=2, rehash=StepRehash(schedule=[0, 1, 2, 3, 4, 5])),
+                                                 marks=pytest.mark.slow)])  # sliced rehash: test_rehash_under_a_memory_budget
 def test_every_step_full_equals_the_module(svd_tiny, policy):
     unet, kw = svd_tiny
     c = fxstream.compile(unet, policy)
