@@ -152,3 +152,18 @@ def test_partial_file_resumes_finished_cases(tmp_path, monkeypatch):
     assert calls == []  # every case came from the file
     assert bench_compare.main(argv[:-2] + ["--repeats", "2", "--partial", str(part)]) == 0
     assert calls == first  # other settings: nothing reused
+
+
+def test_partial_run_writes_its_json(tmp_path, monkeypatch):
+    """A --partial run that writes: the settings (its Path included) go into benchmarks.json as text."""
+    import json
+
+    def fake_run_case(case, device, methods, repeats, steps, timeout, log):
+        return [bench_compare.Row(model=case.name, device=device, method=m, label=m, status="n/a", note="not run")
+                for m in methods]
+
+    monkeypatch.setattr(bench_compare, "run_case", fake_run_case)
+    part = tmp_path / "partial.json"
+    assert bench_compare.main(["--quick", "--methods", "eager", "--partial", str(part), "--out", str(tmp_path)]) == 0
+    blob = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert blob["compare"]["settings"]["partial"] == str(part)

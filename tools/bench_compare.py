@@ -675,7 +675,8 @@ def main(argv=None) -> int:
         return 0
     chart = draw_chart(rows, args.out / "img" / "bench-compare.png")
     cmd = "python tools/bench_compare.py " + " ".join(argv)
-    data = {"environment": environment(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    data = {"environment": environment(), "settings": settings,
             "rows": [asdict(r) for r in rows]}
     write_section(args.out, "compare", section(rows, cmd, notes), data)
     print(f"wrote {args.out / 'benchmarks.md'} (section: compare), {args.out / 'benchmarks.json'}, {chart}")
