@@ -102,7 +102,7 @@ def test_frame_counts(decoder):
 
 @pytest.mark.slow
 def test_svd_25_frame_decoder_under_one_gib():
-    """The issue's target (slow: about 2-3 minutes on 2 cores): SVD's temporal decoder, 25 frames of 576x1024
+    """The issue's target (slow: about a minute on 2 cores): SVD's temporal decoder, 25 frames of 576x1024
     (fp16, meta), exact at <= 1 GiB of activations: 8x8 tiles for the convolution chains, the mid block's
     attention in slices of frames."""
     import sys
