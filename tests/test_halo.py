@@ -517,15 +517,17 @@ def test_planted_wrong_transfer_is_caught(field):
 # 4. planner against measurement
 
 
-@pytest.mark.parametrize("blocks", [["conv3", "silu", "conv3"], ["up2", "conv3", "up2", "conv3"],
-                                    ["res", "up2", "temporal", "conv3"]])
-def test_planner_against_measured_peak(blocks):
+@pytest.mark.parametrize("blocks,cols", [(["conv3", "silu", "conv3"], 1), (["up2", "conv3", "up2", "conv3"], 1),
+                                         (["res", "up2", "temporal", "conv3"], 1),
+                                         (["res", "up2", "temporal", "conv3"], 2)])
+def test_planner_against_measured_peak(blocks, cols):
     """At a size where a few bytes of statistics do not matter (C=16, 32x32): the planned peak of the grouped graph
-    within 5% of the measured one, as the other regions' planner (tests/test_memory.py). Observed today, count 2:
-    0.843, 0.832, 0.856 (planned/measured); with the band released after its copy: 1.000, 0.997, 0.995."""
+    within 5% of the measured one, as the other regions' planner (tests/test_memory.py), for 2 bands of rows and
+    for 2x2 tiles. Observed, count 2: 0.843, 0.832, 0.856 (planned/measured); with the band released after its
+    copy: 1.000, 0.997, 0.995."""
     torch.manual_seed(0)
     e = Exported(Chain(blocks, 16), dict(x=torch.randn(FRAMES, 16, 32, 32)))
-    regions, _, grouped = e.halo(2)
+    regions, _, grouped = e.halo(2, cols=cols)
     assert regions
     got, measured = measure_peak(grouped, *e.inputs)
     assert_matches(got[0], e.expected)
@@ -536,8 +538,8 @@ def test_planner_against_measured_peak(blocks):
 def test_more_slices_lower_the_planned_and_measured_peak():
     """More slices, less memory, planned and measured alike; 8 slices below the unsliced graph.
 
-    Not 2: planned 176128 (measured 208896) against 131072 unsliced here. The runtime copies every conv band
-    through ``constant_pad_nd`` (also where the pads are all zero, in the interior slices) while the unsliced conv
+    Not 2: planned and measured 176128 against 131072 unsliced here. The runtime copies a conv band
+    through ``constant_pad_nd`` where it reaches the padding while the unsliced conv
     pads inside its kernel, so a slice holds its input band, that copy and its output, on top of the full output
     buffer: about 2.5 full tensors at 2 slices against 2 unsliced. Planned (the band plan counts the pad copy), so not a planner
     error; a cost of the runtime's design."""
@@ -794,18 +796,6 @@ def test_grid_sliced_equals_eager(blocks, height, width, rows, cols):
     planned = plan_memory(grouped).peak_bytes
     note(f"planned {planned} measured {measured}")
     assert planned <= 1.05 * measured, (planned, measured)
-
-
-def test_grid_planner_against_measured_peak():
-    """C=16, 32x32 in 2x2 tiles: the planned peak within 5% of the measured one, as for bands of rows."""
-    torch.manual_seed(0)
-    e = Exported(Chain(["res", "up2", "temporal", "conv3"], 16), dict(x=torch.randn(FRAMES, 16, 32, 32)))
-    regions, _, grouped = e.halo(2, cols=2)
-    assert regions
-    got, measured = measure_peak(grouped, *e.inputs)
-    assert_matches(got[0], e.expected)
-    planned = plan_memory(grouped).peak_bytes
-    assert abs(planned - measured) <= 0.05 * measured, (planned, measured, planned / measured)
 
 
 def test_square_tiles_hold_less_than_thin_bands():
