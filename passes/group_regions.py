@@ -13,6 +13,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from fxstream.analysis.cuts import PARTIAL, Cut, cut_size
+from fxstream.analysis.effects import find_effects
 from fxstream.analysis.rules import rule_for
 from fxstream.analysis.slicer import WHOLE_INPUT, Region, SlicePlan
 from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta, propagate_nodes
@@ -96,6 +97,9 @@ def _common_stack(region: Region) -> dict:
 
 
 def _condensed_order(gm: GraphModule, regions) -> list:
+    """Units (a node, or a whole region) in a topological order of data edges and the ordering edges of in-place
+    writes (NOTE [In-place writes pin their storage]), each as early as its first node was."""
+    effects = find_effects(gm)
     region_of = {n: i for i, r in enumerate(regions) for n in r.nodes}
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
 
@@ -108,7 +112,7 @@ def _condensed_order(gm: GraphModule, regions) -> list:
         u = unit(n)
         first.setdefault(u, index[n])
         dag.add_node(u)
-        for p in n.all_input_nodes:
+        for p in effects.inputs(n):
             if unit(p) != u:
                 dag.add_edge(unit(p), u)
     return list(nx.lexicographical_topological_sort(dag, key=first.__getitem__))

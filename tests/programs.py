@@ -6,7 +6,10 @@ A program is a :class:`Spec` (latent layout and sizes, channel count, block list
 input's layout. Blocks use only ops the rule table covers: views, permutes, GroupNorm over 5-D tensors and over
 ``(B*F, C, H, W)``, LayerNorm, linear, spatial (tokens ``H*W``), temporal (tokens ``F``) and cross attention (the
 context repeated per frame), 1x1 / 3x3 conv2d, temporal conv3d, pointwise ops, skip connections (add or cat +
-conv) and reductions (mean, sum, amax, softmax).
+conv), reductions (mean, sum, amax, softmax) and the patterns of diffusers' options that broke slicing before
+(issue 18): in-place writes into views (FreeU's channel scaling), an FFT pair with a mask written through a view
+(FreeU's skip filter), halves of the batch treated differently (perturbed-attention guidance) and fixed parts of
+the frames axis.
 
 The module classes are named per layout (``RandomProgramBFCHW``, ``RandomProgramBCFHW``); :data:`PROGRAM_LAYOUTS`
 maps those names to layouts, for tests to register in ``fxstream.analysis.slicer.LAYOUTS`` so that
@@ -25,7 +28,7 @@ import fxstream
 
 BLOCKS = ("pointwise", "conv1x1", "conv3x3", "temporal_conv", "group_norm_5d", "group_norm_2d", "spatial_attn",
           "temporal_attn", "cross_attn", "views", "skip_push", "skip_add", "skip_cat", "mean_hw", "sum_frames",
-          "amax_frames", "softmax_channels")
+          "amax_frames", "softmax_channels", "inplace_half", "fft_filter", "batch_halves", "first_frame")
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,25 @@ class _Block(torch.nn.Module):
             return h - torch.amax(h, dim=1, keepdim=True)
         if k == "softmax_channels":
             return h * torch.softmax(h, dim=2)
+        if k == "inplace_half":  # FreeU's backbone scaling: an in-place write into a view of half the channels
+            h = F.silu(h)
+            h[:, :, : c // 2] = h[:, :, : c // 2] * 1.5
+            return h + 1.0
+        if k == "fft_filter":  # FreeU's skip filter: FFT over (H, W), a centre window scaled through a mask view
+            x = h.reshape(b * f, c, hh, ww)
+            freq = torch.fft.fftshift(torch.fft.fftn(x, dim=(-2, -1)), dim=(-2, -1))
+            mask = torch.ones(x.shape, device=x.device)
+            mask[..., hh // 2: hh // 2 + 1, ww // 2: ww // 2 + 1] = 0.5
+            x = torch.fft.ifftn(torch.fft.ifftshift(freq * mask, dim=(-2, -1)), dim=(-2, -1)).real
+            return x.reshape(b, f, c, hh, ww)
+        if k == "batch_halves":  # perturbed-attention guidance: the two halves of B*F treated differently
+            x = h.reshape(b * f, c, hh, ww)
+            if (b * f) % 2:
+                return h
+            first, second = x.chunk(2)
+            return torch.cat([F.silu(first), second * 2.0]).reshape(b, f, c, hh, ww)
+        if k == "first_frame":  # a fixed part of the frames: the first frame conditions every frame
+            return h - h[:, :1] * 0.5 + h.narrow(1, f - 1, 1)
         raise ValueError(f"unknown block {k!r}")
 
 

@@ -37,12 +37,14 @@ __all__ = ["SAMPLES", "Finding", "check_rule", "check_all", "missing_rules", "T"
 
 @dataclass(frozen=True)
 class T:
-    """A tensor argument of a sample call: its shape, and ``kind`` "pos" (positive floats) or "bool"."""
+    """A tensor argument of a sample call: its shape, and ``kind`` "pos" (positive floats), "bool" or "complex"."""
 
     shape: tuple
     kind: str = "float"
 
     def make(self, g: torch.Generator) -> torch.Tensor:
+        if self.kind == "complex":
+            return torch.randn(*self.shape, generator=g, dtype=torch.complex64)
         x = torch.randn(*self.shape, generator=g)
         return x.abs() + 0.1 if self.kind == "pos" else x > 0 if self.kind == "bool" else x
 
@@ -128,6 +130,8 @@ SAMPLES.update({
     aten.adaptive_avg_pool2d.default: [((t(2, 4, 6, 4), [3, 2]), {}), ((t(4, 5, 3), [4, 4]), {})],
     aten.new_zeros.default: [((t(2, 3), [4, 0, 6]), {}), ((t(2, 3), [6, 4]), {"dtype": torch.float64})],
     aten.new_ones.default: [((t(2, 3), [4, 6]), {})],
+    aten.real.default: [((t(2, 6, 4, kind="complex"),), {})],
+    aten.imag.default: [((t(2, 6, 4, kind="complex"),), {})],
 })
 
 
@@ -200,8 +204,9 @@ def _close(part, want) -> str | None:
     for p, w in zip(parts, wants):
         if tuple(p.shape) != tuple(w.shape):
             return f"shape {tuple(p.shape)}, expected {tuple(w.shape)}"
-        if not torch.allclose(p.to(torch.float64), w.to(torch.float64), rtol=1e-5, atol=1e-5):
-            return f"values differ by up to {(p.to(torch.float64) - w.to(torch.float64)).abs().max().item():.3g}"
+        wide = torch.complex128 if w.is_complex() else torch.float64  # complex results keep their imaginary part
+        if not torch.allclose(p.to(wide), w.to(wide), rtol=1e-5, atol=1e-5):
+            return f"values differ by up to {(p.to(wide) - w.to(wide)).abs().max().item():.3g}"
     return None
 
 

@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import CantSlice
 from .cuts import slice_bounds
+from .effects import find_effects
 from .rules import _POINTWISE, _VIEWS, _tensor_args, val_shape
 
 aten = torch.ops.aten
@@ -394,10 +395,12 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
     ``keep_bytes``: a region is cut after every :func:`checkpoints` op whose value takes at most this many
     bytes whole. Each cut keeps that value whole and saves the passes downstream of it from recomputing what
     fed it (see NOTE [Statistics passes]); 0 keeps nothing whole."""
-    from .slicer import _nonconvex
+    from .slicer import nonconvex
 
     dims, reasons = _name_heights(gm, axis)
-    ok = {n: r for n, r in _accepted(gm, dims, reasons).items() if n not in exclude}
+    effects = find_effects(gm)
+    reasons.update({n: why for n, why in effects.pinned.items() if n in dims})
+    ok = {n: r for n, r in _accepted(gm, dims, reasons).items() if n not in exclude and n not in effects.pinned}
     wdims = {}
     if cols > 1:
         wdims, wreasons = _name_heights(gm, axis=-1)
@@ -429,7 +432,7 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
                 reasons[b] = "needs a value of its region whole"
             pending.extend(set(c) for c in nx.connected_components(g.subgraph(comp - bad)))
             continue
-        later = _nonconvex(comp, order)
+        later = nonconvex(comp, order, effects)
         if later:
             pending.extend(set(c) for c in nx.connected_components(g.subgraph(comp - later)))
             pending.extend(set(c) for c in nx.connected_components(g.subgraph(later)))

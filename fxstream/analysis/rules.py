@@ -339,7 +339,7 @@ _POINTWISE = [
     aten.minimum.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
     aten.type_as.default, aten.clone.default, aten.contiguous.default, aten.dropout.default, aten.alias.default,
     aten.detach.default, aten.lerp.Scalar, aten.lerp.Tensor, aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar,
-    aten.gt.Scalar, aten.logical_not.default,
+    aten.gt.Scalar, aten.logical_not.default, aten.real.default, aten.imag.default,
 ]
 _VIEWS = [
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,

@@ -25,12 +25,13 @@ from torch.fx import GraphModule, Node
 from ..errors import CantSlice
 from ..policy import AXIS_KIND, Policy
 from .cuts import PARTIAL, Cut, slice_bounds
+from .effects import Effects, find_effects
 from .rules import WHOLE, RuleContext, rule_for, val_shape
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Axis", "Region", "SlicePlan", "plan_slicing", "LAYOUTS", "find_axes", "tensor_bytes",
-           "WHOLE_INPUT"]
+           "WHOLE_INPUT", "nonconvex"]
 
 # Layout of the video latent (the first 5-D input) per model class; a model not listed gets no named axes.
 LAYOUTS = {
@@ -163,13 +164,14 @@ class _Flood:
     """Every node reached from an axis, with its cut and axis length; for nodes a rule lets slice, the input
     requirements the rule gives (``req``)."""
 
-    def __init__(self, gm: GraphModule, axis: Axis, excluded: set):
+    def __init__(self, gm: GraphModule, axis: Axis, excluded: set, pinned: dict | None = None):
         self.cut: dict = {}
         self.length: dict = {}
         self.req: dict = {}
         self.through: dict = {}  # excluded nodes: their rule's requirements, followed only to name the axis
         self.reason: dict = {}
         self.excluded = excluded
+        self.pinned = pinned or {}  # never sliced, and the flood does not pass them (analysis/effects.py)
         src = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == axis.source)
         self.cut[src], self.length[src] = Cut(axis.dim), axis.length
         self._run(src)
@@ -178,6 +180,9 @@ class _Flood:
         return RuleContext(length, lambda p: self.cut.get(p) if self.length.get(p) == length else None)
 
     def _try(self, node: Node, cut, length: int):
+        if node in self.pinned:
+            self.reason[node] = self.pinned[node]
+            return None
         rule = rule_for(node)
         if rule is None:
             self.reason[node] = f"no slice rule for {node.target}"
@@ -261,12 +266,14 @@ def _conflicts(flood: _Flood, comp: set) -> set:
     return bad
 
 
-def _nonconvex(comp: set, order: dict) -> set:
-    """Region nodes reached from the region through a node outside it: they must leave it."""
+def nonconvex(comp: set, order: dict, effects: Effects | None = None) -> set:
+    """Region nodes reached from the region through a node outside it: they must leave it. Paths follow data
+    edges and the ordering edges of in-place writes (``effects``)."""
     lo, hi = min(order[n] for n in comp), max(order[n] for n in comp)
     tainted, bad = set(), set()
+    effects = effects or Effects()
     for n in sorted((m for m in order if lo <= order[m] <= hi), key=order.get):
-        inputs = n.all_input_nodes
+        inputs = effects.inputs(n)
         if n in comp:
             if any(p in tainted for p in inputs):
                 bad.add(n)
@@ -276,7 +283,7 @@ def _nonconvex(comp: set, order: dict) -> set:
     return bad
 
 
-def _regions_of(flood: _Flood, allowed: set, order: dict) -> list[set]:
+def _regions_of(flood: _Flood, allowed: set, order: dict, effects: Effects) -> list[set]:
     pending, done = [set(allowed)], []
     while pending:
         s = pending.pop()
@@ -287,7 +294,7 @@ def _regions_of(flood: _Flood, allowed: set, order: dict) -> list[set]:
                     flood.reason[b] = "needs a value of the region it would join whole"
                 pending.append(comp - bad)
                 continue
-            later = _nonconvex(comp, order)
+            later = nonconvex(comp, order, effects)
             if later:  # a path leaves the region and comes back: what it reaches starts a region of its own
                 pending.extend([comp - later, later])
             else:
@@ -316,7 +323,7 @@ def _make_region(axis: Axis, count: int, comp: set, flood: _Flood, order: dict, 
 ANCHOR_KINDS = frozenset({"linear", "conv", "norm", "attention", "softmax"})
 
 
-def _anchor_bans(gm: GraphModule, axes) -> dict:
+def _anchor_bans(gm: GraphModule, axes, pinned: dict) -> dict:
     """For each axis, the nodes that belong to another axis.
 
     NOTE [Outermost axis first]
@@ -326,7 +333,7 @@ def _anchor_bans(gm: GraphModule, axes) -> dict:
     knowing which layer is which. Pointwise and view ops ("glue") have no preference of their own: each goes
     with the axis of its nearest anchor op, counting steps along edges whose cuts agree.
     """
-    floods = {a.name: _Flood(gm, a, set()) for a in axes}
+    floods = {a.name: _Flood(gm, a, set(), pinned) for a in axes}
     best: dict = {}
     for name, flood in floods.items():
         for n, c in flood.cut.items():
@@ -362,10 +369,11 @@ def plan_slicing(gm: GraphModule, policy: Policy, layout: str | None) -> SlicePl
     axes = [a for a in find_axes(gm, layout) if policy.count_for(AXIS_KIND[a.name]) > 1]
     taken: set = set()
     regions, reasons = [], {}
-    banned = _anchor_bans(gm, axes)
+    effects = find_effects(gm)
+    banned = _anchor_bans(gm, axes, effects.pinned)
 
     def candidates(axis):
-        flood = _Flood(gm, axis, taken | banned[axis.name])
+        flood = _Flood(gm, axis, taken | banned[axis.name], effects.pinned)
         for n, r in flood.reason.items():
             reasons.setdefault(n, f"{axis.name}: {r}")
         out = []
@@ -373,7 +381,7 @@ def plan_slicing(gm: GraphModule, policy: Policy, layout: str | None) -> SlicePl
             allowed = {n for n in flood.req if flood.length[n] == length and n not in taken}
             sub = Axis(axis.name, axis.source, axis.dim, length)
             count = min(policy.count_for(AXIS_KIND[axis.name]), length)
-            out.extend(_keep_large(sub, count, _regions_of(flood, allowed, order), flood))
+            out.extend(_keep_large(sub, count, _regions_of(flood, allowed, order, effects), flood))
         return out
 
     def _keep_large(axis, count, comps, flood):
