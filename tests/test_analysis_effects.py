@@ -96,3 +96,40 @@ def test_freeu_unet_sliced_equals_original(name):
         ref = unet(**kw)[0]
         out = fxstream.compile(unet, fxstream.Policy(slices=2))(**kw)[0]
     assert (out - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+def _straddling(pos: int):
+    """A planted wrong rule for chunk/cat: slices along the op's own dim as if the pieces were inside the axis
+    (each slice of a half-batch then takes rows of both halves)."""
+    from fxstream.analysis import rules
+    from fxstream.analysis.cuts import Cut
+
+    def wrong(node, cut, ctx):
+        d = node.args[pos] if len(node.args) > pos else 0
+        if not isinstance(cut, Cut) or d % len(rules.val_shape(node)) != cut.dim:
+            return rules._dim_arg_rule(pos, 0)(node, cut, ctx)
+        if node.target is torch.ops.aten.chunk.default:
+            return {node.args[0]: Cut(cut.dim, cut.outer, cut.inner * node.args[1])}
+        xs = node.args[0]
+        if cut.inner % len(xs):
+            raise rules.CantSlice("planted rule: uneven")
+        return {x: Cut(cut.dim, cut.outer, cut.inner // len(xs)) for x in xs}
+
+    return rules.Rule(wrong, kind="split")
+
+
+def test_planted_straddling_chunk_rule_is_caught(monkeypatch):
+    """PAG-style halves of B*F: a chunk/cat rule that ignores where the halves lie gives a wrong answer that the
+    equality check sees (the real rules refuse a cut along the op's own dim)."""
+    from fxstream.analysis import rules
+    aten = torch.ops.aten
+    spec = Spec("BFCHW", 2, 4, 8, 4, 4, ("conv1x1", "batch_halves", "spatial_attn"), 3)
+    m, kw = build(spec), spec.inputs()
+    with torch.no_grad():
+        ref = m(**kw)
+        torch.testing.assert_close(fxstream.compile(m, fxstream.Policy(slices=2, min_region_fraction=0.0))(**kw), ref,
+                                   rtol=1e-5, atol=1e-5)
+        monkeypatch.setitem(rules.RULES, aten.chunk.default, _straddling(2))
+        monkeypatch.setitem(rules.RULES, aten.cat.default, _straddling(1))
+        out = fxstream.compile(m, fxstream.Policy(batch=2, min_region_fraction=0.0))(**kw)
+    assert (out - ref).abs().max() > 1e-3
