@@ -270,6 +270,7 @@ class PipelineState:
         self._encode_plans: dict = {}
         self._decode_held = 0
         self._handles: list = []
+        self._decoder = None  # this pipeline's compiled VAE decoder (set by compile_pipeline)
 
     def __repr__(self) -> str:
         return (f"PipelineState({self.kind}, {self.policy.describe()}, offload={self.offload}, "
@@ -355,8 +356,13 @@ class PipelineState:
         return hook
 
     def _before_decode(self, latents: torch.Tensor, chunk: int) -> None:
-        """Called by the wrapped ``decode_latents``: what earlier chunks leave held, the tail's fit, placement."""
+        """Called by the wrapped ``decode_latents``: this pipeline's compiled decoder in place (a VAE shared with
+        another compiled pipeline holds the one compiled last), what earlier chunks leave held, the tail's fit,
+        placement."""
         pipe = self._pipe
+        if self._decoder is not None and pipe.vae.decoder is not self._decoder \
+                and _inner(pipe.vae.decoder) is self._decoder.module:
+            pipe.vae.decoder = self._decoder
         n = latents.shape[0] * (latents.shape[1] if self.kind == "svd" else latents.shape[2])
         chunk = max(1, min(int(chunk), n))
         vae = _inner(pipe.vae)
@@ -434,6 +440,10 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
 
     SVD's ``decode_latents`` is wrapped to decode all ``num_frames`` frames of a video at once (exact; see the
     module docstring).
+
+    A UNet or VAE decoder compiled already (a pipeline built from another compiled pipeline's components) is
+    compiled again from its original for this pipeline; a VAE shared by two compiled pipelines holds the decoder
+    of the one decoding (each pipeline's ``decode_latents`` puts its own in place).
     """
     kind = pipeline_kind(pipe)
     policy = _check_policy(policy)
@@ -442,8 +452,7 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
     for name in ("unet", "vae"):
         if name not in units:
             raise ValueError(f"pipe.{name}: expected a module, got {getattr(pipe, name, None)!r}")
-    if getattr(pipe, "fxstream", None) is not None or isinstance(pipe.unet, CompiledModule) \
-            or isinstance(pipe.vae.decoder, CompiledModule):
+    if getattr(pipe, "fxstream", None) is not None:
         raise TypeError("pipe: already compiled by fxstream; compile a pipeline built from the original modules")
     if policy.max_memory is not None:
         hooked = [k for k, m in units.items() if any(hasattr(s, "_hf_hook") for s in m.modules())]
@@ -461,9 +470,13 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
                              "allows); without one, move the pipeline there: pipe.to('cuda')")
     state = PipelineState(pipe, kind, policy, offload)
     state.device = device
-    compile_module(pipe.unet, stage_policy(policy, "denoise"))  # the same checks fxstream.compile makes
-    pipe.unet = _StageModule(pipe.unet, stage_policy(policy, "denoise"), state, "denoise", "unet")
-    pipe.vae.decoder = _StageModule(pipe.vae.decoder, stage_policy(policy, "decode"), state, "decode", "vae.decoder")
+    # a component compiled already (shared with a compiled pipeline, or compiled by hand): its original, compiled
+    # for this pipeline; the other pipeline keeps its own compiled module (see PipelineState._before_decode)
+    unet, decoder = _original(pipe.unet, "pipe.unet"), _original(pipe.vae.decoder, "pipe.vae.decoder")
+    compile_module(unet, stage_policy(policy, "denoise"))  # the same checks fxstream.compile makes
+    pipe.unet = _StageModule(unet, stage_policy(policy, "denoise"), state, "denoise", "unet")
+    pipe.vae.decoder = state._decoder = _StageModule(decoder, stage_policy(policy, "decode"), state, "decode",
+                                                     "vae.decoder")
     _wrap_decode_latents(pipe, kind, state)
     if policy.max_memory is not None:
         encode = [("image_encoder", pipe.image_encoder), ("vae.encoder", pipe.vae.encoder)] if kind == "svd" else \
@@ -479,6 +492,13 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
     if device is not None:
         state._place("encode")  # diffusers creates its tensors on the first non-CPU module's device
     return pipe
+
+
+def _original(module, name: str):
+    if isinstance(module, CompiledModule):
+        log.info("%s is compiled already (a component shared with another compiled pipeline?): compiling its "
+                 "original %s for this pipeline", name, type(module.module).__name__)
+    return _inner(module)
 
 
 def _wrap_decode_latents(pipe, kind: str, state: PipelineState) -> None:
