@@ -405,7 +405,9 @@ class CompiledModule(torch.nn.Module):
         flat, spec = pytree.tree_flatten(kwargs)
         p = next(self.module.parameters(), None)
         weights = (p.dtype, p.device.type, p.device.index) if p is not None else None
-        return (str(spec), tuple(_leaf_key(x) for x in flat), weights, self.module.training, self._guard.key())
+        # the policy too: compile_pipeline's stage fitting tries several budgets on one module (issue 19)
+        return (str(spec), tuple(_leaf_key(x) for x in flat), weights, self.module.training, self.policy,
+                self._guard.key())
 
     def _entry(self, kwargs):
         """The compiled signature for these inputs (compiled now if new), or None where capture failed: the

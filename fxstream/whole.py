@@ -314,14 +314,24 @@ class PipelineState:
         now = self._bytes_now()
         held = _tensor_bytes(kwargs.values()) + (self._decode_held if cm._stage == "decode" else 0)
 
+        tried = {}  # budget -> the signature its attempt compiled (the policy is part of it)
+
         def attempt(max_memory: int):
             cm.policy = replace(cm._base_policy, max_memory=max_memory)
+            tried[max_memory] = cm._signature(kwargs)
             return CompiledModule._entry(cm, kwargs)
 
         floor = _halo_floor(cm.module, kwargs, cm._base_policy) if cm._stage == "decode" else None
         fit = _fit(self.budget, cm._stage, cm._name, module_bytes(cm.module), held, now,
                    self._least(cm._stage, now), attempt, bool(self.offload[cm._stage]), sliced=True,
                    mode=self.offload_mode, floor=floor)
+        # the chosen attempt's policy serves the next calls; the others' compiled graphs are dropped
+        chosen = max(fit.max_memory, 1)
+        cm.policy = replace(cm._base_policy, max_memory=chosen)
+        for budget, key in tried.items():
+            if budget != chosen:
+                cm._entries.pop(key, None)
+        cm._last = cm._entries.get(tried[chosen], cm._last)
         self._decide(cm._stage, fit, cm._name)
         self._place(cm._stage)
         return fit.result

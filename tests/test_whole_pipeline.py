@@ -255,3 +255,23 @@ def test_cli_halo_takes_bands_or_a_grid():
     for bad in ("0", "x", "2x", "2x0", "a"):
         with pytest.raises(argparse.ArgumentTypeError, match="RxC"):
             _halo(bad)
+
+
+@pytest.mark.slow  # a minute on 2 cores: two explain_pipeline fits and a compiled pipeline run
+def test_compile_and_explain_take_the_same_offload_decision(monkeypatch):
+    """Issue 19's bug: stage fitting compiles the decoder under two budgets (resident, then offloaded, when the
+    resident fit recomputes: here any recompute, AUTO_OFFLOAD_COMPUTE=1); the compiled signatures did not key on
+    the policy, so the second attempt was served the first one's plan and compile_pipeline kept the decoder's
+    neighbours resident where explain_pipeline offloads them."""
+    from fxstream import whole
+    monkeypatch.setattr(whole, "AUTO_OFFLOAD_COMPUTE", 1.0)
+    policy = fxstream.Policy(max_memory=11 * 2**20)
+    plan = fxstream.explain_pipeline(build_pipeline("svd-tiny", dtype=torch.float32), height=32, width=32,
+                                     num_frames=3, policy=policy)
+    pipe = tiny_pipeline("svd")
+    fxstream.compile_pipeline(pipe, policy)
+    _frames(pipe)
+    assert pipe.fxstream.offload == {s.name: s.offload for s in plan.stages}
+    assert plan.stage("decode").offload  # the case under test: the decoder's second attempt decided
+    decoder = pipe.vae.decoder
+    assert len(decoder._entries) == 1 and decoder.policy.max_memory == pipe.fxstream.max_memory["vae.decoder"]
