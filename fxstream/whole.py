@@ -405,15 +405,25 @@ def _as_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     return out
 
 
-def planned_moves(where: dict, used: list, offload: bool, device) -> list:
-    """The ``.to()`` calls that place a stage: (component, target) for each component of ``used`` not on
-    ``device``, and with ``offload`` each other one on ``device`` to the CPU. ``where``: component -> the device
-    its weights are on (None: no weights)."""
+def normal_device(device) -> torch.device:
+    """``device`` with its index written out: ``"cuda"`` is the current CUDA device (``cuda:0`` unless set
+    otherwise), as module weights report it, so that ``torch.device("cuda")`` equals ``cuda:0``."""
     device = torch.device(device)
-    moves = [(u, device) for u in used if where.get(u) is not None and where[u] != device]
-    if offload:
-        moves += [(u, torch.device("cpu")) for u, d in where.items() if u not in used and d == device]
-    return moves
+    if device.index is None and device.type not in ("cpu", "meta"):
+        index = torch.cuda.current_device() if device.type == "cuda" and torch.cuda.is_available() else 0
+        device = torch.device(device.type, index)
+    return device
+
+
+def planned_moves(where: dict, used: list, offload: bool, device) -> list:
+    """The ``.to()`` calls that place a stage: with ``offload``, each component not in ``used`` on ``device`` to
+    the CPU first (so that no moment holds both), then each component of ``used`` not on ``device`` onto it.
+    ``where``: component -> the device its weights are on (None: no weights). Devices compare with their index
+    written out (``"cuda"`` is ``cuda:0``)."""
+    device = normal_device(device)
+    where = {u: None if d is None else normal_device(d) for u, d in where.items()}
+    moves = [(u, torch.device("cpu")) for u, d in where.items() if u not in used and d == device] if offload else []
+    return moves + [(u, device) for u in used if where.get(u) is not None and where[u] != device]
 
 
 def _check_offload(offload, policy: Policy) -> str:
@@ -471,7 +481,7 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
                              "max_memory, compile_pipeline moves the modules itself; call pipe.remove_all_hooks() "
                              "(undo enable_model_cpu_offload / enable_sequential_cpu_offload) first")
     if device is not None:
-        device = torch.device(device)
+        device = normal_device(device)
         if device.type in ("cpu", "meta"):
             raise ValueError(f"device: expected an accelerator such as 'cuda', got {str(device)!r}; a pipeline on "
                              "the CPU needs no device")

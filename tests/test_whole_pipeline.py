@@ -202,13 +202,18 @@ def test_fit_offloads_only_when_needed():
 
 
 def test_planned_moves():
-    """Placing a stage: its modules onto the accelerator, and when it offloads, the others on it to the CPU
-    (a module without weights, or already in place, is not moved)."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    where = {"unet": cpu, "vae": cuda, "image_encoder": cuda, "empty": None}
-    assert planned_moves(where, ["unet"], False, "cuda") == [("unet", cuda)]
-    assert planned_moves(where, ["unet"], True, "cuda") == [("unet", cuda), ("vae", cpu), ("image_encoder", cpu)]
-    assert planned_moves(where, ["vae"], True, "cuda") == [("image_encoder", cpu)]
+    """Placing a stage: with offloading, the other modules on the accelerator to the CPU first, then its own onto
+    the accelerator (a module without weights, or already in place, is not moved). Devices written either way
+    (``cuda`` and ``cuda:0``, as weights report it) are the same device (issue 19: nothing was ever offloaded)."""
+    cuda, cuda0, cpu = torch.device("cuda"), torch.device("cuda", 0), torch.device("cpu")
+    for there in (cuda, cuda0):
+        where = {"unet": cpu, "vae": there, "image_encoder": there, "empty": None}
+        for target in ("cuda", "cuda:0", cuda0):
+            assert planned_moves(where, ["unet"], False, target) == [("unet", cuda0)]
+            assert planned_moves(where, ["unet"], True, target) == [("vae", cpu), ("image_encoder", cpu),
+                                                                    ("unet", cuda0)]
+            assert planned_moves(where, ["vae"], True, target) == [("image_encoder", cpu)]
+    assert planned_moves({"unet": torch.device("cuda", 1)}, ["unet"], False, "cuda:0") == [("unet", cuda0)]
 
 
 def test_cli_pipeline(capsys, tmp_path):
