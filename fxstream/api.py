@@ -359,6 +359,14 @@ class CompiledModule(torch.nn.Module):
     def _get_name(self) -> str:
         return type(self).__name__
 
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        """The wrapped module's tree under the original's names (no ``module.`` level): diffusers finds layers
+        by their names (perturbed-attention guidance searches ``named_modules()`` with anchored patterns), and
+        ``named_parameters()`` follows, as ``state_dict()`` does."""
+        if "module" not in self.__dict__.get("_modules", ()):
+            return super().named_modules(memo, prefix, remove_duplicate)
+        return self._modules["module"].named_modules(memo, prefix, remove_duplicate)
+
     def __getattr__(self, name):
         own = self.__dict__
         for store in ("_parameters", "_buffers", "_modules"):  # what nn.Module.__getattr__ finds ("module" too)
