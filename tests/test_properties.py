@@ -53,9 +53,11 @@ class Captured:
             self.expected = self.module(**self.kwargs)
         self.program = capture(self.module, self.kwargs)
         self.gm = self.program.graph_module
-        self.state = [self.module.get_parameter(s.target) if s.kind.name == "PARAMETER" else
-                      self.module.get_buffer(s.target)
-                      for s in self.program.graph_signature.input_specs if s.kind.name in ("PARAMETER", "BUFFER")]
+        # the lifted inputs in order: weights from the module, constants (FreeU's mask value) from the program
+        get = {"PARAMETER": self.module.get_parameter, "BUFFER": self.module.get_buffer,
+               "CONSTANT_TENSOR": self.program.constants.__getitem__}
+        self.state = [get[s.kind.name](s.target) for s in self.program.graph_signature.input_specs
+                      if s.kind.name != "USER_INPUT"]
 
     def run(self, gm):
         with torch.no_grad():

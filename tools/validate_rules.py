@@ -118,6 +118,7 @@ SAMPLES.update({
     aten.split.Tensor: [((t(4, 6), 2), {})],
     aten.split_with_sizes.default: [((t(4, 6), [2, 4], 1), {})],
     aten.slice.Tensor: [((t(4, 6), 1, 1, 5), {})],
+    aten.narrow.default: [((t(4, 6), 1, 2, 3), {}), ((t(6, 4, 2), 0, 1, 2), {})],
     aten.select.int: [((t(3, 4, 6), 1, 2), {})],
     operator.getitem: [((t(4, 6), 1), {})],  # item 1 of chunk(x, 2, 1): built specially below
     aten.mean.dim: [((_X, [1], True), {}), ((_X, [-1]), {})],
@@ -298,7 +299,12 @@ def check_all(counts=(2, 3)) -> tuple[list, dict]:
 # ops that make tensors from nothing (nothing to slice) or only check metadata
 NO_RULE_NEEDED = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default,
                   aten.ones.default, aten.full.default, aten.empty.memory_format, aten.scalar_tensor.default,
-                  aten._assert_tensor_metadata.default, aten.sym_size.int}
+                  aten._assert_tensor_metadata.default, aten.sym_size.int, aten.lift_fresh_copy.default}
+# Left unsliced on purpose (docs/design.md, "In-place writes"): in-place writes pin their storage whatever their
+# rule, and FFTs end regions (with rules, FreeU's skip filter joined the region that made the skip and raised the
+# planned peak).
+NO_RULE_NEEDED |= {aten.copy_.default, aten.fill_.Tensor, aten.fill_.Scalar, aten.fft_fftn.default,
+                   aten.fft_ifftn.default, aten.fft_fftshift.default, aten.fft_ifftshift.default}
 
 
 def missing_rules(graphs) -> list:

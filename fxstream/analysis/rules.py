@@ -372,6 +372,7 @@ RULES.update({
     aten.split.Tensor: Rule(_dim_arg_rule(2, 0), kind="split"),
     aten.split_with_sizes.default: Rule(_dim_arg_rule(2, 0), kind="split"),
     aten.slice.Tensor: Rule(_dim_arg_rule(1, 0), kind="index"),
+    aten.narrow.default: Rule(_dim_arg_rule(1, 0), kind="index"),
     aten.select.int: Rule(select, kind="index"),
     operator.getitem: Rule(getitem, kind="index"),
     aten.mean.dim: Rule(reduction, kind="reduction"),
