@@ -5,8 +5,10 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts"]
+__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs"]
 
 _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn", "fxstream.marks")
 
@@ -31,6 +33,12 @@ def propagate_nodes(nodes, mode) -> None:
         for n in nodes:
             args, kwargs = torch.fx.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
             n.meta["val"] = n.target(*args, **kwargs)
+
+
+def storage_refs(val) -> list:
+    """The storages of the tensors in a value (``meta["val"]``: fake tensors share storages as real ones do), as
+    weak references that compare equal for the same storage."""
+    return [StorageWeakRef(t.untyped_storage()) for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
 
 
 def copy_meta(src: Node, dst: Node) -> None:

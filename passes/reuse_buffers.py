@@ -15,11 +15,9 @@ import operator
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._pytree import tree_leaves
 
 from fxstream.analysis.cuts import Cut
-from fxstream.graph_utils import fake_mode_of, propagate_meta
+from fxstream.graph_utils import fake_mode_of, propagate_meta, storage_refs
 from fxstream.runtime import LoopRegion, slice_view
 
 __all__ = ["reuse_region_buffers", "canonical_layout"]
@@ -38,10 +36,6 @@ def canonical_layout(t: torch.Tensor) -> tuple:
     return int(t.storage_offset()), tuple(merged)
 
 
-def _storages(val) -> list:
-    return [StorageWeakRef(t.untyped_storage()) for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
-
-
 def _fits(val: torch.Tensor, in_cut: Cut, layout, out_cut: Cut, loop: LoopRegion, mode) -> bool:
     shape, stride, dtype = layout
     if val.dtype != dtype or val.untyped_storage().nbytes() != math.prod(shape) * val.element_size():
@@ -57,9 +51,9 @@ def _passed_through(loop: LoopRegion, i: int) -> bool:
     change a result not yet copied out."""
     for body in loop.bodies.values():
         ph = [n for n in body.graph.nodes if n.op == "placeholder"][i]
-        mine = set(_storages(ph.meta.get("val")))
+        mine = set(storage_refs(ph.meta.get("val")))
         out = next(n for n in body.graph.nodes if n.op == "output")
-        if any(mine & set(_storages(o.meta.get("val"))) for o in out.all_input_nodes):
+        if any(mine & set(storage_refs(o.meta.get("val"))) for o in out.all_input_nodes):
             return True
     return False
 
@@ -72,10 +66,10 @@ def reuse_region_buffers(gm: GraphModule) -> GraphModule:
     last: dict = {}  # storage -> index of the last node that uses a value holding it
     for n in nodes:
         end = max((index[u] for u in n.users), default=index[n])
-        for s in _storages(n.meta.get("val")):
+        for s in storage_refs(n.meta.get("val")):
             last[s] = max(last.get(s, -1), end)
-    pinned = {s for n in nodes if n.op == "placeholder" for s in _storages(n.meta.get("val"))}
-    pinned |= {s for p in nodes[-1].all_input_nodes for s in _storages(p.meta.get("val"))}
+    pinned = {s for n in nodes if n.op == "placeholder" for s in storage_refs(n.meta.get("val"))}
+    pinned |= {s for p in nodes[-1].all_input_nodes for s in storage_refs(p.meta.get("val"))}
     moved: dict = {}  # storage -> the storage it now lives in
 
     def home(s):
@@ -88,7 +82,7 @@ def reuse_region_buffers(gm: GraphModule) -> GraphModule:
         loop = gm.get_submodule(n.target) if n.op == "call_module" else None
         if not isinstance(loop, LoopRegion):
             continue
-        arg_storages = [[home(s) for s in _storages(a.meta.get("val"))] if isinstance(a, Node) else []
+        arg_storages = [[home(s) for s in storage_refs(a.meta.get("val"))] if isinstance(a, Node) else []
                         for a in n.args]
         taken = set()
         for j, (out_cut, layout) in enumerate(zip(loop.out_cuts, loop.out_meta)):
@@ -105,7 +99,7 @@ def reuse_region_buffers(gm: GraphModule) -> GraphModule:
                     continue
                 loop.reuse[j] = i
                 taken.add(i)
-                fresh = home(_storages(n.meta["val"][j])[0])
+                fresh = home(storage_refs(n.meta["val"][j])[0])
                 moved[fresh] = s
                 last[s] = max(last[s], last.get(fresh, index[n]))
                 if fresh in pinned:

@@ -230,13 +230,20 @@ class _Unreadable:
         self.scale = scale
 
 
-def test_objects_and_containers_changed_in_place_or_swapped_compile_again():
+def _called_once(cfg):
+    """A compiled _Scaled holding ``cfg``, called once; the module, the compiled module and the input."""
     torch.manual_seed(0)
-    m = _Scaled(_Readable(1.0)).eval()
+    m = _Scaled(cfg).eval()
     c = fxstream.compile(m, Policy())
     x = torch.randn(2, 4)
     with torch.no_grad():
         c(x)
+    return m, c, x
+
+
+def test_objects_and_containers_changed_in_place_or_swapped_compile_again():
+    m, c, x = _called_once(_Readable(1.0))
+    with torch.no_grad():
         m.cfg.scale = 2.0  # inside an object: its __dict__ is watched
         assert torch.equal(c(x), m(x)) and c._new
         m.factors.append(3.0)  # a list changed in place
@@ -248,12 +255,8 @@ def test_objects_and_containers_changed_in_place_or_swapped_compile_again():
 def test_an_attribute_the_guard_cannot_read_compiles_again_when_swapped():
     """An object without a readable __dict__ is known by identity: swapping it for an equal one still compiles
     (conservative), never reuses a graph captured with the other."""
-    torch.manual_seed(0)
-    m = _Scaled(_Unreadable(1.0)).eval()
-    c = fxstream.compile(m, Policy())
-    x = torch.randn(2, 4)
+    m, c, x = _called_once(_Unreadable(1.0))
     with torch.no_grad():
-        c(x)
         m.cfg = _Unreadable(1.0)
         assert torch.equal(c(x), m(x)) and c._new
         m.cfg = _Unreadable(5.0)

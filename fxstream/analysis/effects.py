@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch.fx import GraphModule, Node
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._pytree import tree_leaves
+
+from ..graph_utils import storage_refs
 
 __all__ = ["Effects", "find_effects", "written_args"]
 
@@ -53,11 +52,6 @@ def written_args(node: Node) -> list:
     return out
 
 
-def _storages(n: Node) -> set:
-    return {StorageWeakRef(t.untyped_storage()) for t in tree_leaves(n.meta.get("val"))
-            if isinstance(t, torch.Tensor)}
-
-
 def find_effects(gm: GraphModule) -> Effects:
     """The pinned nodes and ordering edges of every in-place write in ``gm`` (see NOTE [In-place writes pin
     their storage]); empty for a graph without writes."""
@@ -67,11 +61,11 @@ def find_effects(gm: GraphModule) -> Effects:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     holders: dict = {}  # storage -> nodes whose value lives in it
     for n in gm.graph.nodes:
-        for s in _storages(n):
+        for s in storage_refs(n.meta.get("val")):
             holders.setdefault(s, []).append(n)
     pinned, deps = {}, {}
     for m, w in writes:
-        family = {x for s in _storages(w) for x in holders.get(s, [])} | {m, w}
+        family = {x for s in storage_refs(w.meta.get("val")) for x in holders.get(s, [])} | {m, w}
         base = min(family, key=order.get)
         why = (f"in-place {m.target} ({m.name}) writes into {base.name} through a view: values sharing its storage "
                "are not sliced (a slice would be a copy the write misses)")
