@@ -2,7 +2,7 @@
 none of it changed (``CompiledModule`` keys its compiled signatures on :meth:`StructureGuard.key`).
 
 NOTE [Structure guard]
-The key (a walk of the module tree: ~21 ms on full-size SVD) holds, for every submodule: its class, its training
+The key (a walk of the module tree: ~20 ms on full-size SVD) holds, for every submodule: its class, its training
 flag, every attribute that is not nn.Module bookkeeping, its parameters' and buffers' names, types, dtypes,
 devices and shapes (their values are read at every call), and its forward (pre-)hooks; plus torch's global
 forward hooks. An attribute value is described by what it is:
@@ -17,7 +17,7 @@ forward hooks. An attribute value is described by what it is:
   equal one (conservative); a change *inside* one cannot be seen.
 
 The key is recomputed only when something may have changed. The check made at every call (0.55 ms on full-size
-SVD, against 12 ms for the full hash every call computed before: :func:`bench`, and
+SVD, against about 10 ms for the full hash every call computed before: :func:`bench`, and
 ``docs/benchmarks.md``, "Guard cost") compares:
 
 1. a counter bumped by ``nn.Module.__setattr__`` / ``__delattr__`` on a module of a guarded tree (wrappers
