@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import warnings
@@ -13,22 +12,14 @@ from collections import OrderedDict
 
 import torch
 import torch.utils._pytree as pytree
-from torch.export.graph_signature import InputKind
 
-from .analysis.cost import node_flops
-from .analysis.slicer import find_axes, module_path
-from .budget import choose_halo, choose_slicing, halo_lower_bound, lower_bound
-from .compiler import capture, compile_graph, describe_inputs, layout_of
-from .errors import CaptureError, ExecutionError, FxstreamError, VerificationError
-from .guard import StructureGuard, touched
+from .entry import Entry, first_differing_region
+from .errors import CaptureError, FxstreamError, VerificationError
+from .guard import StructureGuard
+from .policy import Policy, check_policy
+from .rehash.runtime import run_step, timestep_of
+from .report import Report
 from .tolerance import verify_tolerance
-from .graph_utils import strip_asserts
-from .memory import plan_memory, weight_bytes
-from .passes.step_rehash import split_for_rehash
-from .policy import Policy
-from .rehash import StepRehash, with_cache_point
-from .report import RehashInfo, Report, build_report
-from .viz import MARK_KEY
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +28,6 @@ __all__ = ["compile", "explain", "CompiledModule", "FallbackWarning"]
 
 class FallbackWarning(UserWarning):
     """fxstream could not compile the module for some inputs and runs the original module for them."""
-
-
-def _check_policy(policy) -> Policy:
-    if policy is None:
-        return Policy()
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy: expected fxstream.Policy, got {type(policy).__name__}; "
-                        "write policy=fxstream.Policy(slices=8)")
-    return policy
 
 
 def _leaf_key(x):
@@ -62,222 +44,6 @@ def _as_kwargs(module: torch.nn.Module, args, kwargs) -> dict:
     except TypeError as e:
         raise TypeError(f"arguments do not fit {type(module).__name__}.forward: {e}") from None
     return dict(bound.arguments)
-
-
-class _Entry:
-    """One compiled input signature: the exported program, the compiled graph(s), and how to feed them.
-
-    With ``Policy(rehash=...)`` it holds three graphs made from the one captured (``passes/step_rehash.py``): the
-    full graph (``compiled``, which also returns the feature to cache), the rehash graph, and for adaptive
-    schedules the probe graph; and this signature's cached feature between steps.
-    """
-
-    def __init__(self, module: torch.nn.Module, kwargs: dict, policy: Policy):
-        try:
-            self.program = capture(module, kwargs)
-        finally:
-            touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): every guard walks again
-        gm, layout = self.program.graph_module, layout_of(module)
-        weights = weight_bytes(self.program)
-        self.rehash = None
-        if policy.rehash is not None:
-            self.rehash = _RehashState(module, gm, policy.rehash)
-            gm = self.rehash.graphs.full
-        self.compiled, bound = self._compile(gm, policy, layout, weights)
-        # how to fetch each lifted input at call time: weights from the live module, constants from the program
-        fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
-        self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
-                      for spec in self.program.graph_signature.input_specs if spec.kind != InputKind.USER_INPUT]
-        self._held = None  # (stamp, the (dict, key) holding each lifted input): see weights()
-        self.report: Report = build_report(self.compiled, policy, weights, bound)
-        if self.rehash is not None:
-            r = self.rehash
-            # a rehash step holds the cached feature (and the probe's reference) on top of the weights
-            r.compiled, _ = self._compile(r.graphs.rehash, policy, layout, weights + r.resident_bytes)
-            self.report.rehash = r.info(r.compiled)
-
-    @staticmethod
-    def _compile(gm, policy: Policy, layout, weights: int):
-        if policy.max_memory is not None and not find_axes(gm, layout):
-            # no named video axis (a VAE decoder): the budget slices along height with halos
-            compiled, bound = choose_halo(gm, policy, weights)
-            return compiled, bound if bound is not None else lambda: halo_lower_bound(gm, policy).peak_bytes
-        if policy.max_memory is None and policy.halo and not find_axes(gm, layout):
-            return compile_graph(gm, policy, layout), lambda: halo_lower_bound(gm, policy).peak_bytes
-        if policy.max_memory is not None:
-            compiled, floor = choose_slicing(gm, policy, layout, weights)
-            return compiled, floor.peak_bytes
-        # the lower bound is a compile: only on demand
-        return compile_graph(gm, policy, layout), lambda: lower_bound(gm, policy, layout).peak_bytes
-
-    def weights(self, module: torch.nn.Module, stamp=None) -> list:
-        """The lifted inputs' live values: weights from the module, constants from the program. With ``stamp``
-        (a value that moves whenever the module's structure may have changed: a CompiledModule's guard walk count)
-        the dict holding each is found once per stamp and read at every call: 0.04 ms for full-size SVD's 1428
-        weights, against 22 ms through ``get_parameter`` (diffusers' attribute lookups)."""
-        if stamp is None:
-            return [get(module, target) for get, target in self.state]
-        if self._held is None or self._held[0] != stamp:
-            self._held = (stamp, [_holder(module, get, target) for get, target in self.state])
-        return [d[k] for d, k in self._held[1]]
-
-    def call(self, graph, module: torch.nn.Module, kwargs: dict, extra=(), stamp=None) -> list:
-        """Run one of this signature's graphs on the live weights and these inputs (plus ``extra`` inputs)."""
-        flat, _ = pytree.tree_flatten(((), kwargs))
-        state = self.weights(module, stamp)
-        try:
-            return list(graph(*state, *flat, *extra))
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as e:  # export's fake kernels do not check everything (a linear's dtypes)
-            raise ExecutionError(
-                f"{type(module).__name__} compiled by fxstream failed on these inputs: {e}\n"
-                f"called with {describe_inputs(module, kwargs)}\nCheck that the inputs fit the module (it fails the "
-                "same way when called directly); if the module runs them, this is a bug in fxstream.") from e
-
-    def unflatten(self, out: list):
-        return pytree.tree_unflatten(out, self.program.call_spec.out_spec)
-
-    def run(self, module: torch.nn.Module, kwargs: dict, stamp=None):
-        return self.unflatten(self.call(self.compiled.graph_module, module, kwargs, stamp=stamp))
-
-
-class _Live:
-    """A lifted input read through ``get(module, target)`` at every call (``weights()``' fallback)."""
-
-    def __init__(self, get, module: torch.nn.Module):
-        self.get, self.module = get, module
-
-    def __getitem__(self, target: str):
-        return self.get(self.module, target)
-
-
-def _holder(module: torch.nn.Module, get, target: str) -> tuple:
-    """(dict, key) whose item is what ``get(module, target)`` gives now: the owning module's parameter or buffer
-    dict; for anything else (a program constant, a property shadowing a weight) a :class:`_Live` reader."""
-    value = get(module, target)
-    prefix, _, name = target.rpartition(".")
-    try:
-        owner = module.get_submodule(prefix) if prefix else module
-    except AttributeError:
-        owner = None
-    for d in (getattr(owner, "_parameters", None), getattr(owner, "_buffers", None)):
-        if isinstance(d, dict) and d.get(name) is value:
-            return d, name
-    return _Live(get, module), target
-
-
-class _RehashState:
-    """Step Rehash for one signature: the graphs, and the feature cached by the last full step."""
-
-    def __init__(self, module: torch.nn.Module, gm, rehash: StepRehash):
-        self.schedule = with_cache_point(rehash, module)
-        self.base = strip_asserts(copy.deepcopy(gm))  # the graph the others are cut from
-        self.graphs = split_for_rehash(self.base, self.schedule.cache_point, self.schedule.probe_point)
-        _mark(self.graphs.full, self.graphs)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        self.cache_val = nodes[self.graphs.cache_node].meta["val"]
-        probe_val = nodes[self.graphs.probe_node].meta["val"] if self.graphs.probe_node else None
-        self.resident_bytes = sum(v.numel() * v.element_size() for v in (self.cache_val, probe_val) if v is not None)
-        self.compiled = None  # the rehash graph, compiled (set by _Entry)
-        self.clear()
-
-    def clear(self) -> None:
-        self.cache = None  # the feature of the last full step
-        self.probe_ref = None  # the probe at the last full step
-        self.since_full = 0
-
-    def info(self, compiled_rehash) -> RehashInfo:
-        flops = node_flops(self.base)
-        kept = {n.name for n in self.graphs.rehash.graph.nodes if n.op == "call_function"}
-        if self.graphs.probe is not None:
-            kept |= {n.name for n in self.graphs.probe.graph.nodes if n.op == "call_function"}
-        total = sum(flops.values())
-        v = self.cache_val
-        return RehashInfo(
-            schedule=self.schedule.describe(), cache_point=self.schedule.cache_point, cache_node=self.graphs.cache_node,
-            cache_shape=tuple(v.shape), cache_bytes=self.resident_bytes, probe=self.schedule.probe_point,
-            ops=len(flops), ops_skipped=len(self.graphs.skipped), flops=total,
-            flops_rehash=sum(f for name, f in flops.items() if name in kept),
-            skipped_modules=_top_modules(self.base, set(self.graphs.skipped)),
-            rehash_peak_bytes=plan_memory(compiled_rehash.graph_module).peak_bytes,
-        )
-
-
-def _mark(gm, graphs) -> None:
-    """Marks for the drawing (``fxstream.viz``): the cached node, and the ops a rehash step skips."""
-    skipped = set(graphs.skipped)
-    for n in gm.graph.nodes:
-        if n.name == graphs.cache_node:
-            n.meta[MARK_KEY] = ("cache", "skip")
-        elif n.name in skipped:
-            n.meta[MARK_KEY] = ("skip",)
-
-
-def _top_modules(gm, names: set, depth: int = 2) -> list:
-    """The outermost module paths (at most ``depth`` levels deep) all of whose ops are in ``names``."""
-    whole: dict = {}  # path prefix -> all its ops in names (graph order kept)
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        parts = module_path(n).split(".")
-        for d in range(1, min(depth, len(parts)) + 1):
-            p = ".".join(parts[:d])
-            whole[p] = whole.get(p, True) and n.name in names
-    return [p for p, all_in in whole.items()
-            if p and all_in and not (p.rpartition(".")[0] and whole.get(p.rpartition(".")[0]))]
-
-
-def _first_differing_region(entry: _Entry, module, kwargs: dict, tol: float) -> str | None:
-    """The first top-level loop region of the compiled graph whose outputs differ (beyond ``tol``) from the same
-    values computed by the original graph on the same inputs."""
-    flat, _ = pytree.tree_flatten(((), kwargs))
-    args = [get(module, target) for get, target in entry.state] + flat
-    if entry.rehash is not None and entry.rehash.graphs.probe is not None:  # the full graph takes the probe
-        args += entry.call(entry.rehash.graphs.probe, module, kwargs)
-    cg = entry.compiled
-    wanted = {o.name for n in cg.graph_module.graph.nodes if "fxstream.region" in n.meta
-              for o, _ in n.meta["fxstream.region"].outputs}
-    values = {}
-
-    class _Original(torch.fx.Interpreter):
-        def run_node(self, n):
-            v = super().run_node(n)
-            if n.name in wanted:
-                values[n.name] = v
-            return v
-
-    class _Compiled(torch.fx.Interpreter):
-        def run_node(self, n):
-            v = super().run_node(n)
-            region = n.meta.get("fxstream.region")
-            if region is not None:
-                for (o, _), got in zip(region.outputs, v):
-                    ref = values.get(o.name)
-                    if ref is not None and float((got.float() - ref.float()).abs().max()) > tol:
-                        raise _Found(n.name)
-            return v
-
-    class _Found(Exception):
-        pass
-
-    with torch.no_grad():
-        _Original(cg.prepared).run(*args)  # the graph the regions were cut from: same inputs, node names
-        try:
-            _Compiled(cg.graph_module).run(*args)
-        except _Found as found:
-            return str(found)
-    return None
-
-
-def _timestep(kwargs: dict) -> float:
-    t = kwargs.get("timestep")
-    if isinstance(t, torch.Tensor) and t.numel() >= 1:
-        return float(t.reshape(-1)[0])
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
-        return float(t)
-    raise FxstreamError(f"timestep: Step Rehash counts denoising steps by the timestep argument, got {t!r}; pass "
-                        "the scheduler's timestep (a number or a tensor) as diffusers pipelines do")
 
 
 _TRAINING = ("{what}: fxstream compiles inference graphs (no gradients through the sliced regions, no "
@@ -321,7 +87,7 @@ class CompiledModule(torch.nn.Module):
     """
 
     # bookkeeping, not structure: a guard of a tree holding a compiled module skips these attributes
-    _fxstream_unguarded = frozenset({"policy", "_entries", "_last", "_recording", "step_log", "_last_t", "_new",
+    _fxstream_unguarded = frozenset({"policy", "_entries", "_last", "recording", "step_log", "_last_t", "_new",
                                      "_fallbacks", "_guard", "__module__", "_base_policy", "_state", "_stage",
                                      "_name"})
 
@@ -333,7 +99,7 @@ class CompiledModule(torch.nn.Module):
         self.policy = policy
         self._entries: OrderedDict = OrderedDict()
         self._last = None
-        self._recording = None  # a fxstream.rehash.Recording while one is active
+        self.recording = None  # a fxstream.rehash.Recording while one is active (fxstream.rehash.record)
         self.step_log: list = []  # the current generation: "full" / "rehash" per call (Step Rehash only)
         self._last_t = None
         self._new = False  # the last call compiled its signature
@@ -353,7 +119,7 @@ class CompiledModule(torch.nn.Module):
     def __getstate__(self) -> dict:
         """A copy (or an unpickled module) compiles again at its first call: compiled graphs are not copied."""
         state = dict(self.__dict__)
-        state.update(_entries=OrderedDict(), _last=None, _fallbacks={}, _recording=None, _new=False)
+        state.update(_entries=OrderedDict(), _last=None, _fallbacks={}, recording=None, _new=False)
         return state
 
     def _get_name(self) -> str:
@@ -406,21 +172,23 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def _stamp(self) -> tuple:
-        """Moves whenever the wrapped module's structure may have changed (``_Entry.weights``)."""
+        """Moves whenever the wrapped module's structure may have changed (``Entry.weights``)."""
         return (id(self._guard), self._guard.walks)
 
-    def _signature(self, kwargs):
+    def _signature(self, kwargs, policy: Policy | None = None):
         flat, spec = pytree.tree_flatten(kwargs)
         p = next(self.module.parameters(), None)
         weights = (p.dtype, p.device.type, p.device.index) if p is not None else None
         # the policy too: compile_pipeline's stage fitting tries several budgets on one module (issue 19)
-        return (str(spec), tuple(_leaf_key(x) for x in flat), weights, self.module.training, self.policy,
+        return (str(spec), tuple(_leaf_key(x) for x in flat), weights, self.module.training, policy or self.policy,
                 self._guard.key())
 
-    def _entry(self, kwargs):
-        """The compiled signature for these inputs (compiled now if new), or None where capture failed: the
-        original module then runs these inputs (one FallbackWarning per signature)."""
-        key = self._signature(kwargs)
+    def compiled_entry(self, kwargs: dict, policy: Policy | None = None):
+        """The compiled signature for these inputs under ``policy`` (default: ``self.policy``), compiled now if
+        new, or None where capture failed: the original module then runs these inputs (one FallbackWarning per
+        signature). It becomes the one :meth:`explain` reports."""
+        policy = policy or self.policy
+        key = self._signature(kwargs, policy)
         if key in self._entries:
             self._entries.move_to_end(key)
             entry = self._entries[key]
@@ -428,7 +196,7 @@ class CompiledModule(torch.nn.Module):
         else:
             log.info("compiling %s for a new input signature", type(self.module).__name__)
             try:
-                entry = _Entry(self.module, kwargs, self.policy)
+                entry = Entry(self.module, kwargs, policy)
             except CaptureError as e:
                 warnings.warn(f"fxstream: running the original {type(self.module).__name__} for these inputs, "
                               f"uncompiled (no slicing, no Step Rehash): {e}", FallbackWarning, stacklevel=3)
@@ -445,10 +213,20 @@ class CompiledModule(torch.nn.Module):
             self._last = entry
         return entry
 
+    def has_compiled(self, kwargs: dict, policy: Policy | None = None) -> bool:
+        """Whether these inputs under ``policy`` (default: ``self.policy``) have a compiled signature."""
+        return self._signature(kwargs, policy) in self._entries
+
+    def forget(self, kwargs: dict, policy: Policy) -> None:
+        """Drop the compiled signature of these inputs under ``policy`` (if any)."""
+        entry = self._entries.pop(self._signature(kwargs, policy), None)
+        if entry is not None and entry is self._last:
+            self._last = None
+
     def forward(self, *args, **kwargs):
         kwargs = _as_kwargs(self.module, args, kwargs)
-        t = _timestep(kwargs) if self.policy.rehash is not None else None  # fails cleanly before compiling
-        entry = self._entry(kwargs)
+        t = timestep_of(kwargs) if self.policy.rehash is not None else None  # fails cleanly before compiling
+        entry = self.compiled_entry(kwargs)
         if entry is None:
             try:
                 return self.module(**kwargs)
@@ -459,7 +237,16 @@ class CompiledModule(torch.nn.Module):
             self._verify(entry, kwargs, out)
         return out
 
-    def _verify(self, entry: _Entry, kwargs: dict, out) -> None:
+    def _rehash_step(self, entry: Entry, kwargs: dict, t: float):
+        """One denoising step: a timestep that does not decrease starts a new generation."""
+        if self._last_t is None or t >= self._last_t:
+            self.reset()
+        self._last_t = t
+        out, full = run_step(entry, self.module, kwargs, len(self.step_log), self._stamp, self.recording)
+        self.step_log.append("full" if full else "rehash")
+        return out
+
+    def _verify(self, entry: Entry, kwargs: dict, out) -> None:
         ref = self.module(**kwargs)
         got, want = pytree.tree_leaves(out), pytree.tree_leaves(ref)
         worst = 0.0
@@ -468,40 +255,12 @@ class CompiledModule(torch.nn.Module):
                 worst = max(worst, float((a.float() - b.float()).abs().max()) if b.numel() else 0.0)
         tol = verify_tolerance(want)  # the dtype's and the backend's rounding (TF32 on CUDA)
         if len(got) != len(want) or worst > tol:
-            region = _first_differing_region(entry, self.module, kwargs, tol)
+            region = first_differing_region(entry, self.module, kwargs, tol)
             raise VerificationError(
                 f"Policy(verify=True): the compiled {type(self.module).__name__} differs from the original by "
                 f"{worst:.3g} (tolerance {tol:.3g}); first region that differs: {region or 'none (outside regions)'}. "
                 "Please report it with the policy and the input shapes; Policy() runs the exported graph unsliced.",
                 max_abs_diff=worst, region=region)
-
-    def _rehash_step(self, entry: _Entry, kwargs: dict, t: float):
-        if self._last_t is None or t >= self._last_t:
-            self.reset()
-        self._last_t = t
-        step, r = len(self.step_log), entry.rehash
-        sched = r.schedule
-        full = sched.is_full(step) or r.cache is None
-        extra = []
-        if r.graphs.probe is not None:
-            probe = entry.call(r.graphs.probe, self.module, kwargs, stamp=self._stamp)[0]
-            extra = [probe]
-            if not full:
-                change = float(torch.linalg.vector_norm((probe - r.probe_ref).double())
-                               / torch.linalg.vector_norm(r.probe_ref.double()).clamp_min(1e-30))
-                full = change > sched.adaptive or r.since_full >= sched.max_rehash
-        if full:
-            r.cache = None  # the old feature goes before the full graph runs: it is planned without it
-            out = entry.call(entry.compiled.graph_module, self.module, kwargs, extra, self._stamp)
-            r.cache, r.since_full = out.pop(), 0
-            r.probe_ref = extra[0] if extra else None
-            if self._recording is not None:
-                self._recording.add(step, r.cache)
-        else:
-            out = entry.call(r.compiled.graph_module, self.module, kwargs, extra + [r.cache], self._stamp)
-            r.since_full += 1
-        self.step_log.append("full" if full else "rehash")
-        return entry.unflatten(out)
 
     def explain(self) -> Report:
         """The report of the most recently used compiled signature."""
@@ -529,7 +288,7 @@ def compile(module: torch.nn.Module, policy: Policy | None = None) -> CompiledMo
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     if isinstance(module, CompiledModule):
         raise TypeError("module: already compiled by fxstream; compile the original module instead")
-    policy = _check_policy(policy)
+    policy = check_policy(policy)
     if policy.rehash is not None and "timestep" not in inspect.signature(module.forward).parameters:
         raise TypeError(f"policy.rehash: {type(module).__name__}.forward has no 'timestep' argument, which Step "
                         "Rehash needs to count denoising steps; use it on a diffusion UNet, or drop rehash")
@@ -545,4 +304,4 @@ def explain(module: torch.nn.Module, example_kwargs: dict, policy: Policy | None
     if not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs: expected a dict of the module's keyword arguments, "
                         f"got {type(example_kwargs).__name__}")
-    return _Entry(module, example_kwargs, _check_policy(policy)).report
+    return Entry(module, example_kwargs, check_policy(policy)).report

@@ -31,7 +31,7 @@ from .runtime import set_pipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ["choose_slicing", "lower_bound", "Floor", "choose_halo", "halo_lower_bound", "HALO_CAP"]
+__all__ = ["compile_for", "choose_slicing", "lower_bound", "Floor", "choose_halo", "halo_lower_bound", "HALO_CAP"]
 
 _NO_LIMIT = 1 << 30  # "as many slices as the axis has elements"
 
@@ -327,3 +327,19 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
         f"than {format_bytes(best_peak)}, so at least {format_bytes(weight_bytes + best_peak)} is needed. Raise max_memory or Policy.halo, or decode fewer "
         f"frames or a smaller resolution at once.",
         max_memory=policy.max_memory, weight_bytes=weight_bytes, lower_bound_bytes=best_peak)
+
+
+def compile_for(gm: GraphModule, policy: Policy, layout, weights: int) -> tuple[CompiledGraph, object]:
+    """Compile ``gm`` under ``policy``: with ``max_memory``, the search above chooses the counts (halo slicing along
+    height when the graph has no named video axis: a VAE decoder); else the policy's counts as given. Returns the
+    compiled graph and its lower bound (bytes, or a function computing them on demand: a lower bound is a compile)."""
+    video = bool(find_axes(gm, layout))
+    if policy.max_memory is not None and not video:
+        compiled, bound = choose_halo(gm, policy, weights)
+        return compiled, bound if bound is not None else lambda: halo_lower_bound(gm, policy).peak_bytes
+    if policy.max_memory is None and policy.halo and not video:
+        return compile_graph(gm, policy, layout), lambda: halo_lower_bound(gm, policy).peak_bytes
+    if policy.max_memory is not None:
+        compiled, lowest = choose_slicing(gm, policy, layout, weights)
+        return compiled, lowest.peak_bytes
+    return compile_graph(gm, policy, layout), lambda: lower_bound(gm, policy, layout).peak_bytes

@@ -18,7 +18,8 @@ from .graph_utils import strip_asserts
 from .passes.group_regions import group_regions
 from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
-from .passes.split_group_norm import TAG, split_group_norm, splittable_group_norms
+from .meta import SplitNorm, get_meta
+from .passes.split_group_norm import split_group_norm, splittable_group_norms
 from .policy import Policy
 from .runtime import LoopRegion, set_pipeline
 
@@ -145,7 +146,7 @@ def _compile(gm: GraphModule, policy: Policy, layout: str | None, counts, inner_
     for _ in range(4):
         prepared = _prepare(gm, split)
         plan = plan_slicing(prepared, policy, layout)
-        used = {n.meta[TAG] for r in plan.regions for n in r.nodes if TAG in n.meta}
+        used = {get_meta(n, SplitNorm).group_norm for r in plan.regions for n in r.nodes if get_meta(n, SplitNorm)}
         if used == split:
             break
         split = used

@@ -8,9 +8,11 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
+from .meta import KEPT
+
 __all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs"]
 
-_KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn", "fxstream.marks")
+_KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn") + KEPT
 
 
 def fake_mode_of(gm: GraphModule):

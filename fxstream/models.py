@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .catalog import UNET_CLASSES
+
 __all__ = ["MODELS", "ModelSpec", "build_unet", "example_inputs", "load_config", "load_unet"]
 
 
@@ -107,7 +109,6 @@ MODELS: dict[str, ModelSpec] = {
     "unet3d-tiny": ModelSpec("unet3d", _UNET3D_TINY, None, 16, 16, 4),
     "i2vgenxl-tiny": ModelSpec("i2vgenxl", _I2VGENXL_TINY, None, 16, 16, 4),
 }
-_CLASSES = {"svd": "UNetSpatioTemporalConditionModel", "unet3d": "UNet3DConditionModel", "i2vgenxl": "I2VGenXLUNet"}
 
 
 def load_config(name: str | dict) -> dict:
@@ -135,17 +136,14 @@ def build_unet(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     device = torch.device(device)
     torch.manual_seed(seed)
     with torch.device(device):
-        if spec.kind in _CLASSES:
-            unet = getattr(diffusers, _CLASSES[spec.kind]).from_config(load_config(spec.unet_config))
+        if spec.kind != "animatediff":
+            unet = getattr(diffusers, UNET_CLASSES[spec.kind]).from_config(load_config(spec.unet_config))
         else:
             base = UNet2DConditionModel.from_config(load_config(spec.unet_config))
             adapter = MotionAdapter.from_config(load_config(spec.adapter_config))
             unet = UNetMotionModel.from_unet2d(base, adapter)
     # AlphaBlender's mix_factor is made with torch.Tensor([alpha]) and lands on the CPU; move everything.
     return unet.to(device=device, dtype=dtype).eval()
-
-
-_UNET_CLASSES = ("UNetSpatioTemporalConditionModel", "UNetMotionModel", "UNet3DConditionModel", "I2VGenXLUNet")
 
 
 def load_unet(path, dtype: torch.dtype = torch.float32, subfolder: str | None = None):
@@ -161,8 +159,8 @@ def load_unet(path, dtype: torch.dtype = torch.float32, subfolder: str | None = 
         raise FileNotFoundError(f"path: no config.json in {folder}; expected a diffusers UNet folder "
                                 "(or a pipeline folder with subfolder='unet')")
     name = json.loads(cfg_file.read_text()).get("_class_name")
-    if name not in _UNET_CLASSES:
-        raise ValueError(f"path: {folder} holds a {name!r}; expected one of {list(_UNET_CLASSES)}")
+    if name not in UNET_CLASSES.values():
+        raise ValueError(f"path: {folder} holds a {name!r}; expected one of {list(UNET_CLASSES.values())}")
     cls = getattr(diffusers, name)
     return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).eval()
 

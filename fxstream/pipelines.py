@@ -18,17 +18,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_pipeline", "pipeline_inputs", "kind_of", "scheduler", "build_pipeline", "PIPELINES"]
+from .catalog import unet_kind
 
-
-def kind_of(unet: torch.nn.Module) -> str:
-    name = type(unet).__name__
-    if name == "UNetSpatioTemporalConditionModel":
-        return "svd"
-    if name in ("UNetMotionModel", "UNet2DConditionModel"):
-        return "animatediff"
-    raise ValueError(f"unet: a {name}; expected a UNetSpatioTemporalConditionModel (SVD) or a UNetMotionModel "
-                     "(AnimateDiff)")
+__all__ = ["tiny_pipeline", "pipeline_inputs", "scheduler", "build_pipeline", "PIPELINES"]
 
 
 def _svd_tiny_unet():
@@ -101,7 +93,7 @@ def tiny_pipeline(kind: str, unet: torch.nn.Module | None = None, seed: int = 0)
     torch.manual_seed(seed)
     if unet is None:
         unet = _svd_tiny_unet() if kind == "svd" else _ad_tiny_unet()
-    elif kind_of(unet) != kind:
+    elif unet_kind(unet) != kind:
         raise ValueError(f"unet: a {type(unet).__name__} does not fit a {kind} pipeline")
     if kind == "svd":
         vae, enc, fe = _tiny_svd_companions(unet)
@@ -185,7 +177,7 @@ def pipeline_inputs(pipe, *, steps: int, frames: int = 3, latent: int | tuple = 
     lh, lw = (latent, latent) if isinstance(latent, int) else latent
     h, w = lh * pipe.vae_scale_factor, lw * pipe.vae_scale_factor
     g = torch.Generator().manual_seed(seed)
-    if kind_of(pipe.unet.module if hasattr(pipe.unet, "policy") else pipe.unet) == "svd":
+    if unet_kind(pipe.unet.module if hasattr(pipe.unet, "policy") else pipe.unet) == "svd":
         image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
         return dict(image=image, height=h, width=w, num_frames=frames, num_inference_steps=steps, generator=g,
                     decode_chunk_size=frames, output_type="pt")

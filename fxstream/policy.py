@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 from .rehash import StepRehash
 
-__all__ = ["Policy", "AXIS_KIND", "parse_bytes", "format_bytes"]
+__all__ = ["Policy", "AXIS_KIND", "parse_bytes", "format_bytes", "check_policy"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -168,3 +168,13 @@ class Policy:
                 parts.append(f"{f.name}={format_bytes(v)!r}" if f.name == "max_memory" else
                              f"rehash={v.describe()}" if f.name == "rehash" else f"{f.name}={v!r}")
         return "Policy(" + ", ".join(parts) + ")"
+
+
+def check_policy(policy) -> Policy:
+    """``policy`` itself, ``Policy()`` for None; TypeError naming the argument for anything else."""
+    if policy is None:
+        return Policy()
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy: expected fxstream.Policy, got {type(policy).__name__}; "
+                        "write policy=fxstream.Policy(slices=8)")
+    return policy

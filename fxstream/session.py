@@ -2,7 +2,7 @@
 
 Named models are built on the ``meta`` device from the configs shipped in the package (no memory, no compute);
 a folder is loaded with diffusers' ``from_pretrained`` (local files only). The plan is
-:class:`fxstream.api._Entry`, the same object ``fxstream.explain`` builds, so the command line reports what
+:class:`fxstream.entry.Entry`, the same object ``fxstream.explain`` builds, so the command line reports what
 the library does.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .api import _Entry
+from .entry import Entry
 from .errors import FxstreamError
+from .catalog import UNET_KINDS
 from .models import MODELS, build_unet, example_inputs
 from .viz import human_bytes
 
@@ -24,8 +25,6 @@ __all__ = ["Session", "UsageError", "load_session", "output_dir"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 VAE_FACTOR = 8  # pixels per latent element (SVD's and SD1.5's VAEs)
-# The UNet classes the command line can make example inputs for, by the kind models.example_inputs knows.
-KINDS = {"UNetSpatioTemporalConditionModel": "svd", "UNetMotionModel": "animatediff"}
 # Default pixel size and frames of a folder's model, per kind (SVD's frames come from its config).
 _FOLDER_DEFAULTS = {"svd": (576, 1024, 14), "animatediff": (512, 512, 16)}
 
@@ -46,7 +45,7 @@ class Session:
     batch: int
     dtype: str
     device: str
-    entry: _Entry
+    entry: Entry
     seconds: float = 0.0  # capture and planning time
 
     @property
@@ -106,11 +105,11 @@ def _folder_kind(path: Path) -> tuple[Path, str | None, str, dict]:
     except (OSError, ValueError) as e:
         raise FxstreamError(f"--model {path}: cannot read {cfg_file}: {e}") from None
     cls = cfg.get("_class_name")
-    if cls not in KINDS:
+    if cls not in UNET_KINDS:
         raise FxstreamError(f"--model {path}: {cfg_file} describes a {cls!r}; the command line makes inputs for "
-                            f"{', '.join(KINDS)} (SVD, AnimateDiff); for another UNet call "
+                            f"{', '.join(UNET_KINDS)} (SVD, AnimateDiff); for another UNet call "
                             "fxstream.explain(unet, example_kwargs) from Python")
-    return path, sub, KINDS[cls], cfg
+    return path, sub, UNET_KINDS[cls], cfg
 
 
 def _stem_of(text: str) -> str:
@@ -155,5 +154,5 @@ def load_session(args, policy, progress) -> Session:
                             width=width // VAE_FACTOR)
     start = time.perf_counter()
     with progress.step(f"capturing (torch.export) and planning {label} under {policy.describe()}"):
-        entry = _Entry(unet, kwargs, policy)
+        entry = Entry(unet, kwargs, policy)
     return Session(label, stem, height, width, frames, batch, dtype, device, entry, time.perf_counter() - start)

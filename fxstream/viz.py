@@ -25,7 +25,7 @@ front of the first region that needs them, where they would float as boxes joine
 
 NOTE [Marks]
 ``DrawNode.marks`` holds per-box marks such as ``"cache"`` and ``"skip"`` for Step Rehash (a cached feature
-reused, a block skipped on a rehash step). They are read from ``node.meta["fxstream.marks"]`` (set by the Step
+reused, a block skipped on a rehash step). They are read from ``fxstream.meta.Marks`` (set by the Step
 Rehash pass on the full graph) and drawn when present. A box has a mark when one of its ops has it, except
 ``"skip"``: a box some of whose ops still run on a rehash step is marked ``"part skipped"``.
 """
@@ -38,13 +38,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import GraphModule, Node
 
+from .meta import Marks, get_meta, region_of
 from .runtime import LoopRegion
 
-__all__ = ["DrawNode", "DrawEdge", "DrawCluster", "DrawGraph", "draw_graph", "DIM_COLOURS", "MARK_KEY",
+__all__ = ["DrawNode", "DrawEdge", "DrawCluster", "DrawGraph", "draw_graph", "DIM_COLOURS",
            "module_paths", "shape_text", "human_bytes"]
 
 MINOR_EDGE = 0.01  # an edge carrying less than this share of the largest edge's bytes is minor
-MARK_KEY = "fxstream.marks"  # node.meta key: a collection of marks ("cache", "skip"); see NOTE [Marks]
 
 # Fill colours of regions per slice axis (ColorBrewer pastels), and of everything else.
 DIM_COLOURS = {"frames": "#9ecae1", "height": "#a1d99b", "width": "#d9f0a3", "batch": "#fdae6b"}
@@ -190,7 +190,8 @@ class _Run:
         self.extra: dict = {}
 
     def mark(self, n: Node) -> None:
-        marks = n.meta.get(MARK_KEY, ())
+        m = get_meta(n, Marks)
+        marks = m.names() if m is not None else ()
         self.marks.update(marks)
         self.runs_on_rehash |= "skip" not in marks
 
@@ -296,7 +297,7 @@ class _Builder:
         if not isinstance(loop, LoopRegion):
             raise ValueError(f"graph: call_module {n.target} is not a fxstream loop region")
         body = loop.bodies[max(loop.bodies, key=int)]  # the largest slice's body
-        info = n.meta.get("fxstream.region")
+        info = region_of(n)
         facts = {"dim": loop.axis, "length": loop.length, "slices": len(loop.bounds),
                  "saved": info.saved_bytes if info is not None else 0,
                  # the report's name: the common path of its ops (a ModuleList such as down_blocks is on no stack)

@@ -49,7 +49,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .api import CompiledModule, FallbackWarning, _check_policy, _Entry
+from .catalog import PIPELINE_KINDS
+from .api import CompiledModule, FallbackWarning
+from .entry import Entry
+from .policy import check_policy
 from .api import compile as compile_module
 from .errors import CaptureError, MemoryBudgetError
 from .policy import Policy, format_bytes
@@ -57,9 +60,8 @@ from .policy import Policy, format_bytes
 log = logging.getLogger(__name__)
 
 __all__ = ["compile_pipeline", "explain_pipeline", "PipelineReport", "StageReport", "StepReport", "PipelinePoint",
-           "PipelineState", "PipelineBudgetError", "SUPPORTED", "STAGES"]
+           "PipelineState", "PipelineBudgetError", "STAGES"]
 
-SUPPORTED = {"StableVideoDiffusionPipeline": "svd", "AnimateDiffPipeline": "animatediff"}
 STAGES = ("encode", "denoise", "decode")
 _HOOK_MARK = "_fxstream_stage_hook"  # set on the pre-hooks compile_pipeline registers
 
@@ -83,11 +85,11 @@ class PipelineBudgetError(MemoryBudgetError):
 def pipeline_kind(pipe) -> str:
     """``"svd"`` or ``"animatediff"``; ValueError naming the class and the supported ones otherwise."""
     for cls in type(pipe).__mro__:
-        if cls.__name__ in SUPPORTED and cls.__module__.startswith("diffusers"):
-            return SUPPORTED[cls.__name__]
+        if cls.__name__ in PIPELINE_KINDS and cls.__module__.startswith("diffusers"):
+            return PIPELINE_KINDS[cls.__name__]
     raise ValueError(
         f"pipe: a {type(pipe).__name__}; whole-pipeline compilation supports diffusers' "
-        f"{' and '.join(SUPPORTED)}. For another pipeline, compile its UNet alone: "
+        f"{' and '.join(PIPELINE_KINDS)}. For another pipeline, compile its UNet alone: "
         "pipe.unet = fxstream.compile(pipe.unet, policy)")
 
 
@@ -241,10 +243,10 @@ class _StageModule(CompiledModule):
         self._stage = stage
         self._name = name
 
-    def _entry(self, kwargs):
+    def compiled_entry(self, kwargs: dict, policy: Policy | None = None):
         state = self._state
-        if state.budget is None or self._signature(kwargs) in self._entries:
-            return super()._entry(kwargs)
+        if policy is not None or state.budget is None or self.has_compiled(kwargs):
+            return super().compiled_entry(kwargs, policy)
         return state._fit_compiled(self, kwargs)
 
 
@@ -317,9 +319,8 @@ class PipelineState:
         tried = {}  # budget -> the signature its attempt compiled (the policy is part of it)
 
         def attempt(max_memory: int):
-            cm.policy = replace(cm._base_policy, max_memory=max_memory)
-            tried[max_memory] = cm._signature(kwargs)
-            return CompiledModule._entry(cm, kwargs)
+            tried[max_memory] = replace(cm._base_policy, max_memory=max_memory)
+            return cm.compiled_entry(kwargs, tried[max_memory])
 
         floor = _halo_floor(cm.module, kwargs, cm._base_policy) if cm._stage == "decode" else None
         fit = _fit(self.budget, cm._stage, cm._name, module_bytes(cm.module), held, now,
@@ -328,10 +329,10 @@ class PipelineState:
         # the chosen attempt's policy serves the next calls; the others' compiled graphs are dropped
         chosen = max(fit.max_memory, 1)
         cm.policy = replace(cm._base_policy, max_memory=chosen)
-        for budget, key in tried.items():
+        for budget, policy in tried.items():
             if budget != chosen:
-                cm._entries.pop(key, None)
-        cm._last = cm._entries.get(tried[chosen], cm._last)
+                cm.forget(kwargs, policy)
+        cm.compiled_entry(kwargs, cm.policy)  # the chosen attempt's (compiled already): explain() reports it
         self._decide(cm._stage, fit, cm._name)
         self._place(cm._stage)
         return fit.result
@@ -466,7 +467,7 @@ def compile_pipeline(pipe, policy: Policy | None = None, *, offload: str = "auto
     of the one decoding (each pipeline's ``decode_latents`` puts its own in place).
     """
     kind = pipeline_kind(pipe)
-    policy = _check_policy(policy)
+    policy = check_policy(policy)
     offload = _check_offload(offload, policy)
     units = _units(pipe)
     for name in ("unet", "vae"):
@@ -567,10 +568,10 @@ def _on_meta(kwargs: dict) -> dict:
 
 
 def _plan(module, kwargs: dict, policy: Policy, dtype: torch.dtype | None = None):
-    """fxstream's plan (``api._Entry``: the captured program and its report) of ``module`` on these inputs, on a
+    """fxstream's plan (``fxstream.entry.Entry``: the captured program and its report) of ``module`` on these inputs, on a
     meta copy (nothing computed); None with a warning where torch.export cannot capture it."""
     try:
-        return _Entry(_meta_clone(_inner(module), dtype), _on_meta(kwargs), policy)
+        return Entry(_meta_clone(_inner(module), dtype), _on_meta(kwargs), policy)
     except CaptureError as e:
         warnings.warn(f"fxstream: cannot plan {type(_inner(module)).__name__}: {e}", FallbackWarning, stacklevel=3)
         return None
@@ -919,7 +920,7 @@ def explain_pipeline(pipe, *, height: int | None = None, width: int | None = Non
     """
     start = time.perf_counter()
     kind = pipeline_kind(pipe)
-    policy = _check_policy(policy)
+    policy = check_policy(policy)
     offload = _check_offload(offload, policy)
     units = _units(pipe)
     for name in ("unet", "vae"):

@@ -15,7 +15,8 @@ from torch.fx import Graph, GraphModule, Node
 from fxstream.analysis.cuts import PARTIAL, Cut, cut_size
 from fxstream.analysis.effects import find_effects
 from fxstream.analysis.rules import rule_for
-from fxstream.analysis.slicer import WHOLE_INPUT, Region, SlicePlan
+from fxstream.analysis.slicer import Region, SlicePlan
+from fxstream.meta import BodyInput, Grouped, set_meta
 from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta, propagate_nodes
 from fxstream.runtime import LoopRegion, buffer_layout, slice_view
 
@@ -33,7 +34,7 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
     for i, (p, c) in enumerate(region.inputs):
         ph = g.placeholder(f"{p.name}_{'whole' if c is None else 'slice'}{i}")
         copy_meta(p, ph)
-        ph.meta[WHOLE_INPUT] = c is None  # a body compiled again (a batch split) finds its latent among the slices
+        set_meta(ph, BodyInput(whole=c is None))  # a body compiled again (a batch split) finds its latent among the slices
         outside[(p, c)] = ph
         v = p.meta["val"]
         with mode:
@@ -123,10 +124,10 @@ def group_regions(gm: GraphModule, plan: SlicePlan) -> GraphModule:
     if not plan.regions:
         return gm
     mode = fake_mode_of(gm)
-    return emit_grouped(gm, plan.regions, "region", lambda r: make_loop(r, mode), "fxstream.region")
+    return emit_grouped(gm, plan.regions, "region", lambda r: make_loop(r, mode), "cut")
 
 
-def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, meta_key: str = "") -> GraphModule:
+def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, region_kind: str) -> GraphModule:
     """``gm`` emitted again in a topological order of the condensed DAG, each region (``.nodes``, ``.inputs``,
     ``.outputs``; cut regions list ``(node, cut)`` pairs) one ``call_module`` node ``{prefix}_{i}`` running
     ``make(region)``, with ``getitem`` nodes for its outputs. Shared by Operator Grouping and halo grouping."""
@@ -157,8 +158,7 @@ def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, meta_key: st
             fresh = tuple(torch.empty_strided(*buffer_layout(o.meta["val"])[:2], dtype=o.meta["val"].dtype,
                                               device=o.meta["val"].device) for o in outputs)
         call.meta["val"] = fresh
-        if meta_key:
-            call.meta[meta_key] = region
+        set_meta(call, Grouped(region, region_kind))
         for j, o in enumerate(outputs):
             item = new_graph.call_function(operator.getitem, (call, j))
             copy_meta(o, item)

@@ -18,7 +18,6 @@ from .group_regions import emit_grouped
 
 __all__ = ["group_halo_regions", "build_halo_body"]
 
-REGION_META = "fxstream.halo_region"
 
 
 def build_halo_body(region: HaloRegion) -> tuple[GraphModule, list, list]:
@@ -50,4 +49,4 @@ def group_halo_regions(gm: GraphModule, regions: list) -> GraphModule:
     """A new GraphModule in which every halo region is a ``call_module`` node (``gm`` itself if none)."""
     if not regions:
         return gm
-    return emit_grouped(gm, regions, "halo", make_halo_loop, REGION_META)
+    return emit_grouped(gm, regions, "halo", make_halo_loop, "halo")

@@ -11,7 +11,7 @@ AnimateDiff's ``motion_modules.*.norm``) becomes::
 
 The sums have a ``PARTIAL`` rule, so the slicer accumulates them slice by slice and the normalise phase, now
 pointwise, slices along height or width exactly (max error ~1e-7 in fp32 against the fused op; the
-statistics are accumulated in float64). Nodes made here carry ``meta["fxstream.split_norm"]`` naming the
+statistics are accumulated in float64). Nodes made here carry ``fxstream.meta.SplitNorm`` naming the
 GroupNorm they replace, so the compiler can keep unsliced GroupNorms fused.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_nodes
+from fxstream.meta import SplitNorm, set_meta
 
 aten = torch.ops.aten
 
-__all__ = ["split_group_norm", "splittable_group_norms", "TAG"]
+__all__ = ["split_group_norm", "splittable_group_norms"]
 
-TAG = "fxstream.split_norm"
 
 
 def splittable_group_norms(gm: GraphModule) -> list[str]:
@@ -55,7 +55,7 @@ def _emit_split(gm: GraphModule, gn: Node) -> tuple[Node, list]:
     def op(target, *args, **kwargs):
         node = g.call_function(target, args, kwargs)
         copy_meta(gn, node)
-        node.meta[TAG] = gn.name
+        set_meta(node, SplitNorm(gn.name))
         made.append(node)
         return node
 

@@ -24,12 +24,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxstream.errors import FxstreamError
+from fxstream.meta import CutInput, get_meta, set_meta
 
 __all__ = ["module_nodes", "module_output", "add_output", "cut_at", "only", "split_for_rehash", "RehashGraphs",
-           "INPUT_TAG"]
+           ]
 
 # meta key on a placeholder made by cut_at: the name of the node it stands for
-INPUT_TAG = "fxstream.cut_input"
 
 
 def _paths(n: Node) -> set:
@@ -92,7 +92,7 @@ def cut_at(gm: GraphModule, name: str) -> GraphModule:
     with g.inserting_after(last):
         ph = g.placeholder(f"{name}_cached")
     ph.meta["val"] = node.meta["val"]
-    ph.meta[INPUT_TAG] = name
+    set_meta(ph, CutInput(name))
     node.replace_all_uses_with(ph)
     _dce(gm)
     g.lint()
@@ -148,7 +148,7 @@ def split_for_rehash(gm: GraphModule, cache_point: str, probe: str | None = None
         base, extra = cut_at(gm, probe_name), [probe_name]
     full = add_output(base, cache)
     rehash = cut_at(base, cache)
-    if probe_name is not None and not any(n.meta.get(INPUT_TAG) == probe_name and n.users for n in rehash.graph.nodes):
+    if probe_name is not None and not any(getattr(get_meta(n, CutInput), "name", None) == probe_name and n.users for n in rehash.graph.nodes):
         raise FxstreamError(f"probe {probe!r}: a rehash step does not use it (it only fed the cached feature); "
                             "choose a module that still runs on rehash steps, such as 'conv_in'")
     # at least the cached node itself; how much more is the report's business (ops and FLOPs skipped)

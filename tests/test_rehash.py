@@ -271,10 +271,10 @@ def test_compile_needs_a_timestep_argument():
 
 
 def test_drawing_marks_the_cache_and_the_skipped_blocks(svd_tiny):
-    from fxstream.api import _Entry
+    from fxstream.entry import Entry
     from fxstream.viz import draw_graph
     unet, kw = svd_tiny
-    entry = _Entry(unet, kw, Policy(slices=2, rehash=StepRehash(full_every=3)))
+    entry = Entry(unet, kw, Policy(slices=2, rehash=StepRehash(full_every=3)))
     for gm in (entry.compiled.original, entry.compiled.graph_module):
         boxes = [n for n in draw_graph(gm, title="t", depth=2).nodes if n.kind in ("module", "region")]
         marks = {m for b in boxes for m in b.marks}

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import fxstream
 from fxstream.compiler import capture, compile_graph, layout_of
 from fxstream.graph_utils import strip_asserts
-from fxstream.passes.split_group_norm import TAG, split_group_norm, splittable_group_norms
+from fxstream.meta import SplitNorm, get_meta
+from fxstream.passes.split_group_norm import split_group_norm, splittable_group_norms
 
 
 class _Norm5d(torch.nn.Module):
@@ -31,7 +32,7 @@ def test_split_group_norm_matches_fused(dtype, tol):
     assert splittable_group_norms(gm)
     split_group_norm(gm)
     assert not splittable_group_norms(gm)
-    tagged = [n for n in gm.graph.nodes if TAG in n.meta]
+    tagged = [n for n in gm.graph.nodes if get_meta(n, SplitNorm) is not None]
     assert tagged and all("nn_module_stack" in n.meta for n in tagged)
     params = [m.norm.weight, m.norm.bias]
     (out,) = gm(*params, x)

@@ -9,16 +9,17 @@ import pytest
 import torch
 
 import fxstream
-from fxstream.api import _Entry
+from fxstream.entry import Entry
 from fxstream.models import build_unet, example_inputs
 from fxstream.render import GraphvizMissing, to_dot, to_html, to_svg
 from fxstream.timeline import block_of, memory_timeline, plot_memory
-from fxstream.viz import DIM_COLOURS, MARK_KEY, draw_graph
+from fxstream.meta import Marks, set_meta
+from fxstream.viz import DIM_COLOURS, draw_graph
 
 
 def _plan(policy):
     unet = build_unet("svd-tiny", device="meta")
-    return _Entry(unet, example_inputs("svd-tiny", unet), policy)
+    return Entry(unet, example_inputs("svd-tiny", unet), policy)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_marks_are_drawn_when_present():
     gm = torch.export.export(_Toy(), (torch.randn(3, 8),)).graph_module
     node = next(n for n in gm.graph.nodes if n.meta.get("nn_module_stack") and
                 list(n.meta["nn_module_stack"].values())[-1][0] == "mid")
-    node.meta[MARK_KEY] = {"cache"}
+    set_meta(node, Marks(cache=True))
     g = draw_graph(gm, title="toy")
     assert [n.module for n in g.nodes if n.kind == "module"] == ["inp", "mid", "out"]
     mid = g.find("mid")[0]

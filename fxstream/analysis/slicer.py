@@ -28,19 +28,14 @@ from .cuts import PARTIAL, Cut, slice_bounds
 from .effects import Effects, find_effects
 from .rules import WHOLE, RuleContext, rule_for, val_shape
 
+from ..catalog import AXIS_NAMES, LAYOUTS
+from ..meta import BodyInput, get_meta
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Axis", "Region", "SlicePlan", "plan_slicing", "LAYOUTS", "find_axes", "tensor_bytes",
-           "WHOLE_INPUT", "nonconvex"]
+           "nonconvex"]
 
-# Layout of the video latent (the first 5-D input) per model class; a model not listed gets no named axes.
-LAYOUTS = {
-    "UNetSpatioTemporalConditionModel": "BFCHW",
-    "UNetMotionModel": "BCFHW",
-    "UNet3DConditionModel": "BCFHW",
-    "I2VGenXLUNet": "BCFHW",
-}
-_AXIS_NAMES = {"B": "batch", "F": "frames", "H": "height", "W": "width"}
 
 
 @dataclass(frozen=True)
@@ -109,7 +104,11 @@ def common_module_path(nodes) -> str:
 
 
 # Placeholder meta of a region body: True where the input enters every slice whole (``passes/group_regions``).
-WHOLE_INPUT = "fxstream.whole_input"
+
+
+def _whole_body_input(n: Node) -> bool:
+    b = get_meta(n, BodyInput)
+    return b is not None and b.whole
 
 
 def find_axes(gm: GraphModule, layout: str | None) -> list[Axis]:
@@ -119,14 +118,14 @@ def find_axes(gm: GraphModule, layout: str | None) -> list[Axis]:
     ``sample.new_zeros(...)`` takes the full-batch ``sample`` for its dtype alone, ahead of the sliced one.
     """
     for n in gm.graph.nodes:
-        if n.op != "placeholder" or n.name.startswith(("p_", "b_", "c_")) or n.meta.get(WHOLE_INPUT):
+        if n.op != "placeholder" or n.name.startswith(("p_", "b_", "c_")) or _whole_body_input(n):
             continue
         v = n.meta.get("val")
         if isinstance(v, torch.Tensor) and v.dim() == 5 and layout:
             if v.numel() == 0:  # an empty video: nothing to slice
                 return []
-            return [Axis(_AXIS_NAMES[c], n.name, i, int(v.shape[i])) for i, c in enumerate(layout)
-                    if c in _AXIS_NAMES and int(v.shape[i]) > 1]
+            return [Axis(AXIS_NAMES[c], n.name, i, int(v.shape[i])) for i, c in enumerate(layout)
+                    if c in AXIS_NAMES and int(v.shape[i]) > 1]
     return []
 
 

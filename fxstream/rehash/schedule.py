@@ -29,31 +29,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import FxstreamError
+from ..catalog import DEFAULT_PROBE, TEMPORAL_LAYERS, UP_BLOCKS
+from ..errors import FxstreamError
 
-__all__ = ["StepRehash", "TEMPORAL_LAYERS", "temporal_layers", "default_cache_point", "key_steps", "similarity",
+__all__ = ["StepRehash", "temporal_layers", "default_cache_point", "key_steps", "similarity",
            "record", "Recording"]
 
-# The temporal layers of each diffusers block type: the attribute holding them. A module in one of these lists
-# returns a feature that has just been mixed across frames (TransformerSpatioTemporalModel and
-# SpatioTemporalResBlock end with their temporal part and its AlphaBlender; motion modules and temp_* are temporal).
-TEMPORAL_LAYERS = {
-    "CrossAttnDownBlockSpatioTemporal": "attentions",
-    "DownBlockSpatioTemporal": "resnets",
-    "UNetMidBlockSpatioTemporal": "attentions",
-    "CrossAttnUpBlockSpatioTemporal": "attentions",
-    "UpBlockSpatioTemporal": "resnets",
-    "CrossAttnDownBlockMotion": "motion_modules",
-    "DownBlockMotion": "motion_modules",
-    "UNetMidBlockCrossAttnMotion": "motion_modules",
-    "CrossAttnUpBlockMotion": "motion_modules",
-    "UpBlockMotion": "motion_modules",
-    "CrossAttnDownBlock3D": "temp_attentions",
-    "DownBlock3D": "temp_convs",
-    "UNetMidBlock3DCrossAttn": "temp_attentions",
-    "CrossAttnUpBlock3D": "temp_attentions",
-    "UpBlock3D": "temp_convs",
-}
 
 
 def temporal_layers(unet: torch.nn.Module) -> list:
@@ -77,7 +58,7 @@ def default_cache_point(unet: torch.nn.Module) -> str:
     shallowest branch does. ``tools/rehash_similarity.py`` measures the similarity of every temporal layer across
     steps to choose another (``StepRehash(cache_point=...)``).
     """
-    ups = getattr(unet, "up_blocks", None)
+    ups = getattr(unet, UP_BLOCKS, None)
     if not ups:
         raise FxstreamError(f"StepRehash.cache_point: {type(unet).__name__} has no up_blocks; name the module whose "
                             "output to cache, e.g. StepRehash(full_every=3, cache_point='decoder.blocks.3')")
@@ -163,7 +144,7 @@ class StepRehash:
 
     @property
     def probe_point(self) -> str | None:
-        return (self.probe or "conv_in") if self.adaptive is not None else None
+        return (self.probe or DEFAULT_PROBE) if self.adaptive is not None else None
 
     def is_full(self, step: int) -> bool:
         """Whether ``step`` (0-based) is full by the schedule alone (adaptive: only step 0; the probe decides)."""
@@ -257,11 +238,11 @@ def record(compiled):
         raise FxstreamError("record: the module was not compiled with Policy(rehash=StepRehash(...)); compile it "
                             "with StepRehash(full_every=1) to record every step")
     rec = Recording()
-    compiled._recording = rec
+    compiled.recording = rec
     try:
         yield rec
     finally:
-        compiled._recording = None
+        compiled.recording = None
 
 
 def with_cache_point(rehash: StepRehash, unet: torch.nn.Module) -> StepRehash:

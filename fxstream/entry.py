@@ -1,0 +1,179 @@
+"""One compiled input signature (:class:`Entry`): the captured program, its compiled graph(s), and how to call them.
+
+:class:`fxstream.CompiledModule` keeps one per input signature; :func:`fxstream.explain`, the command line and
+``compile_pipeline``'s planner build one to report without running. The compile itself is
+:func:`fxstream.budget.compile_for`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export.graph_signature import InputKind
+
+from .budget import compile_for
+from .compiler import capture, describe_inputs, layout_of
+from .errors import ExecutionError
+from .guard import touched
+from .memory import weight_bytes
+from .meta import region_of
+from .policy import Policy
+from .rehash.runtime import RehashState
+from .report import Report, build_report
+
+__all__ = ["Entry", "first_differing_region"]
+
+
+class Entry:
+    """One compiled input signature: the exported program, the compiled graph(s), and how to feed them.
+
+    With ``Policy(rehash=...)`` it holds three graphs made from the one captured (``passes/step_rehash.py``): the
+    full graph (``compiled``, which also returns the feature to cache), the rehash graph, and for adaptive
+    schedules the probe graph; and this signature's cached feature between steps.
+    """
+
+    def __init__(self, module: torch.nn.Module, kwargs: dict, policy: Policy):
+        try:
+            self.program = capture(module, kwargs)
+        finally:
+            touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): every guard walks again
+        gm, layout = self.program.graph_module, layout_of(module)
+        weights = weight_bytes(self.program)
+        self.rehash = None
+        if policy.rehash is not None:
+            self.rehash = RehashState(module, gm, policy.rehash)
+            gm = self.rehash.graphs.full
+        self.compiled, bound = compile_for(gm, policy, layout, weights)
+        # how to fetch each lifted input at call time: weights from the live module, constants from the program
+        fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
+        self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
+                      for spec in self.program.graph_signature.input_specs if spec.kind != InputKind.USER_INPUT]
+        self._held = None  # (stamp, the (dict, key) holding each lifted input): see weights()
+        self.report: Report = build_report(self.compiled, policy, weights, bound)
+        if self.rehash is not None:
+            r = self.rehash
+            # a rehash step holds the cached feature (and the probe's reference) on top of the weights
+            r.compiled, _ = compile_for(r.graphs.rehash, policy, layout, weights + r.resident_bytes)
+            self.report.rehash = r.info(r.compiled)
+
+    def weights(self, module: torch.nn.Module, stamp=None) -> list:
+        """The lifted inputs' live values: weights from the module, constants from the program. With ``stamp``
+        (a value that moves whenever the module's structure may have changed: a CompiledModule's guard walk count)
+        the dict holding each is found once per stamp and read at every call: 0.04 ms for full-size SVD's 1428
+        weights, against 22 ms through ``get_parameter`` (diffusers' attribute lookups)."""
+        if stamp is None:
+            return [get(module, target) for get, target in self.state]
+        if self._held is None or self._held[0] != stamp:
+            self._held = (stamp, [_holder(module, get, target) for get, target in self.state])
+        return [d[k] for d, k in self._held[1]]
+
+    def call(self, graph, module: torch.nn.Module, kwargs: dict, extra=(), stamp=None) -> list:
+        """Run one of this signature's graphs on the live weights and these inputs (plus ``extra`` inputs)."""
+        flat, _ = pytree.tree_flatten(((), kwargs))
+        state = self.weights(module, stamp)
+        try:
+            return list(graph(*state, *flat, *extra))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # export's fake kernels do not check everything (a linear's dtypes)
+            raise ExecutionError(
+                f"{type(module).__name__} compiled by fxstream failed on these inputs: {e}\n"
+                f"called with {describe_inputs(module, kwargs)}\nCheck that the inputs fit the module (it fails the "
+                "same way when called directly); if the module runs them, this is a bug in fxstream.") from e
+
+    def unflatten(self, out: list):
+        return pytree.tree_unflatten(out, self.program.call_spec.out_spec)
+
+    def run(self, module: torch.nn.Module, kwargs: dict, stamp=None):
+        return self.unflatten(self.call(self.compiled.graph_module, module, kwargs, stamp=stamp))
+
+
+class _Live:
+    """A lifted input read through ``get(module, target)`` at every call (``weights()``' fallback)."""
+
+    def __init__(self, get, module: torch.nn.Module):
+        self.get, self.module = get, module
+
+    def __getitem__(self, target: str):
+        return self.get(self.module, target)
+
+
+def _holder(module: torch.nn.Module, get, target: str) -> tuple:
+    """(dict, key) whose item is what ``get(module, target)`` gives now: the owning module's parameter or buffer
+    dict; for anything else (a program constant, a property shadowing a weight) a :class:`_Live` reader."""
+    value = get(module, target)
+    prefix, _, name = target.rpartition(".")
+    try:
+        owner = module.get_submodule(prefix) if prefix else module
+    except AttributeError:
+        owner = None
+    for d in (getattr(owner, "_parameters", None), getattr(owner, "_buffers", None)):
+        if isinstance(d, dict) and d.get(name) is value:
+            return d, name
+    return _Live(get, module), target
+
+
+class _Live:
+    """A lifted input read through ``get(module, target)`` at every call (``weights()``' fallback)."""
+
+    def __init__(self, get, module: torch.nn.Module):
+        self.get, self.module = get, module
+
+    def __getitem__(self, target: str):
+        return self.get(self.module, target)
+
+
+def _holder(module: torch.nn.Module, get, target: str) -> tuple:
+    """(dict, key) whose item is what ``get(module, target)`` gives now: the owning module's parameter or buffer
+    dict; for anything else (a program constant, a property shadowing a weight) a :class:`_Live` reader."""
+    value = get(module, target)
+    prefix, _, name = target.rpartition(".")
+    try:
+        owner = module.get_submodule(prefix) if prefix else module
+    except AttributeError:
+        owner = None
+    for d in (getattr(owner, "_parameters", None), getattr(owner, "_buffers", None)):
+        if isinstance(d, dict) and d.get(name) is value:
+            return d, name
+    return _Live(get, module), target
+
+
+def first_differing_region(entry: Entry, module, kwargs: dict, tol: float) -> str | None:
+    """The first top-level loop region of the compiled graph whose outputs differ (beyond ``tol``) from the same
+    values computed by the original graph on the same inputs."""
+    flat, _ = pytree.tree_flatten(((), kwargs))
+    args = [get(module, target) for get, target in entry.state] + flat
+    if entry.rehash is not None and entry.rehash.graphs.probe is not None:  # the full graph takes the probe
+        args += entry.call(entry.rehash.graphs.probe, module, kwargs)
+    cg = entry.compiled
+    wanted = {o.name for n in cg.graph_module.graph.nodes if region_of(n) is not None
+              for o, _ in region_of(n).outputs}
+    values = {}
+
+    class _Original(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n.name in wanted:
+                values[n.name] = v
+            return v
+
+    class _Compiled(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            region = region_of(n)
+            if region is not None:
+                for (o, _), got in zip(region.outputs, v):
+                    ref = values.get(o.name)
+                    if ref is not None and float((got.float() - ref.float()).abs().max()) > tol:
+                        raise _Found(n.name)
+            return v
+
+    class _Found(Exception):
+        pass
+
+    with torch.no_grad():
+        _Original(cg.prepared).run(*args)  # the graph the regions were cut from: same inputs, node names
+        try:
+            _Compiled(cg.graph_module).run(*args)
+        except _Found as found:
+            return str(found)
+    return None
