@@ -12,7 +12,7 @@ from .errors import CaptureError, ExecutionError, FxstreamError, MemoryBudgetErr
 from .policy import Policy
 from .rehash import StepRehash
 from .report import Report
-from .whole import PipelineBudgetError, PipelineReport, compile_pipeline, explain_pipeline
+from .stages import PipelineBudgetError, PipelineReport, compile_pipeline, explain_pipeline
 
 __all__ = ["compile", "explain", "compile_pipeline", "explain_pipeline", "PipelineReport", "PipelineBudgetError",
            "Policy", "StepRehash", "rehash", "CompiledModule", "Report", "FxstreamError",

@@ -368,7 +368,7 @@ def cmd_memory(args, session: Session, progress: Progress) -> int:
 def cmd_pipeline(args, policy: Policy, progress: Progress) -> int:
     from .pipelines import build_pipeline
     from .session import DTYPES
-    from .whole import explain_pipeline
+    from .stages import explain_pipeline
     if args.plot is not None and not args.plot.parent.is_dir():
         raise UsageError(f"argument --plot: folder {args.plot.parent} does not exist; create it or choose another path")
     if args.plot is not None and args.plot.suffix.lower() != ".png":

@@ -9,7 +9,8 @@ import torch
 import fxstream
 from fxstream import cli
 from fxstream.pipelines import build_pipeline, pipeline_inputs, tiny_pipeline
-from fxstream.whole import PipelineBudgetError, _fit, planned_moves
+from fxstream.stages import PipelineBudgetError, planned_moves
+from fxstream.stages.fitting import fit_step
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -187,17 +188,17 @@ def test_fit_offloads_only_when_needed():
             raise fxstream.MemoryBudgetError("no", max_memory=room, weight_bytes=30, lower_bound_bytes=40)
         return room
 
-    fit = _fit(200, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True)
+    fit = fit_step(200, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True)
     assert (fit.offload, fit.max_memory, tried) == (False, 125, [125])  # 200 - (100 - 30) - 5: everything stays
     tried.clear()
-    fit = _fit(120, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True)
+    fit = fit_step(120, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True)
     assert (fit.offload, fit.max_memory, tried) == (True, 115, [45, 115])
     tried.clear()
-    fit = _fit(200, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True, mode="always")
+    fit = fit_step(200, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True, mode="always")
     assert (fit.offload, tried) == (True, [195])
     with pytest.raises(PipelineBudgetError, match=r"^decode stage \(vae.decoder\).*weights resident"
                        r".*offload='never'.*held by the pipeline.*activations lower bound") as e:
-        _fit(120, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True, mode="never")
+        fit_step(120, "decode", "vae.decoder", 30, 5, keep, least, attempt, False, True, mode="never")
     assert (e.value.stage, e.value.weight_bytes, e.value.held_bytes, e.value.lower_bound_bytes) == ("decode", 100, 5, 40)
 
 
@@ -268,8 +269,8 @@ def test_compile_and_explain_take_the_same_offload_decision(monkeypatch):
     resident fit recomputes: here any recompute, AUTO_OFFLOAD_COMPUTE=1); the compiled signatures did not key on
     the policy, so the second attempt was served the first one's plan and compile_pipeline kept the decoder's
     neighbours resident where explain_pipeline offloads them."""
-    from fxstream import whole
-    monkeypatch.setattr(whole, "AUTO_OFFLOAD_COMPUTE", 1.0)
+    from fxstream.stages import fitting
+    monkeypatch.setattr(fitting, "AUTO_OFFLOAD_COMPUTE", 1.0)
     policy = fxstream.Policy(max_memory=11 * 2**20)
     plan = fxstream.explain_pipeline(build_pipeline("svd-tiny", dtype=torch.float32), height=32, width=32,
                                      num_frames=3, policy=policy)
