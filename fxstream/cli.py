@@ -310,7 +310,7 @@ def _policy(args) -> Policy:
 
 # -- commands ----------------------------------------------------------------------------------------------
 def cmd_explain(args, session: Session, progress: Progress) -> int:
-    from .explain_view import explain_table, report_json
+    from .report import explain_table, report_json
     report = session.report
     known = args.lower_bound or report.policy.max_memory is not None  # a budget computes it anyway
     if args.lower_bound:
@@ -320,7 +320,7 @@ def cmd_explain(args, session: Session, progress: Progress) -> int:
         print(json.dumps(report_json(report, session, lower_bound=known), indent=1))
         return 0
     print(f"{session.describe()}; planned in {session.seconds:.1f} s")
-    print(explain_table(report, top=args.top, lower_bound=known))
+    print(explain_table(report, top=args.top, lower_bound=known, missing="not computed: add --lower-bound"))
     if not report.policy.slices_anything and report.policy.max_memory is None:
         print("\nnote: the policy slices nothing; try --slices 8, --batch-split 2 or --max-memory 6GiB",
               file=sys.stderr)

@@ -1,7 +1,7 @@
 """The explain report: what was sliced, what was not and why, and the planned memory."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from tabulate import tabulate
@@ -10,7 +10,7 @@ from .analysis.slicer import module_path, tensor_bytes
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
 
-__all__ = ["Report", "RegionInfo", "UnslicedOp", "RehashInfo", "build_report"]
+__all__ = ["Report", "RegionInfo", "UnslicedOp", "RehashInfo", "build_report", "explain_table", "report_json"]
 
 
 @dataclass(frozen=True)
@@ -119,29 +119,74 @@ class Report:
     def sliced_ops(self) -> int:
         return sum(r.ops for r in self.regions)
 
-    def table(self) -> str:
-        rows = [(r.module or "(top)", r.dim, r.length, r.slices, r.in_flight, r.ops, f"{r.saved_bytes / 2**20:.1f}",
-                 f"{r.peak_bytes / 2**20:.1f}", f"{r.working_bytes / 2**20:.1f}", r.passes, f"{r.compute:.2f}x")
-                for r in self.regions]
-        head = tabulate(rows, headers=["module", "dim", "length", "slices", "in flight", "ops", "MiB never whole",
-                                       "MiB at its peak", "MiB its slices", "passes", "compute"])
-        big = sorted(self.unsliced, key=lambda u: -u.bytes)[:10]
-        rows2 = [(u.module or "(top)", u.op, f"{u.bytes / 2**20:.2f}", u.reason) for u in big]
-        tail = tabulate(rows2, headers=["largest unsliced: module", "op", "MiB", "reason"])
-        mem = tabulate([
-            ("weights", format_bytes(self.weight_bytes), ""),
-            ("activations, original", format_bytes(self.original_peak_bytes),
-             f"{self.original_peak_node} ({self.original_peak_module or 'top'})"),
-            ("activations, compiled", format_bytes(self.peak_bytes),
-             f"{self.peak_node} ({self.peak_module or 'top'})"),
-            ("activations, lower bound", format_bytes(self.lower_bound_bytes), "any slicing the rules allow"),
-        ], headers=["planned peak", "bytes", "where"])
-        text = f"{self.policy.describe()}: {len(self.regions)} regions, {self.sliced_ops} ops sliced\n" \
-               f"{head}\n\n{tail}\n\n{mem}"
-        return text + ("\n\n" + self.rehash.table() if self.rehash is not None else "")
+    def table(self, top: int = 10) -> str:
+        """Regions, the ``top`` largest unsliced ops with their reason, the planned peaks (the lower bound
+        computed if it is not known yet), and what a rehash step skips: :func:`explain_table`."""
+        return explain_table(self, top=top)
 
     def __str__(self) -> str:
         return self.table()
+
+
+_REGION_HEADERS = ["module", "dim", "length", "slices", "in flight", "ops", "MiB never whole", "MiB at its peak",
+                   "MiB its slices", "passes", "compute"]
+
+
+def _region_rows(report: Report) -> list:
+    return [(r.module or "(top)", r.dim, r.length, r.slices, r.in_flight, r.ops, f"{r.saved_bytes / 2**20:.1f}",
+             f"{r.peak_bytes / 2**20:.1f}", f"{r.working_bytes / 2**20:.1f}", r.passes, f"{r.compute:.2f}x")
+            for r in report.regions]
+
+
+def _peak_rows(report: Report, lower_bound: bool, missing: str) -> list:
+    return [("weights", format_bytes(report.weight_bytes), ""),
+            ("activations, original", format_bytes(report.original_peak_bytes),
+             f"{report.original_peak_node} ({report.original_peak_module or 'top'})"),
+            ("activations, compiled", format_bytes(report.peak_bytes),
+             f"{report.peak_node} ({report.peak_module or 'top'})"),
+            ("activations, lower bound", format_bytes(report.lower_bound_bytes), "any slicing the rules allow")
+            if lower_bound else ("activations, lower bound", "-", missing)]
+
+
+def explain_table(report: Report, top: int = 10, lower_bound: bool = True, missing: str = "not computed") -> str:
+    """The explain report as text, for :meth:`Report.table` and ``fxstream explain``: each region (module, axis,
+    length, slices, slices in flight, ops, MiB never whole, MiB live at its peak, MiB of its slices' working set,
+    passes, planned compute), the ``top`` largest unsliced ops with the reason, the planned peaks, and what a
+    rehash step skips. ``lower_bound=False`` leaves the lower bound (about as long again as the plan) out,
+    saying ``missing`` instead."""
+    rows = _region_rows(report)
+    regions = tabulate(rows, headers=_REGION_HEADERS) if rows else "(no regions)"
+    big = sorted(report.unsliced, key=lambda u: -u.bytes)[:top]
+    unsliced = tabulate([(u.module or "(top)", u.op, f"{u.bytes / 2**20:.2f}", u.reason) for u in big],
+                        headers=["largest unsliced: module", "op", "MiB", "reason"])
+    mem = tabulate(_peak_rows(report, lower_bound, missing), headers=["planned peak", "bytes", "where"])
+    head = f"{report.policy.describe()}: {len(report.regions)} regions, {report.sliced_ops} ops sliced"
+    text = f"{head}\n{regions}\n\n{unsliced}\n\n{mem}"
+    return text + (f"\n\n{report.rehash.table()}" if report.rehash is not None else "")
+
+
+def report_json(report: Report, session=None, lower_bound: bool = False) -> dict:
+    """The explain report as plain data (``fxstream explain --json``): regions, every unsliced op with its
+    reason, bytes (ints); ``session`` (the command line's) adds the input and the planning time."""
+    policy = {f.name: getattr(report.policy, f.name) for f in fields(report.policy)}
+    if policy.get("rehash") is not None:
+        policy["rehash"] = asdict(policy["rehash"])
+    return {
+        "input": session.input_json() if session is not None else None,
+        "policy": {"text": report.policy.describe(), **policy},
+        "seconds": round(session.seconds, 2) if session is not None else None,
+        "weight_bytes": report.weight_bytes,
+        "original_peak_bytes": report.original_peak_bytes,
+        "peak_bytes": report.peak_bytes,
+        "original_peak": {"node": report.original_peak_node, "module": report.original_peak_module},
+        "peak": {"node": report.peak_node, "module": report.peak_module},
+        "lower_bound_bytes": report.lower_bound_bytes if lower_bound else None,
+        "sliced_ops": report.sliced_ops,
+        "regions": [asdict(r) for r in report.regions],
+        "unsliced": [asdict(u) for u in report.unsliced],
+        "rehash": None if report.rehash is None else {**asdict(report.rehash),
+                                                      "skipped_share": report.rehash.skipped_share},
+    }
 
 
 def _region_infos(plan, gm, mem: MemoryPlan, offset: int = 0, prefix: str = "") -> list:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fxstream import MemoryBudgetError, cli
+from fxstream import MemoryBudgetError, Policy, cli
 from fxstream.progress import Progress
 
 TINY = ["--model", "svd-tiny", "--slices", "2"]
@@ -50,6 +50,18 @@ def test_explain_prints_the_table(capsys):
     assert "activations, compiled" in out and "not computed: add --lower-bound" in out
     assert "largest unsliced" in out and len(out.split("largest unsliced")[1].split("\n\n")[0].splitlines()) == 2 + 3
     assert err == ""  # not a terminal: no progress
+
+
+def test_explain_table_is_the_reports(capsys):
+    """One renderer: the command prints Report.table()'s columns (passes and planned compute included), and
+    with --lower-bound the very same text."""
+    code, out, _ = run(["explain", *TINY, "--lower-bound"], capsys)
+    assert code == 0
+    args = cli.build_parser().parse_args(["explain", *TINY])
+    report = cli.load_session(args, Policy(slices=2), Progress(enabled=False)).report  # the plan the command used
+    assert re.search(r"^module +dim +length +slices +in flight +ops +MiB never whole +MiB at its peak +MiB its slices "
+                     r"+passes +compute$", out, re.M)
+    assert out.split("\n", 1)[1].rstrip("\n") == report.table()
 
 
 def test_explain_json(capsys):
