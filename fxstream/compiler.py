@@ -1,18 +1,31 @@
-"""The pipeline from a captured graph to a sliced one: a straight list of steps.
+"""The compile driver: from a captured graph to a sliced one, as a literal list of named steps.
 
-capture (torch.export) -> strip asserts -> split GroupNorms -> plan slicing (analysis) -> group regions (rewrite)
+:data:`STEPS` is the recipe. Each step is a function ``(GraphModule, Job) -> GraphModule``: a pass returns the
+rewritten graph, an analysis returns its input unchanged and leaves its result on the :class:`Job` (the plan, the
+halo regions) for the passes after it. :func:`compile_graph` is the one place that reads a :class:`Policy`: it
+turns it into a Job (slice counts per axis, region floor, slices in flight, halo grid) and runs the steps; the
+analyses and passes receive those values, never the policy. After every step the graph is linted
+(``graph.lint()``); with the environment variable ``FXSTREAM_DUMP=DIR`` each step's graph is written to
+``DIR/compile-PID-NNN/MM-step.txt`` (one folder per compile of a process, one numbered file per step); a step that raises has its
+name and number added to the error (``add_note``). The memory budget (:mod:`fxstream.budget`) searches over
+policies and calls :func:`compile_graph` for each one it tries.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.fx import GraphModule
 
 from .analysis.halo import find_halo_regions
-from .analysis.slicer import LAYOUTS, SlicePlan, find_axes, plan_slicing, tensor_bytes
+from .analysis.slicer import SlicePlan, find_axes, plan_slicing, tensor_bytes
+from .catalog import LAYOUTS
 from .errors import CaptureError
 from .graph_utils import strip_asserts
 from .passes.group_regions import group_regions
@@ -20,12 +33,12 @@ from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
 from .meta import SplitNorm, get_meta
 from .passes.split_group_norm import split_group_norm, splittable_group_norms
-from .policy import Policy
+from .policy import AXIS_KIND, Policy
 from .runtime import LoopRegion, set_pipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "compile_graph", "CompiledGraph", "layout_of", "region_id"]
+__all__ = ["capture", "compile_graph", "CompiledGraph", "layout_of", "region_id", "Job", "Step", "STEPS", "run_steps"]
 
 
 def layout_of(module: torch.nn.Module) -> str | None:
@@ -74,26 +87,177 @@ class CompiledGraph:
     halo_reasons: dict = field(default_factory=dict)  # node name -> why halo slicing left it out
 
 
-def _loops(gm: GraphModule) -> list:
-    return [m for m in gm.children() if isinstance(m, LoopRegion)]
+@dataclass
+class Job:
+    """What one compile needs, read from the policy once by :func:`compile_graph`, and what its analyses found."""
+
+    layout: str | None
+    counts: dict  # axis name ("frames", "height", "width", "batch") -> slice count (1: not sliced)
+    min_fraction: float  # a region's largest interior value must be at least this fraction of the largest one
+    in_flight: int = 1
+    cpu_workers: bool | None = None
+    region_counts: dict | None = None  # region id -> slice count (the budget's choice; 1 leaves it whole)
+    inner: Policy | None = None  # a batch split: the policy each batch region's body is compiled with
+    inner_counts: list | None = None  # region counts of each body, in order
+    halo_grid: tuple = (1, 1)  # (rows, columns) of halo tiles
+    halo_frames: int = 1  # halo regions along frames for what height halos cannot take (a decoder's attention)
+    halo_keep: int | None = None
+    # found by the steps
+    split: set = field(default_factory=set)  # GroupNorms to split (their names)
+    prepared: GraphModule | None = None
+    plan: SlicePlan | None = None
+    planned: GraphModule | None = None  # the graph the plan was made on (a plan of the same graph is reused)
+    bodies: list = field(default_factory=list)  # CompiledGraphs of the batch regions' bodies
+    halo: list = field(default_factory=list)
+    halo_reasons: dict = field(default_factory=dict)
+
+    @property
+    def splits_norms(self) -> bool:
+        return self.counts.get("height", 1) > 1 or self.counts.get("width", 1) > 1
 
 
-def _prepare(gm: GraphModule, split: set) -> GraphModule:
-    gm = copy.deepcopy(gm)
-    strip_asserts(gm)
-    if split:
-        split_group_norm(gm, split)
+# -- the steps -----------------------------------------------------------------------------------------------------
+def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
+    """A copy of the graph without ``_assert_tensor_metadata`` checks (they would keep sliced values alive whole)."""
+    return strip_asserts(copy.deepcopy(gm))
+
+
+def step_split_group_norm(gm: GraphModule, job: Job) -> GraphModule:
+    """Split the GroupNorms a region uses (unsliced ones stay fused, numerically unchanged): plan with every
+    candidate split, then with just the ones used, until the set is stable. The last plan is kept on the job for
+    the planning step (it is a plan of the graph returned)."""
+    split = set(splittable_group_norms(gm)) if job.splits_norms else set()
+    if not split:
+        return gm
+    for _ in range(4):
+        prepared = _split_copy(gm, split)
+        plan = _plan(prepared, job)
+        used = {m.group_norm for r in plan.regions for n in r.nodes if (m := get_meta(n, SplitNorm)) is not None}
+        if used == split:
+            break
+        split = used
+    else:
+        prepared = _split_copy(gm, split)
+        plan = _plan(prepared, job)
+    job.split, job.planned, job.plan = split, prepared, plan
+    return prepared
+
+
+def step_plan_slicing(gm: GraphModule, job: Job) -> GraphModule:
+    """Analysis: the Feature Slicer's regions (``job.plan``), with the budget's per-region counts applied."""
+    job.prepared = gm
+    plan = job.plan if job.planned is gm else _plan(gm, job)
+    job.plan = _with_counts(plan, job.region_counts) if job.region_counts else plan
     return gm
 
 
+def step_group_regions(gm: GraphModule, job: Job) -> GraphModule:
+    """Operator Grouping: each region becomes one loop over its slices (``passes/group_regions.py``)."""
+    return group_regions(gm, job.plan)
+
+
+def step_compile_bodies(gm: GraphModule, job: Job) -> GraphModule:
+    """A batch split with more slicing asked for: each batch region's body is compiled again as a graph of its
+    own, with the rest of the policy (regions inside regions)."""
+    if job.inner is None:
+        return gm
+    k = 0
+    for loop in _loops(gm):
+        for key, body in list(loop.bodies.items()):
+            inner = compile_graph(body, job.inner, job.layout, (job.inner_counts or [None] * (k + 1))[k])
+            loop.bodies[key] = inner.graph_module
+            job.bodies.append(inner)
+            k += 1
+    return gm
+
+
+def step_reuse_buffers(gm: GraphModule, job: Job) -> GraphModule:
+    """A region output takes over the storage of a sliced input that dies at the region (``passes/reuse_buffers``)."""
+    return reuse_region_buffers(gm)
+
+
+def step_set_in_flight(gm: GraphModule, job: Job) -> GraphModule:
+    """How many slices each loop region keeps in flight, and the CPU mode (nested regions too)."""
+    set_pipeline(gm, job.in_flight, job.cpu_workers)
+    return gm
+
+
+def step_plan_halos(gm: GraphModule, job: Job) -> GraphModule:
+    """Analysis (``Policy(halo=...)``): halo regions along height (and width), then along frames for what height
+    halos could not take; ``job.halo`` and ``job.halo_reasons``."""
+    rows, cols = job.halo_grid
+    if rows * cols <= 1:
+        return gm
+    keep = job.halo_keep
+    if keep is None:
+        biggest = max((tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
+        keep = biggest // (rows * cols)
+    job.halo, why = find_halo_regions(gm, rows, job.min_fraction, keep_bytes=keep, cols=cols)
+    job.halo_reasons = {n.name: f"{'height' if cols == 1 else 'height x width'} (halo): {r}" for n, r in why.items()}
+    if job.halo_frames > 1 and not find_axes(gm, job.layout):
+        # what height halos could not take (a decoder's attention over each frame's pixels), along frames
+        taken = {n for r in job.halo for n in r.nodes}
+        more, why = find_halo_regions(gm, job.halo_frames, job.min_fraction, exclude=taken, axis=0)
+        for n, r in why.items():
+            if n not in taken:
+                job.halo_reasons.setdefault(n.name, f"frames (halo): {r}")
+        for n in (n for r in more for n in r.nodes):
+            job.halo_reasons.pop(n.name, None)
+        job.halo += more
+    return gm
+
+
+def step_group_halos(gm: GraphModule, job: Job) -> GraphModule:
+    """Each halo region becomes one loop over bands (``passes/halo_regions.py``)."""
+    return group_halo_regions(gm, job.halo) if job.halo_grid != (1, 1) else gm
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[GraphModule, Job], GraphModule]
+
+
+STEPS = (
+    Step("strip_asserts", step_strip_asserts),
+    Step("split_group_norm", step_split_group_norm),
+    Step("plan_slicing", step_plan_slicing),
+    Step("group_regions", step_group_regions),
+    Step("compile_bodies", step_compile_bodies),
+    Step("reuse_buffers", step_reuse_buffers),
+    Step("set_in_flight", step_set_in_flight),
+    Step("plan_halos", step_plan_halos),
+    Step("group_halos", step_group_halos),
+)
+_DUMPS = itertools.count()
+
+
+def run_steps(gm: GraphModule, job: Job, steps=STEPS) -> GraphModule:
+    """Run ``steps`` in order on ``gm``; lint after each; dump each graph where ``FXSTREAM_DUMP`` says."""
+    dump = os.environ.get("FXSTREAM_DUMP")
+    folder = Path(dump) / f"compile-{os.getpid()}-{next(_DUMPS):03d}" if dump else None
+    for i, step in enumerate(steps):
+        try:
+            gm = step.run(gm, job)
+            gm.graph.lint()
+        except Exception as e:
+            e.add_note(f"fxstream: in compile step {i} {step.name!r} (fxstream/compiler.py STEPS)")
+            raise
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:02d}-{step.name}.txt").write_text(gm.print_readable(print_output=False))
+    return gm
+
+
+# -- the driver ----------------------------------------------------------------------------------------------------
 def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: dict | None = None,
                   inner_counts: list | None = None, halo_keep: int | None = None) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
     (the graph for part of the batch) is compiled again with the rest of the policy: regions inside regions.
-    ``counts`` ({region id: slice count}, see :func:`region_id`) overrides the policy's count for single regions (1: leave the
-    region unsliced); ``inner_counts`` does the same for each inner graph, in the order of ``inner``.
+    ``counts`` ({region id: slice count}, see :func:`region_id`) overrides the policy's count for single regions
+    (1: leave the region unsliced); ``inner_counts`` does the same for each inner graph, in the order of ``inner``.
     ``halo_keep``: with ``Policy(halo=...)``, halo regions are cut where one value of at most this many bytes
     crosses (it is kept whole; see :func:`fxstream.analysis.halo.find_halo_regions`). Default: the graph's
     largest activation over the halo count, about one band's size, so keeping a block's output whole costs about
@@ -101,63 +265,36 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
     """
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
-    cg = _compile(gm, policy, layout, counts, inner_counts)
-    set_pipeline(cg.graph_module, policy.pipeline, policy.cpu_workers)
-    if policy.halo_tiles > 1:
-        rows, cols = policy.halo_grid
-        if halo_keep is None:
-            biggest = max((tensor_bytes(n) for n in cg.graph_module.graph.nodes if n.op == "call_function"),
-                          default=0)
-            halo_keep = biggest // policy.halo_tiles
-        cg.halo, why = find_halo_regions(cg.graph_module, rows, policy.min_region_fraction, keep_bytes=halo_keep,
-                                         cols=cols)
-        cg.halo_reasons = {n.name: f"{'height' if cols == 1 else 'height x width'} (halo): {r}"
-                           for n, r in why.items()}
-        frames = policy.count_for("spatial")
-        if frames > 1 and not find_axes(gm, layout):
-            # what height halos could not take (a decoder's attention over each frame's pixels), along frames
-            taken = {n for r in cg.halo for n in r.nodes}
-            more, why = find_halo_regions(cg.graph_module, frames, policy.min_region_fraction, exclude=taken, axis=0)
-            for n, r in why.items():
-                if n not in taken:
-                    cg.halo_reasons.setdefault(n.name, f"frames (halo): {r}")
-            for n in (n for r in more for n in r.nodes):
-                cg.halo_reasons.pop(n.name, None)
-            cg.halo += more
-        cg.graph_module = group_halo_regions(cg.graph_module, cg.halo)
-    return cg
+    job = _job(policy, layout, counts, inner_counts, halo_keep)
+    out = run_steps(gm, job)
+    log.info("compiled: %d regions", len(job.plan.regions))
+    return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons)
 
 
-def _compile(gm: GraphModule, policy: Policy, layout: str | None, counts, inner_counts) -> CompiledGraph:
+def _job(policy: Policy, layout, counts, inner_counts, halo_keep) -> Job:
     rest = replace(policy, batch=None, halo=None)
-    if policy.count_for("batch") > 1 and rest.slices_anything:
-        outer = compile_graph(gm, Policy(batch=policy.batch, min_region_fraction=policy.min_region_fraction), layout)
-        k = 0
-        for loop in _loops(outer.graph_module):
-            for key, body in list(loop.bodies.items()):
-                inner = compile_graph(body, rest, layout, (inner_counts or [None] * (k + 1))[k])
-                loop.bodies[key] = inner.graph_module
-                outer.inner.append(inner)
-                k += 1
-        return outer
-    # GroupNorms are split only where a region uses the split (unsliced ops stay as they were): plan with all
-    # candidates split, then again with just the ones used, until the set is stable.
-    split = set(splittable_group_norms(gm)) if policy.count_for("temporal") > 1 else set()
-    for _ in range(4):
-        prepared = _prepare(gm, split)
-        plan = plan_slicing(prepared, policy, layout)
-        used = {get_meta(n, SplitNorm).group_norm for r in plan.regions for n in r.nodes if get_meta(n, SplitNorm)}
-        if used == split:
-            break
-        split = used
-    else:
-        prepared = _prepare(gm, split)
-        plan = plan_slicing(prepared, policy, layout)
-    if counts:
-        plan = _with_counts(plan, counts)
-    out = reuse_region_buffers(group_regions(prepared, plan))
-    log.info("compiled: %d regions", len(plan.regions))
-    return CompiledGraph(out, plan, gm, prepared)
+    batch_split = policy.count_for("batch") > 1 and rest.slices_anything
+    # a batch split plans the batch axis alone at the top; the bodies get the rest
+    sliced = Policy(batch=policy.batch, min_region_fraction=policy.min_region_fraction) if batch_split else policy
+    return Job(layout=layout, counts={name: sliced.count_for(kind) for name, kind in AXIS_KIND.items()},
+               min_fraction=policy.min_region_fraction, in_flight=policy.pipeline, cpu_workers=policy.cpu_workers,
+               region_counts=None if batch_split else counts, inner=rest if batch_split else None,
+               inner_counts=inner_counts, halo_grid=policy.halo_grid if policy.halo_tiles > 1 else (1, 1),
+               halo_frames=policy.count_for("spatial"), halo_keep=halo_keep)
+
+
+def _plan(gm: GraphModule, job: Job) -> SlicePlan:
+    return plan_slicing(gm, job.counts, job.min_fraction, job.layout)
+
+
+def _split_copy(gm: GraphModule, split: set) -> GraphModule:
+    gm = copy.deepcopy(gm)
+    split_group_norm(gm, split)
+    return gm
+
+
+def _loops(gm: GraphModule) -> list:
+    return [m for m in gm.children() if isinstance(m, LoopRegion)]
 
 
 def region_id(region) -> str:

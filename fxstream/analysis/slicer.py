@@ -23,7 +23,6 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import CantSlice
-from ..policy import AXIS_KIND, Policy
 from .cuts import PARTIAL, Cut, slice_bounds
 from .effects import Effects, find_effects
 from .rules import WHOLE, RuleContext, rule_for, val_shape
@@ -358,14 +357,16 @@ def _anchor_bans(gm: GraphModule, axes, pinned: dict) -> dict:
     return {a.name: {n for n, name in owner.items() if name != a.name} for a in axes}
 
 
-def plan_slicing(gm: GraphModule, policy: Policy, layout: str | None) -> SlicePlan:
-    """Choose the regions for ``gm`` under ``policy``. ``gm`` must carry ``meta["val"]`` on every node."""
+def plan_slicing(gm: GraphModule, counts: dict, min_fraction: float, layout: str | None) -> SlicePlan:
+    """Choose the regions for ``gm``: ``counts`` gives each axis name (``"frames"``, ``"height"``, ``"width"``,
+    ``"batch"``) its slice count (1 or missing: not sliced); a region is kept if its largest interior value is at
+    least ``min_fraction`` of the graph's largest activation. ``gm`` must carry ``meta["val"]`` on every node."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     output_nodes = set(out_node.all_input_nodes)
     biggest = max((tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
-    floor = policy.min_region_fraction * biggest
-    axes = [a for a in find_axes(gm, layout) if policy.count_for(AXIS_KIND[a.name]) > 1]
+    floor = min_fraction * biggest
+    axes = [a for a in find_axes(gm, layout) if counts.get(a.name, 1) > 1]
     taken: set = set()
     regions, reasons = [], {}
     effects = find_effects(gm)
@@ -379,7 +380,7 @@ def plan_slicing(gm: GraphModule, policy: Policy, layout: str | None) -> SlicePl
         for length in sorted(set(flood.length[n] for n in flood.req)):
             allowed = {n for n in flood.req if flood.length[n] == length and n not in taken}
             sub = Axis(axis.name, axis.source, axis.dim, length)
-            count = min(policy.count_for(AXIS_KIND[axis.name]), length)
+            count = min(counts.get(axis.name, 1), length)
             out.extend(_keep_large(sub, count, _regions_of(flood, allowed, order, effects), flood))
         return out
 

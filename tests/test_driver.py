@@ -1,0 +1,89 @@
+"""The compile driver (fxstream/compiler.py): a literal list of steps, each runnable alone, linted, dumped, named."""
+import copy
+
+import pytest
+import torch
+
+import fxstream
+from fxstream import compiler
+from fxstream.compiler import STEPS, Job, Step, capture, compile_graph, layout_of, run_steps
+from fxstream.runtime import LoopRegion
+
+
+@pytest.fixture(scope="module")
+def captured(svd_tiny):
+    unet, kwargs = svd_tiny
+    return capture(unet, kwargs).graph_module, layout_of(unet)
+
+
+def _job(layout, **counts):
+    return Job(layout=layout, counts=counts, min_fraction=0.05)
+
+
+def test_the_recipe_is_a_literal_list_of_named_steps():
+    assert [s.name for s in STEPS] == ["strip_asserts", "split_group_norm", "plan_slicing", "group_regions",
+                                       "compile_bodies", "reuse_buffers", "set_in_flight", "plan_halos",
+                                       "group_halos"]
+    assert all(isinstance(s, Step) and callable(s.run) for s in STEPS)
+
+
+def test_each_step_runs_alone(captured):
+    gm, layout = captured
+    job = _job(layout, frames=2, height=2)
+    stripped = compiler.step_strip_asserts(gm, job)
+    assert stripped is not gm and not any("assert_tensor_metadata" in str(n.target) for n in stripped.graph.nodes)
+    assert compiler.step_plan_slicing(stripped, job) is stripped  # an analysis returns its input
+    assert job.plan.regions and job.prepared is stripped
+    grouped = compiler.step_group_regions(stripped, job)
+    loops = [m for m in grouped.children() if isinstance(m, LoopRegion)]
+    assert len(loops) == len(job.plan.regions)
+    job.in_flight = 3
+    compiler.step_set_in_flight(grouped, job)
+    assert {loop.pipeline for loop in loops} == {3}
+    grouped.graph.lint()
+
+
+def test_steps_give_what_compile_graph_gives(captured):
+    gm, layout = captured
+    policy = fxstream.Policy(slices=2)
+    whole = compile_graph(gm, policy, layout)
+    job = _job(layout, frames=2, height=2, width=2)
+    by_steps = run_steps(gm, job)
+    assert str(by_steps.graph) == str(whole.graph_module.graph)
+    assert [r.nodes[0].name for r in job.plan.regions] == [r.nodes[0].name for r in whole.plan.regions]
+
+
+def test_dump_writes_each_steps_graph_numbered(captured, tmp_path, monkeypatch):
+    gm, layout = captured
+    monkeypatch.setenv("FXSTREAM_DUMP", str(tmp_path))
+    compile_graph(gm, fxstream.Policy(slices=2), layout)
+    (folder,) = tmp_path.iterdir()
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == [f"{i:02d}-{s.name}.txt" for i, s in enumerate(STEPS)]
+    assert "region_" in (folder / "03-group_regions.txt").read_text()
+    assert "region_" not in (folder / "02-plan_slicing.txt").read_text()
+
+
+def test_a_failing_step_is_named(captured):
+    gm, layout = captured
+
+    def broken(g, job):
+        g = copy.deepcopy(g)
+        node = next(n for n in g.graph.nodes if n.op == "call_function")
+        node.args = (node,) + tuple(node.args[1:])  # uses itself: graph.lint() rejects it
+        return g
+
+    steps = STEPS[:1] + (Step("broken_pass", broken),) + STEPS[1:]
+    with pytest.raises(Exception) as info:
+        run_steps(gm, _job(layout, frames=2), steps)
+    assert any("compile step 1 'broken_pass'" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_analyses_receive_counts_not_the_policy(captured):
+    gm, layout = captured
+    from fxstream.analysis.slicer import plan_slicing
+
+    stripped = compiler.step_strip_asserts(gm, _job(layout))
+    plan = plan_slicing(stripped, {"frames": 2}, 0.05, layout)
+    assert {r.axis.name for r in plan.regions} == {"frames"}
+    assert not plan_slicing(stripped, {}, 0.05, layout).regions
