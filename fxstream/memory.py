@@ -144,7 +144,7 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
         if plans:  # partial sums (see NOTE [Partial sums]) are part of the working set, not made up front
             loop = gm.get_submodule(n.target)
             outs = n.meta.get("val")
-            partial_sts = {next(_storages(outs[j]))[0] for j in getattr(loop, "_partial", ())}
+            partial_sts = {next(_storages(outs[j]))[0] for j in getattr(loop, "partial", ())}
             partial = sum(b for s, b in sts if s in partial_sts and owner_count.get(s, 0) == 0)
         for s, b in sts:
             if s in held_by_caller:

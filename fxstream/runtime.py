@@ -176,7 +176,7 @@ class LoopRegion(torch.nn.Module):
                            if isinstance(c, Cut) and c.outer > 1]
         self._unflat_out = [(j, c.dim, (c.outer, length * c.inner)) for j, c in enumerate(self.out_cuts)
                             if isinstance(c, Cut) and c.outer > 1]
-        self._partial = tuple(j for j, c in enumerate(self.out_cuts) if c is PARTIAL)
+        self.partial = tuple(j for j, c in enumerate(self.out_cuts) if c is PARTIAL)
         self._steps = [self._step(start, n) for start, n in self.bounds]
 
     def _step(self, start: int, n: int) -> _Step:
@@ -275,7 +275,7 @@ class LoopRegion(torch.nn.Module):
         return results
 
     def _accumulate(self, results, outs: list) -> None:
-        for j in self._partial:
+        for j in self.partial:
             outs[j] = results[j] if outs[j] is None else outs[j].add_(results[j])
 
     def _run_serial(self, ins, dsts, outs) -> None:
@@ -288,7 +288,7 @@ class LoopRegion(torch.nn.Module):
     def _run_workers(self, ins, dsts, outs, k: int) -> None:
         pool = cpu_pool(k)
         pending: deque = deque()
-        partial = self._partial
+        partial = self.partial
 
         @_in_callers_state
         def work(step):
@@ -317,10 +317,10 @@ class LoopRegion(torch.nn.Module):
             s = streams[idx % k]
             with torch.cuda.stream(s):
                 results = self._slice(step, ins, dsts)
-                if self._partial:
+                if self.partial:
                     if summed is not None:
                         s.wait_event(summed)
-                    for j in self._partial:
+                    for j in self.partial:
                         if outs[j] is not None and s is not main:
                             outs[j].record_stream(s)  # made on another stream, now written on this one
                     self._accumulate(results, outs)
@@ -328,5 +328,5 @@ class LoopRegion(torch.nn.Module):
             del results
         for s in streams[1:]:
             main.wait_stream(s)
-        for j in self._partial:
+        for j in self.partial:
             outs[j].record_stream(main)  # a side stream may have made it; the caller uses it on main

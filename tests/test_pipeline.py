@@ -103,7 +103,7 @@ def test_planner_counts_k_working_sets_and_bounds_the_measured_peak():
         plan = plan_memory(gm)
         for name, work in one.region_working_bytes.items():
             loop = getattr(gm, name)
-            if loop._partial:  # its sums are held once, beside k working sets (NOTE [Partial sums])
+            if loop.partial:  # its sums are held once, beside k working sets (NOTE [Partial sums])
                 assert plan.region_working_bytes[name] >= work
             else:
                 assert plan.region_working_bytes[name] == min(k, len(loop.bounds)) * work

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from ..errors import CantSlice
 from .cuts import slice_bounds
 from .effects import find_effects
-from .rules import _POINTWISE, _VIEWS, _tensor_args, val_shape
+from .rules import POINTWISE, VIEWS, tensor_args, val_shape
 
 aten = torch.ops.aten
 WHOLE = None
@@ -78,7 +78,7 @@ def _broadcast_need(node: Node, d: int, lo: int, hi: int, inputs) -> dict:
 
 
 def rows(node, d, lo, hi):
-    return _broadcast_need(node, d, lo, hi, _tensor_args(node))
+    return _broadcast_need(node, d, lo, hi, tensor_args(node))
 
 
 def _view_dim(in_shape, out_shape, d) -> int:
@@ -191,9 +191,9 @@ def attention(node, d, lo, hi):
 
 
 HALO_RULES: dict = {}
-for _op in _POINTWISE:
+for _op in POINTWISE:
     HALO_RULES[_op] = HaloRule(rows, "rows")
-for _op in _VIEWS:
+for _op in VIEWS:
     HALO_RULES[_op] = HaloRule(view, "view")
 HALO_RULES.update({
     aten.permute.default: HaloRule(permute, "rows"),
@@ -642,7 +642,7 @@ def _same_storage(a, b) -> bool:
         return False
 
 
-_ALIAS_OPS = set(_VIEWS) | {aten.permute.default, aten.transpose.int, aten.alias.default, aten.detach.default,
+_ALIAS_OPS = set(VIEWS) | {aten.permute.default, aten.transpose.int, aten.alias.default, aten.detach.default,
                             aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.contiguous.default,
                             aten.dropout.default}
 

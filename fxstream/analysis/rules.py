@@ -22,7 +22,7 @@ from .cuts import PARTIAL, Cut, cut_size, map_view_cut
 aten = torch.ops.aten
 WHOLE = None
 
-__all__ = ["RULES", "Rule", "WHOLE", "rule_for", "val_shape", "RuleContext"]
+__all__ = ["RULES", "Rule", "WHOLE", "rule_for", "val_shape", "RuleContext", "POINTWISE", "VIEWS", "tensor_args"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _merge(req: dict, node: Node, cut) -> None:
     req[node] = cut
 
 
-def _tensor_args(node: Node):
+def tensor_args(node: Node):
     """The node's tensor inputs in argument order, flattening lists (cat)."""
     out = []
     for a in list(node.args) + list(node.kwargs.values()):
@@ -91,7 +91,7 @@ def _need_cut(cut) -> Cut:
 
 
 def pointwise(node, cut, ctx):
-    return _broadcast_req(node, _need_cut(cut), _tensor_args(node))
+    return _broadcast_req(node, _need_cut(cut), tensor_args(node))
 
 
 def _norm_dim(d: int, ndim: int) -> int:
@@ -184,7 +184,7 @@ def _dim_arg_rule(pos: int, default=None):
         d = node.args[pos] if len(node.args) > pos else node.kwargs.get("dim", default)
         if _norm_dim(d, len(val_shape(node))) == cut.dim:
             raise CantSlice(f"{node.target}: acts along the sliced dim {cut.dim}")
-        return _broadcast_req(node, cut, _tensor_args(node))
+        return _broadcast_req(node, cut, tensor_args(node))
 
     return rule
 
@@ -329,7 +329,8 @@ def upsample(node, cut, ctx):
     return {node.args[0]: cut}
 
 
-_POINTWISE = [
+# Elementwise ops and reshape-like ops: the halo analysis (analysis/halo.py) gives them rules from the same lists.
+POINTWISE = [
     aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
     aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.rsub.Scalar, aten.rsub.Tensor,
     aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.neg.default, aten.abs.default,
@@ -341,15 +342,15 @@ _POINTWISE = [
     aten.detach.default, aten.lerp.Scalar, aten.lerp.Tensor, aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar,
     aten.gt.Scalar, aten.logical_not.default, aten.real.default, aten.imag.default,
 ]
-_VIEWS = [
+VIEWS = [
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
     aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
 ]
 
 RULES: dict = {}
-for _op in _POINTWISE:
+for _op in POINTWISE:
     RULES[_op] = Rule(pointwise, kind="pointwise")
-for _op in _VIEWS:
+for _op in VIEWS:
     RULES[_op] = Rule(view, reshape_to_slice, kind="view")
 RULES.update({
     aten.permute.default: Rule(permute, kind="view"),
