@@ -27,7 +27,7 @@ from .compiler import CompiledGraph, compile_graph, region_id
 from .errors import MemoryBudgetError
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
-from .runtime import set_pipeline
+from .runtime import set_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
         if not changed:
             break
     log.info("budget %s: using the floor's slicing (batch=%s)", format_bytes(budget), f.batch)
-    set_pipeline(f.compiled.graph_module, k, policy.cpu_workers)  # the floor fits by construction, k in flight
+    set_in_flight(f.compiled.graph_module, k, policy.cpu_workers)  # the floor fits by construction, k in flight
     return f.compiled, lowest
 
 

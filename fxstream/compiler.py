@@ -34,7 +34,7 @@ from .passes.reuse_buffers import reuse_region_buffers
 from .meta import SplitNorm, get_meta
 from .passes.split_group_norm import split_group_norm, splittable_group_norms
 from .policy import AXIS_KIND, Policy
-from .runtime import LoopRegion, set_pipeline
+from .runtime import LoopRegion, set_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def step_reuse_buffers(gm: GraphModule, job: Job) -> GraphModule:
 
 def step_set_in_flight(gm: GraphModule, job: Job) -> GraphModule:
     """How many slices each loop region keeps in flight, and the CPU mode (nested regions too)."""
-    set_pipeline(gm, job.in_flight, job.cpu_workers)
+    set_in_flight(gm, job.in_flight, job.cpu_workers)
     return gm
 
 

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .analysis.cuts import PARTIAL, Cut
 
-__all__ = ["LoopRegion", "cpu_pool", "set_pipeline", "slice_view", "body_input", "contiguous_strides", "buffer_layout"]
+__all__ = ["LoopRegion", "cpu_pool", "set_in_flight", "slice_view", "body_input", "contiguous_strides", "buffer_layout"]
 
 
 def slice_view(x: torch.Tensor, cut: Cut, start: int, n: int, length: int) -> torch.Tensor:
@@ -122,7 +122,7 @@ def _side_streams(device: torch.device, n: int) -> list:
     return _STREAMS[key]
 
 
-def set_pipeline(gm: torch.nn.Module, k: int, cpu_workers: bool | None = None) -> None:
+def set_in_flight(gm: torch.nn.Module, k: int, cpu_workers: bool | None = None) -> None:
     """Give every loop region in ``gm`` (nested ones too) ``k`` slices in flight and the CPU mode that
     ``Policy.cpu_workers`` asks for (None: measured on the first call)."""
     mode = {None: None, True: "workers", False: "serial"}[cpu_workers]

@@ -12,7 +12,7 @@ from fxstream.analysis.cuts import PARTIAL, Cut
 from fxstream.compiler import capture, compile_graph, layout_of
 from fxstream.memory import measure_peak, plan_memory, weight_bytes
 from fxstream.models import build_unet, example_inputs
-from fxstream.runtime import LoopRegion, set_pipeline
+from fxstream.runtime import LoopRegion, set_in_flight
 
 _CAPTURED = {}
 
@@ -34,7 +34,7 @@ def _loops(gm):
 
 
 def _set(gm, k, mode):
-    set_pipeline(gm, k, {"serial": False, "workers": True, None: None}[mode])
+    set_in_flight(gm, k, {"serial": False, "workers": True, None: None}[mode])
 
 
 def _run(gm, args):
