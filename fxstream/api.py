@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 import torch.utils._pytree as pytree
 
+from .catalog import TIMESTEP_ARG
 from .entry import Entry, first_differing_region
 from .errors import CaptureError, FxstreamError, VerificationError
 from .guard import StructureGuard
@@ -34,6 +35,22 @@ def _leaf_key(x):
     if isinstance(x, torch.Tensor):
         return ("tensor", tuple(x.shape), x.dtype, x.device.type, x.device.index)
     return ("value", type(x).__name__, repr(x))
+
+
+def timestep_as_tensor(kwargs: dict) -> dict:
+    """``kwargs`` with a Python-number ``timestep`` made the tensor diffusers' UNets make of it themselves
+    (``torch.tensor([t])``: float64 for a float, int64 for an int, float32/int32 on MPS; on the device of the first
+    tensor argument), so that it is a graph input like any tensor: one compile for a whole denoising loop instead
+    of one per step (a number is a constant of the captured graph). The arithmetic is the same as the module's own
+    conversion, so the result is bitwise the same."""
+    t = kwargs.get(TIMESTEP_ARG)
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        return kwargs
+    device = next((v.device for v in kwargs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    small = device.type in ("mps", "npu")
+    dtype = (torch.float32 if small else torch.float64) if isinstance(t, float) else \
+        (torch.int32 if small else torch.int64)
+    return dict(kwargs, **{TIMESTEP_ARG: torch.tensor([t], dtype=dtype, device=device)})
 
 
 def _as_kwargs(module: torch.nn.Module, args, kwargs) -> dict:
@@ -88,7 +105,7 @@ class CompiledModule(torch.nn.Module):
 
     # bookkeeping, not structure: a guard of a tree holding a compiled module skips these attributes
     _fxstream_unguarded = frozenset({"policy", "_entries", "_last", "recording", "step_log", "_last_t", "_new",
-                                     "_fallbacks", "_guard", "__module__", "_base_policy", "_state", "_stage",
+                                     "_fallbacks", "_guard", "_step", "_slot", "_short_generations", "__module__", "_base_policy", "_state", "_stage",
                                      "_name"})
 
     def __init__(self, module: torch.nn.Module, policy: Policy):
@@ -102,6 +119,8 @@ class CompiledModule(torch.nn.Module):
         self.recording = None  # a fxstream.rehash.Recording while one is active (fxstream.rehash.record)
         self.step_log: list = []  # the current generation: "full" / "rehash" per call (Step Rehash only)
         self._last_t = None
+        self._step, self._slot = 0, 0  # the denoising step of the current generation, and the call within it
+        self._short_generations = 0  # generations in a row that ended after their first step
         self._new = False  # the last call compiled its signature
         self._fallbacks: dict = {}  # signature -> the CaptureError of a signature that runs the original module
         self._guard = StructureGuard(module, _unguarded)
@@ -189,6 +208,9 @@ class CompiledModule(torch.nn.Module):
         signature). It becomes the one :meth:`explain` reports."""
         policy = policy or self.policy
         key = self._signature(kwargs, policy)
+        if key in self._fallbacks:  # capture failed for these inputs before: the original module runs them
+            self._new = False
+            return None
         if key in self._entries:
             self._entries.move_to_end(key)
             entry = self._entries[key]
@@ -200,8 +222,12 @@ class CompiledModule(torch.nn.Module):
             except CaptureError as e:
                 warnings.warn(f"fxstream: running the original {type(self.module).__name__} for these inputs, "
                               f"uncompiled (no slicing, no Step Rehash): {e}", FallbackWarning, stacklevel=3)
+                # kept apart from the compiled signatures, so that a failure never evicts one of them
                 self._fallbacks[key] = e
-                entry = None
+                while len(self._fallbacks) > self.policy.cache_size:
+                    self._fallbacks.pop(next(iter(self._fallbacks)))
+                self._new = True
+                return None
             self._entries[key] = entry
             self._new = True
             if self._guard.key() != key[-1]:
@@ -209,13 +235,14 @@ class CompiledModule(torch.nn.Module):
                          type(self.module).__name__)
             while len(self._entries) > self.policy.cache_size:
                 self._entries.popitem(last=False)
-        if entry is not None:
-            self._last = entry
+        self._last = entry
         return entry
 
     def has_compiled(self, kwargs: dict, policy: Policy | None = None) -> bool:
-        """Whether these inputs under ``policy`` (default: ``self.policy``) have a compiled signature."""
-        return self._signature(kwargs, policy) in self._entries
+        """Whether these inputs under ``policy`` (default: ``self.policy``) have been compiled (or found not to
+        capture, so that the original module runs them)."""
+        key = self._signature(kwargs, policy)
+        return key in self._entries or key in self._fallbacks
 
     def forget(self, kwargs: dict, policy: Policy) -> None:
         """Drop the compiled signature of these inputs under ``policy`` (if any)."""
@@ -224,12 +251,13 @@ class CompiledModule(torch.nn.Module):
             self._last = None
 
     def forward(self, *args, **kwargs):
-        kwargs = _as_kwargs(self.module, args, kwargs)
+        given = _as_kwargs(self.module, args, kwargs)
+        kwargs = timestep_as_tensor(given)  # a number would be baked into the graph: one compile per step
         t = timestep_of(kwargs) if self.policy.rehash is not None else None  # fails cleanly before compiling
         entry = self.compiled_entry(kwargs)
         if entry is None:
             try:
-                return self.module(**kwargs)
+                return self.module(**given)
             except Exception as e:  # the module fails too: bad inputs, which export's message names (e chained)
                 raise self._fallbacks[self._signature(kwargs)] from e
         out = self._rehash_step(entry, kwargs, t) if t is not None else entry.run(self.module, kwargs, self._stamp)
@@ -238,13 +266,33 @@ class CompiledModule(torch.nn.Module):
         return out
 
     def _rehash_step(self, entry: Entry, kwargs: dict, t: float):
-        """One denoising step: a timestep that does not decrease starts a new generation."""
-        if self._last_t is None or t >= self._last_t:
-            self.reset()
+        """One call of a denoising loop. A timestep above the previous call's starts a new generation; the same
+        timestep again is another call of the same step (classifier-free guidance run as two calls, FreeNoise's
+        windows), which keeps a cached feature of its own (``slot``); a lower one is the next step."""
+        if self._last_t is None or t > self._last_t:
+            self._new_generation()
+        elif t == self._last_t:
+            self._slot += 1
+        else:
+            self._step, self._slot = self._step + 1, 0
         self._last_t = t
-        out, full = run_step(entry, self.module, kwargs, len(self.step_log), self._stamp, self.recording)
+        out, full = run_step(entry, self.module, kwargs, self._step, self._slot, self._stamp, self.recording)
         self.step_log.append("full" if full else "rehash")
         return out
+
+    def _new_generation(self) -> None:
+        """A new generation starts; warn once when generations keep ending after their first step (timesteps that
+        never decrease), where no step can reuse a feature."""
+        if self.step_log:  # a generation ends: did it get past its first step?
+            one_step = self._step == 0 and not self.policy.rehash.is_full(1)  # (its step 1 could have rehashed)
+            self._short_generations = self._short_generations + 1 if one_step else 0
+        if self._short_generations == 3:
+            warnings.warn(
+                f"fxstream: Step Rehash on {type(self.module).__name__}: the last 3 generations each ended after one "
+                "denoising step, because the timestep did not decrease from one call to the next (it starts a new "
+                "generation), so every step ran the full UNet. Pass the scheduler's timesteps in their (decreasing) "
+                "order, or call compiled.reset() between generations.", RuntimeWarning, stacklevel=4)
+        self.reset()
 
     def _verify(self, entry: Entry, kwargs: dict, out) -> None:
         ref = self.module(**kwargs)
@@ -274,11 +322,13 @@ class CompiledModule(torch.nn.Module):
         ``compiled=True`` also forgets every compiled signature."""
         self.step_log = []
         self._last_t = None
+        self._step, self._slot = 0, 0
         for entry in self._entries.values():
             if entry is not None and entry.rehash is not None:
                 entry.rehash.clear()
         if compiled:
             self._entries.clear()
+            self._fallbacks.clear()
             self._last = None
 
 

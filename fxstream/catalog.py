@@ -7,7 +7,7 @@ holds a UNet's temporal layers (Step Rehash's default cache point), which diffus
 """
 from __future__ import annotations
 
-__all__ = ["LAYOUTS", "AXIS_NAMES", "TEMPORAL_LAYERS", "UP_BLOCKS", "DEFAULT_PROBE", "PIPELINE_KINDS", "UNET_KINDS",
+__all__ = ["LAYOUTS", "AXIS_NAMES", "TEMPORAL_LAYERS", "UP_BLOCKS", "TIMESTEP_ARG", "DEFAULT_PROBE", "PIPELINE_KINDS", "UNET_KINDS",
            "UNET_CLASSES", "unet_kind"]
 
 # Layout of the video latent (the first 5-D input) per model class; a model not listed gets no named axes.
@@ -40,6 +40,7 @@ TEMPORAL_LAYERS = {
     "CrossAttnUpBlock3D": "temp_attentions",
     "UpBlock3D": "temp_convs",
 }
+TIMESTEP_ARG = "timestep"  # the argument diffusers' UNets take the denoising timestep by (a number or a tensor)
 UP_BLOCKS = "up_blocks"  # the attribute of a diffusers UNet holding its up blocks (the default cache point's)
 DEFAULT_PROBE = "conv_in"  # the module whose output the adaptive Step Rehash schedule compares across steps
 

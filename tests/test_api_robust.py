@@ -309,3 +309,47 @@ def test_verify_tolerance_follows_dtype_and_backend(monkeypatch):
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     assert tolerance._reduced_float32_eps(torch.device("cpu")) == torch.finfo(torch.float32).eps
+
+
+class _SometimesUncapturable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, branch: bool = False):
+        if branch and x.sum() > 0:  # data-dependent control flow only when asked: those inputs cannot be captured
+            return -self.lin(x)
+        return self.lin(x)
+
+
+def test_a_failed_signature_does_not_evict_a_compiled_one():
+    m = _SometimesUncapturable().eval()
+    c = fxstream.compile(m, Policy(cache_size=1))
+    x = torch.ones(2, 4)
+    c(x)
+    compiled = c.explain()
+    with pytest.warns(FallbackWarning):
+        assert torch.equal(c(x, branch=True), m(x, branch=True))
+    assert torch.equal(c(x), m(x)) and not c._new and c.explain() is compiled  # still compiled, not again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(c(x, branch=True), m(x, branch=True))  # the failure is remembered too: no new warning
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+@pytest.mark.parametrize("policy", [Policy(), Policy(slices=2)], ids=["unsliced", "slices2"])
+def test_a_number_timestep_is_a_graph_input(svd_tiny, animatediff_tiny, policy):
+    """One compile for a loop of Python-number timesteps; the output is the module's own for that number."""
+    for (unet, kw), steps in ((svd_tiny, (700.0, 650.5, 20.25)), (animatediff_tiny, (901, 450, 3))):
+        c = fxstream.compile(unet, policy)
+        with torch.no_grad():
+            for t in steps:
+                got, want = _first(c(**dict(kw, timestep=t))), _first(unet(**dict(kw, timestep=t)))
+                if policy == Policy():
+                    assert torch.equal(got, want)
+                else:
+                    assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())
+        assert len(c._entries) == 1

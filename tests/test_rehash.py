@@ -1,6 +1,7 @@
 """Step Rehash: the graph surgery (exact), the schedules, the runtime state across steps and generations."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -186,7 +187,11 @@ def test_reset_and_new_generation_rules(svd_tiny):
         c.reset()
         assert c.step_log == [] and all(e.rehash.cache is None for e in c._entries.values())
         c(**dict(kw, timestep=torch.tensor(600.0)))
-        c(**dict(kw, timestep=torch.tensor(600.0)))  # not decreasing: a new generation
+        c(**dict(kw, timestep=torch.tensor(600.0)))  # the same timestep: a second call of step 0 (its own feature)
+        assert c.step_log == ["full", "full"]
+        c(**dict(kw, timestep=torch.tensor(500.0)))
+        assert c.step_log == ["full", "full", "rehash"]
+        c(**dict(kw, timestep=torch.tensor(650.0)))  # not decreasing: a new generation
         assert c.step_log == ["full"]
         c(**dict(kw, timestep=torch.tensor(500.0)))
         assert c.step_log == ["full", "rehash"]
@@ -281,3 +286,38 @@ def test_drawing_marks_the_cache_and_the_skipped_blocks(svd_tiny):
         assert {"cache", "skip"} <= marks
         assert all("skip" in b.marks for b in boxes if b.module.startswith(("down_blocks", "mid_block")))
         assert not any(b.marks for b in boxes if b.module.startswith(("up_blocks.1.resnets.2", "conv_out")))
+
+
+def test_two_calls_per_timestep_keep_the_generation_and_a_feature_each(svd_tiny):
+    """Classifier-free guidance run as two calls (or FreeNoise's windows): the same timestep twice is one step;
+    each call reuses its own feature, so the conditional calls give what they give without the others."""
+    unet, kw = svd_tiny
+    other = dict(kw, encoder_hidden_states=kw["encoder_hidden_states"] * 0)  # the "unconditional" call
+    both = fxstream.compile(unet, Policy(rehash=StepRehash(full_every=2)))
+    alone = fxstream.compile(unet, Policy(rehash=StepRehash(full_every=2)))
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0):
+            got = both(**dict(kw, timestep=torch.tensor(t)))[0]
+            both(**dict(other, timestep=torch.tensor(t)))
+            want = alone(**dict(kw, timestep=torch.tensor(t)))[0]
+            assert torch.equal(got, want)
+    assert both.step_log == ["full", "full", "rehash", "rehash", "full", "full"]
+    assert alone.step_log == ["full", "rehash", "full"]
+
+
+def test_timesteps_that_never_decrease_warn_once(svd_tiny):
+    unet, kw = svd_tiny
+    c = fxstream.compile(unet, Policy(rehash=StepRehash(full_every=3)))
+    with torch.no_grad():
+        for t in (100.0, 200.0, 300.0):
+            c(**dict(kw, timestep=torch.tensor(t)))
+        with pytest.warns(RuntimeWarning, match="did not decrease"):
+            c(**dict(kw, timestep=torch.tensor(400.0)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            c(**dict(kw, timestep=torch.tensor(500.0)))  # once
+    every = fxstream.compile(unet, Policy(rehash=StepRehash(full_every=1)))  # never rehashes anyway: no warning
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in (100.0, 200.0, 300.0, 400.0):
+            every(**dict(kw, timestep=torch.tensor(t)))

@@ -11,6 +11,7 @@ import copy
 import torch
 
 from ..analysis.cost import node_flops
+from ..catalog import TIMESTEP_ARG
 from ..analysis.slicer import module_path
 from ..errors import FxstreamError
 from ..graph_utils import strip_asserts
@@ -20,7 +21,17 @@ from ..passes.step_rehash import split_for_rehash
 from ..report import RehashInfo
 from .schedule import StepRehash, with_cache_point
 
-__all__ = ["RehashState", "run_step", "timestep_of"]
+__all__ = ["RehashState", "Slot", "run_step", "timestep_of"]
+
+
+class Slot:
+    """What one call of each denoising step keeps between steps: the feature of its last full step, the probe then,
+    and the rehash steps since."""
+
+    def __init__(self):
+        self.cache = None
+        self.probe_ref = None
+        self.since_full = 0
 
 
 class RehashState:
@@ -39,9 +50,15 @@ class RehashState:
         self.clear()
 
     def clear(self) -> None:
-        self.cache = None  # the feature of the last full step
-        self.probe_ref = None  # the probe at the last full step
-        self.since_full = 0
+        self.slots: dict = {}  # call within a step -> its Slot (one per call when a step calls the UNet twice)
+
+    def slot(self, i: int) -> "Slot":
+        return self.slots.setdefault(i, Slot())
+
+    @property
+    def cache(self):
+        """The first call's cached feature (None before its first full step)."""
+        return self.slots[0].cache if 0 in self.slots else None
 
     def info(self, compiled_rehash) -> RehashInfo:
         flops = node_flops(self.base)
@@ -85,7 +102,7 @@ def _top_modules(gm, names: set, depth: int = 2) -> list:
 
 
 def timestep_of(kwargs: dict) -> float:
-    t = kwargs.get("timestep")
+    t = kwargs.get(TIMESTEP_ARG)
     if isinstance(t, torch.Tensor) and t.numel() >= 1:
         return float(t.reshape(-1)[0])
     if isinstance(t, (int, float)) and not isinstance(t, bool):
@@ -94,30 +111,31 @@ def timestep_of(kwargs: dict) -> float:
                         "the scheduler's timestep (a number or a tensor) as diffusers pipelines do")
 
 
-def run_step(entry, module: torch.nn.Module, kwargs: dict, step: int, stamp=None, recording=None):
-    """Run denoising step ``step`` (0-based, of the current generation) of ``entry``'s signature: the full graph
-    (which also returns the feature to cache) or the rehash graph on the cached feature. Returns the output and
-    whether the step ran full. ``recording`` (a :class:`~fxstream.rehash.Recording`) keeps each full step's
-    feature."""
+def run_step(entry, module: torch.nn.Module, kwargs: dict, step: int, slot: int = 0, stamp=None, recording=None):
+    """Run denoising step ``step`` (0-based, of the current generation) of ``entry``'s signature, as call ``slot``
+    of that step (0 unless the step calls the module more than once at one timestep): the full graph (which also
+    returns the feature to cache) or the rehash graph on that call's cached feature. Returns the output and
+    whether it ran full. ``recording`` (a :class:`~fxstream.rehash.Recording`) keeps each full step's feature of
+    the first call."""
     r = entry.rehash
-    sched = r.schedule
-    full = sched.is_full(step) or r.cache is None
+    sched, s = r.schedule, r.slot(slot)
+    full = sched.is_full(step) or s.cache is None
     extra = []
     if r.graphs.probe is not None:
         probe = entry.call(r.graphs.probe, module, kwargs, stamp=stamp)[0]
         extra = [probe]
         if not full:
-            change = float(torch.linalg.vector_norm((probe - r.probe_ref).double())
-                           / torch.linalg.vector_norm(r.probe_ref.double()).clamp_min(1e-30))
-            full = change > sched.adaptive or r.since_full >= sched.max_rehash
+            change = float(torch.linalg.vector_norm((probe - s.probe_ref).double())
+                           / torch.linalg.vector_norm(s.probe_ref.double()).clamp_min(1e-30))
+            full = change > sched.adaptive or s.since_full >= sched.max_rehash
     if full:
-        r.cache = None  # the old feature goes before the full graph runs: it is planned without it
+        s.cache = None  # the old feature goes before the full graph runs: it is planned without it
         out = entry.call(entry.compiled.graph_module, module, kwargs, extra, stamp)
-        r.cache, r.since_full = out.pop(), 0
-        r.probe_ref = extra[0] if extra else None
-        if recording is not None:
-            recording.add(step, r.cache)
+        s.cache, s.since_full = out.pop(), 0
+        s.probe_ref = extra[0] if extra else None
+        if recording is not None and slot == 0:
+            recording.add(step, s.cache)
     else:
-        out = entry.call(r.compiled.graph_module, module, kwargs, extra + [r.cache], stamp)
-        r.since_full += 1
+        out = entry.call(r.compiled.graph_module, module, kwargs, extra + [s.cache], stamp)
+        s.since_full += 1
     return entry.unflatten(out), full
