@@ -6,6 +6,8 @@ weights and inputs excluded); latency is the median of timed runs after one warm
 """
 from __future__ import annotations
 
+import contextlib
+
 import datetime
 import json
 import logging
@@ -121,19 +123,31 @@ def environment() -> dict:
     }
 
 
-def measure_model(model: str, policies, repeats: int = 3, log=_log.info) -> list[Measurement]:
+def _logged(log):
+    @contextlib.contextmanager
+    def step(message: str):
+        log(message)
+        yield
+    return step
+
+
+def measure_model(model: str, policies, repeats: int = 3, log=_log.info, step=None) -> list[Measurement]:
     """Measurements of the original and exported forward of ``model`` (a name from ``MODELS``) and of the
-    compiled forward under each policy."""
-    unet = build_unet(model)
-    kw = example_inputs(model, unet)
-    with torch.no_grad():
-        ref = unet(**kw)[0]
+    compiled forward under each policy. ``step(message)``: a context manager around each stage (default: ``log``
+    the message; the demo passes :meth:`fxstream.progress.Progress.step`, a running clock on a terminal)."""
+    step = step or _logged(log)
+    with step(f"{model}: building the UNet and its inputs, one eager run for the reference"):
+        unet = build_unet(model)
+        kw = example_inputs(model, unet)
+        with torch.no_grad():
+            ref = unet(**kw)[0]
     rows = []
 
     def record(variant, fn, planned=None, compile_s=None, regions=None):
-        log(f"{model}: measuring {variant}")
-        out, peak = measure_peak(fn)
-        times = _time(fn, repeats)
+        with step(f"{model}: {variant}: peak memory (one run under the tracker)"):
+            out, peak = measure_peak(fn)
+        with step(f"{model}: {variant}: {repeats} timed runs"):
+            times = _time(fn, repeats)
         diff = (out[0] - ref).abs().max().item()
         rows.append(Measurement(model, variant, peak, planned, statistics.median(times), min(times), max(times),
                                 diff, compile_s, regions))
@@ -141,7 +155,7 @@ def measure_model(model: str, policies, repeats: int = 3, log=_log.info) -> list
     record("original (eager)", lambda: unet(**kw))
     compiled = fx_compile(unet, policy=Policy())
     t = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), step(f"{model}: capturing the exported graph (torch.export)"):
         compiled(**kw)
     export_s = time.perf_counter() - t
     base = compiled.explain()
@@ -149,7 +163,7 @@ def measure_model(model: str, policies, repeats: int = 3, log=_log.info) -> list
     for pol in policies:
         sliced = fx_compile(unet, policy=pol)
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), step(f"{model}: compiling under {pol.describe()} (capture, plan, group)"):
             sliced(**kw)
         compile_s = time.perf_counter() - t
         report = sliced.explain()

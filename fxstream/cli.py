@@ -63,6 +63,20 @@ def _count(text: str) -> int:
     return value
 
 
+# torch's names of the three dtypes (and the short ones), each to the short name the reports print
+_DTYPE_NAMES = {"fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16", "bfloat16": "bf16",
+                "fp32": "fp32", "float32": "fp32", "float": "fp32"}
+
+
+def _dtype(text: str) -> str:
+    """``fp16``/``bf16``/``fp32`` or torch's names (``float16``, ``torch.bfloat16``, ...)."""
+    name = _DTYPE_NAMES.get(text.lower().removeprefix("torch."))
+    if name is None:
+        raise argparse.ArgumentTypeError(f"expected fp16, bf16 or fp32 (or torch's names: float16, half, bfloat16, "
+                                         f"float32, float), got {text!r}")
+    return name
+
+
 def _halo(text: str) -> int | tuple[int, int]:
     """``N`` bands of rows or ``RxC`` tiles."""
     rows, sep, cols = text.lower().partition("x")
@@ -146,9 +160,9 @@ def _model_options() -> argparse.ArgumentParser:
                    help="frames per video (default: SVD 14, SVD-XT 25, AnimateDiff 16). Example: --frames 25")
     g.add_argument("--batch", type=_count, metavar="N",
                    help="videos per UNet call (default: 2, classifier-free guidance). Example: --batch 1")
-    g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
-                   help="weights and activations (default: fp16; fp32 for the -tiny and -mid models). "
-                        "Example: --dtype bf16")
+    g.add_argument("--dtype", type=_dtype, metavar="DTYPE",
+                   help="weights and activations: fp16, bf16 or fp32, or torch's names (float16, half, bfloat16, "
+                        "float32, float) (default: fp16; fp32 for the -tiny and -mid models). Example: --dtype bf16")
     return p
 
 
@@ -205,7 +219,7 @@ def _wrap(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    ap = argparse.ArgumentParser(prog="fxstream", description=__doc__, formatter_class=fmt)
+    ap = argparse.ArgumentParser(prog="fxstream", description=__doc__.replace("``", ""), formatter_class=fmt)
     ap.add_argument("--version", action="version", version=f"fxstream {__import__('fxstream').__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = [_model_options(), _policy_options()]
@@ -281,8 +295,9 @@ def _pipeline_options() -> argparse.ArgumentParser:
                    help="frames the original pipeline decodes at once (default: diffusers' own, SVD all "
                         "frames, AnimateDiff 16); a compiled SVD pipeline always decodes all frames at once. "
                         "Example: --decode-chunk-size 8")
-    g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
-                   help="weights and activations (default: fp16; fp32 for the -tiny pipelines). Example: --dtype bf16")
+    g.add_argument("--dtype", type=_dtype, metavar="DTYPE",
+                   help="weights and activations: fp16, bf16 or fp32, or torch's names (float16, half, bfloat16, "
+                        "float32, float) (default: fp16; fp32 for the -tiny pipelines). Example: --dtype bf16")
     g.add_argument("--halo", type=_halo, metavar="N|RxC",
                    help="the VAE decoder's halo slicing: N bands of rows or RxC tiles (with --max-memory the most "
                         "tiles it may use, 64 if not given). Example: --halo 8 or --halo 8x8")
@@ -301,7 +316,8 @@ def _policy(args) -> Policy:
     """The Policy the options ask for (their types already checked each value; Policy checks them again)."""
     fraction = {} if args.min_region_fraction is None else {"min_region_fraction": args.min_region_fraction}
     if args.cache_point is not None and args.rehash_every is None:
-        raise FxstreamError("--cache-point: only used with --rehash-every N")
+        raise UsageError("argument --cache-point: only used with --rehash-every N; add --rehash-every 3, or "
+                         "drop --cache-point")
     rehash = None if args.rehash_every is None else StepRehash(full_every=args.rehash_every,
                                                                cache_point=args.cache_point)
     return Policy(slices=args.slices, spatial=args.spatial, temporal=args.temporal, batch=args.batch_split,

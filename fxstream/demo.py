@@ -15,6 +15,7 @@ from .bench import measure_model
 from .errors import MemoryBudgetError
 from .models import MODELS
 from .policy import Policy
+from .progress import Progress
 
 
 def table(rows) -> str:
@@ -46,7 +47,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     try:
-        rows = measure_model(args.model, [policy], repeats=args.repeats, log=lambda m: print(m, file=sys.stderr))
+        progress = Progress(enabled=sys.stderr.isatty())  # a running clock per stage on a terminal
+        rows = measure_model(args.model, [policy], repeats=args.repeats, log=lambda m: print(m, file=sys.stderr),
+                             step=progress.step if progress.enabled else None)
     except MemoryBudgetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,7 +89,7 @@ def test_explain_with_step_rehash(capsys):
                        capsys)
     assert code == 0 and "planned FLOPs skipped" in out and "up_blocks.0 (" in out
     code, _, err = run(["explain", "--model", "svd-tiny", "--cache-point", "up_blocks.0"], capsys)
-    assert code == 1 and "--rehash-every" in err
+    assert code == 2 and "--rehash-every" in err and err.startswith("fxstream explain: error: argument --cache-point")
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot not installed (apt-get install graphviz)")
@@ -145,7 +145,7 @@ def test_unknown_expand_module_is_a_usage_error(tmp_path, capsys):
     (["explain", "--height", "100"], "argument --height: expected a multiple of 8 pixels"),
     (["explain", "--slices", "0"], "argument --slices: expected a whole number >= 1, got '0'"),
     (["explain", "--max-memory", "lots"], "argument --max-memory: expected bytes or a size such as 6GiB"),
-    (["explain", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["explain", "--dtype", "fp8"], "argument --dtype: expected fp16, bf16 or fp32"),
     (["viz", "--format", "png"], "argument --format: expected a comma-separated list of svg, html, dot"),
     (["explain", "--min-region-fraction", "2"], "argument --min-region-fraction: expected a number between 0 and 1"),
 ])
@@ -212,3 +212,17 @@ def test_progress_only_on_a_terminal():
     with Progress(enabled=False, stream=quiet).step("planning"):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_dtype_takes_torchs_names_and_help_is_plain_text(capsys):
+    p = cli.build_parser()
+    for text, short in (("float16", "fp16"), ("torch.bfloat16", "bf16"), ("half", "fp16"), ("float", "fp32"),
+                        ("fp32", "fp32")):
+        assert p.parse_args(["explain", "--model", "svd-tiny", "--dtype", text]).dtype == short
+        assert p.parse_args(["pipeline", "--model", "svd-tiny", "--dtype", text]).dtype == short
+    err = usage_error(["explain", "--model", "svd-tiny", "--dtype", "float8"], capsys)
+    assert "--dtype: expected fp16, bf16 or fp32" in err
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "on the meta device" in out

@@ -329,6 +329,15 @@ METHODS = {  # key: (label, how to prepare it)
 }
 OURS = {"fxstream-slices", "fxstream-budget", "fxstream-pipeline", "step-rehash", "deepcache"}  # orange in the chart
 CHANGES_OUTPUT = {"naive", "step-rehash", "deepcache"}  # by design: hatched in the chart
+PEERS = """Methods and peers: diffusers' own memory options (`enable_forward_chunking()`; FreeNoise's split inference),
+a naive split of the frames into chunks run through the whole UNet (a different video), torch.compile (Inductor),
+fxstream's slicing, budget and pipelining, and two feature caches across denoising steps: Step Rehash (the
+Streamlined Inference paper's: a temporal layer's output, `Policy(rehash=StepRehash(...))`) and DeepCache (Ma,
+Fang and Wang, "DeepCache: Accelerating Diffusion Models for Free", CVPR 2024: the up path's high-level
+features, only the shallow branch recomputed). The DeepCache row is fxstream's StepRehash set up as DeepCache:
+its cache point, the input of the last up block (`cache_point='up_blocks.N-2'`, the rows with
+`cache_point='up_blocks.2'`), and its uniform schedule (`full_every=3`); it is not DeepCache's own code.
+"""
 QUICK_SKIP = {"torch-compile"}  # about 90 s of compile even for the tiny models
 
 
@@ -542,7 +551,7 @@ def section(rows, cmd: str, notes) -> str:
         "graph. Latency: median (min-max) of the repeated runs after a warm-up call; Step Rehash rows: the mean per\n"
         "step over a whole DDIM loop, their difference the loop's final latent against the same loop with the\n"
         "original UNet. Max |diff|: against the original UNet. First call: compile + one run. Ratios: against the\n"
-        "exported graph of the same model.\n\n")
+        "exported graph of the same model.\n\n" + PEERS + "\n")
     for device, title in (("cpu", "CPU, measured"), ("cuda", "CUDA, measured")):
         sel = [r for r in rows if r.device == device]
         if sel:
