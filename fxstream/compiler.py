@@ -6,7 +6,8 @@ halo regions) for the passes after it. :func:`compile_graph` is the one place th
 turns it into a Job (slice counts per axis, region floor, slices in flight, halo grid) and runs the steps; the
 analyses and passes receive those values, never the policy. After every step the graph is linted
 (``graph.lint()``); with the environment variable ``FXSTREAM_DUMP=DIR`` each step's graph is written to
-``DIR/compile-PID-NNN/MM-step.txt`` (one folder per compile of a process, one numbered file per step); a step that raises has its
+``DIR/compile-PID-NNN/MM-step.txt`` (one folder per compile of a process, one numbered file per step); each step's
+time is logged (``logging`` at INFO, logger ``fxstream.compiler``); a step that raises has its
 name and number added to the error (``add_note``). The memory budget (:mod:`fxstream.budget`) searches over
 policies and calls :func:`compile_graph` for each one it tries.
 """
@@ -16,6 +17,7 @@ import copy
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -237,12 +239,14 @@ def run_steps(gm: GraphModule, job: Job, steps=STEPS) -> GraphModule:
     dump = os.environ.get("FXSTREAM_DUMP")
     folder = Path(dump) / f"compile-{os.getpid()}-{next(_DUMPS):03d}" if dump else None
     for i, step in enumerate(steps):
+        start = time.perf_counter()
         try:
             gm = step.run(gm, job)
             gm.graph.lint()
         except Exception as e:
             e.add_note(f"fxstream: in compile step {i} {step.name!r} (fxstream/compiler.py STEPS)")
             raise
+        log.info("step %d %s: %.2f s", i, step.name, time.perf_counter() - start)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i:02d}-{step.name}.txt").write_text(gm.print_readable(print_output=False))

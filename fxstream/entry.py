@@ -17,6 +17,7 @@ from .guard import touched
 from .memory import weight_bytes
 from .meta import region_of
 from .policy import Policy
+from .progress import library_progress
 from .rehash.runtime import RehashState
 from .report import Report, build_report
 
@@ -32,8 +33,10 @@ class Entry:
     """
 
     def __init__(self, module: torch.nn.Module, kwargs: dict, policy: Policy):
+        progress, name = library_progress(), type(module).__name__
         try:
-            self.program = capture(module, kwargs)
+            with progress.step(f"fxstream: capturing {name} (torch.export)"):
+                self.program = capture(module, kwargs)
         finally:
             touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): every guard walks again
         gm, layout = self.program.graph_module, layout_of(module)
@@ -42,7 +45,8 @@ class Entry:
         if policy.rehash is not None:
             self.rehash = RehashState(module, gm, policy.rehash)
             gm = self.rehash.graphs.full
-        self.compiled, bound = compile_for(gm, policy, layout, weights)
+        with progress.step(f"fxstream: compiling {name} under {policy.describe()}"):
+            self.compiled, bound = compile_for(gm, policy, layout, weights)
         # how to fetch each lifted input at call time: weights from the live module, constants from the program
         fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
         self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
@@ -52,7 +56,8 @@ class Entry:
         if self.rehash is not None:
             r = self.rehash
             # a rehash step holds the cached feature (and the probe's reference) on top of the weights
-            r.compiled, _ = compile_for(r.graphs.rehash, policy, layout, weights + r.resident_bytes)
+            with progress.step(f"fxstream: compiling {name}'s rehash step"):
+                r.compiled, _ = compile_for(r.graphs.rehash, policy, layout, weights + r.resident_bytes)
             self.report.rehash = r.info(r.compiled)
 
     def weights(self, module: torch.nn.Module, stamp=None) -> list:

@@ -7,12 +7,15 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 from contextlib import contextmanager
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "library_progress"]
+
+_shown = threading.local()  # a step is on the screen in this thread: steps inside it are not shown (one clock)
 
 
 class Progress:
@@ -29,9 +32,10 @@ class Progress:
 
     @contextmanager
     def step(self, message: str):
-        if not self.enabled:
+        if not self.enabled or getattr(_shown, "active", False):
             yield
             return
+        _shown.active = True
         start = time.perf_counter()
         stop = threading.Event()
 
@@ -52,3 +56,10 @@ class Progress:
             stop.set()
             clock.join()
             show("\n")
+            _shown.active = False
+
+
+def library_progress() -> Progress:
+    """The clock fxstream shows while it compiles a module on its first call: on when stderr is a terminal (as
+    diffusers' progress bars), off otherwise or with the environment variable ``FXSTREAM_PROGRESS=0``."""
+    return Progress(enabled=sys.stderr.isatty() and os.environ.get("FXSTREAM_PROGRESS", "1") != "0")

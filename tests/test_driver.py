@@ -1,5 +1,8 @@
 """The compile driver (fxstream/compiler.py): a literal list of steps, each runnable alone, linted, dumped, named."""
 import copy
+import io
+import logging
+import sys
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch
 import fxstream
 from fxstream import compiler
 from fxstream.compiler import STEPS, Job, Step, capture, compile_graph, layout_of, run_steps
+from fxstream.progress import Progress, library_progress
 from fxstream.runtime import LoopRegion
 
 
@@ -87,3 +91,25 @@ def test_analyses_receive_counts_not_the_policy(captured):
     plan = plan_slicing(stripped, {"frames": 2}, 0.05, layout)
     assert {r.axis.name for r in plan.regions} == {"frames"}
     assert not plan_slicing(stripped, {}, 0.05, layout).regions
+
+
+def test_each_step_is_timed_in_the_log(captured, caplog):
+    gm, layout = captured
+    with caplog.at_level(logging.INFO, logger="fxstream.compiler"):
+        compile_graph(gm, fxstream.Policy(slices=2), layout)
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [m.split()[2].rstrip(":") for m in steps] == [s.name for s in STEPS]
+    assert all(m.endswith(" s") for m in steps)
+
+
+def test_the_compile_clock_shows_on_a_terminal_once(monkeypatch):
+    stream = io.StringIO()
+    outer = Progress(enabled=True, stream=stream, interval=10)
+    with outer.step("capturing and planning"):
+        with Progress(enabled=True, stream=stream, interval=10).step("fxstream: compiling"):  # inside: not shown
+            pass
+    assert "compiling" not in stream.getvalue() and stream.getvalue().count("\n") == 1
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert library_progress().enabled
+    monkeypatch.setenv("FXSTREAM_PROGRESS", "0")
+    assert not library_progress().enabled
