@@ -17,6 +17,7 @@ import copy
 import itertools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -232,12 +233,22 @@ STEPS = (
     Step("group_halos", step_group_halos),
 )
 _DUMPS = itertools.count()
+_NESTING = threading.local()
 
 
 def run_steps(gm: GraphModule, job: Job, steps=STEPS) -> GraphModule:
     """Run ``steps`` in order on ``gm``; lint after each; dump each graph where ``FXSTREAM_DUMP`` says."""
     dump = os.environ.get("FXSTREAM_DUMP")
     folder = Path(dump) / f"compile-{os.getpid()}-{next(_DUMPS):03d}" if dump else None
+    depth = getattr(_NESTING, "depth", 0)  # > 0: a body compiled inside a step (a batch split)
+    _NESTING.depth = depth + 1
+    try:
+        return _run(gm, job, steps, folder, depth)
+    finally:
+        _NESTING.depth = depth
+
+
+def _run(gm: GraphModule, job: Job, steps, folder, depth: int) -> GraphModule:
     for i, step in enumerate(steps):
         start = time.perf_counter()
         try:
@@ -246,7 +257,7 @@ def run_steps(gm: GraphModule, job: Job, steps=STEPS) -> GraphModule:
         except Exception as e:
             e.add_note(f"fxstream: in compile step {i} {step.name!r} (fxstream/compiler.py STEPS)")
             raise
-        log.info("step %d %s: %.2f s", i, step.name, time.perf_counter() - start)
+        log.info("step %d %s: %.2f s", i, step.name, time.perf_counter() - start, extra={"fxstream_depth": depth})
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i:02d}-{step.name}.txt").write_text(gm.print_readable(print_output=False))

@@ -1,0 +1,116 @@
+"""Benchmark: how long fxstream takes to plan full-size UNets, and where the time goes (capture, each compile step).
+
+    python tools/bench_compile.py                     # svd and animatediff on the meta device; writes docs/benchmarks.md
+    python tools/bench_compile.py --models svd --no-write
+
+For each model (fp16, batch 2, built on the meta device: no weights, no compute), in one process, in this order:
+``fxstream.explain`` under ``Policy(slices=8)`` (capture + compile + report), the report's lower bound (computed on
+first access), and ``fxstream.explain`` under ``Policy(max_memory=...)`` (capture + the budget's search). Each
+compile step's time comes from the driver's log (``fxstream.compiler`` at INFO), summed over every compile the
+call made (the budget compiles several times). Wall times on this machine's CPU threads; run it on a quiet
+machine (nothing else running), or the figures mean little.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from tabulate import tabulate
+
+import fxstream
+from fxstream.bench import provenance, write_section
+from fxstream.compiler import STEPS
+from fxstream.models import build_unet, example_inputs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BUDGETS = {"svd": "6GiB", "svd-xt": "8GiB", "animatediff": "4GiB"}  # weights + activations, fp16
+
+
+class _StepTimes(logging.Handler):
+    """Sums the driver's per-step times ("step 3 group_regions: 9.40 s") and counts the compiles."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds: dict = defaultdict(float)
+        self.compiles = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("step ") and getattr(record, "fxstream_depth", 0) == 0:  # nested compiles: in their step
+            _, index, name, secs, _ = msg.replace(":", "").split()
+            self.seconds[name] += float(secs)
+            self.compiles += index == "0"
+
+
+def _timed(fn):
+    handler = _StepTimes()
+    logger = logging.getLogger("fxstream.compiler")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    start = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    return out, time.perf_counter() - start, handler
+
+
+def measure(model: str) -> list:
+    unet = build_unet(model, device="meta", dtype=torch.float16)
+    kw = example_inputs(model, unet)
+    rows = []
+    report, total, steps = _timed(lambda: fxstream.explain(unet, kw, fxstream.Policy(slices=8)))
+    rows.append((model, "explain, Policy(slices=8)", total, steps))
+    _, total, steps = _timed(lambda: report.lower_bound_bytes)
+    rows.append((model, "its lower bound", total, steps))
+    budget = BUDGETS[model]
+    _, total, steps = _timed(lambda: fxstream.explain(unet, kw, fxstream.Policy(max_memory=budget)))
+    rows.append((model, f"explain, Policy(max_memory='{budget}')", total, steps))
+    return rows
+
+
+def table(rows) -> str:
+    names = [s.name for s in STEPS]
+    body = []
+    for model, what, total, steps in rows:
+        in_steps = sum(steps.seconds.values())
+        body.append([model, what, f"{total:.1f}", steps.compiles, f"{total - in_steps:.1f}"]
+                    + [f"{steps.seconds.get(n, 0.0):.1f}" for n in names])
+    return tabulate(body, headers=["model", "call", "wall s", "compiles", "outside steps s"] + names,
+                    disable_numparse=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=["svd", "animatediff"], choices=sorted(BUDGETS))
+    ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    rows = []
+    for m in args.models:
+        print(f"{m}...", file=sys.stderr, flush=True)
+        rows += measure(m)
+    text = table(rows)
+    print(text)
+    if args.no_write:
+        return 0
+    cmd = "python tools/bench_compile.py" + (f" --models {' '.join(args.models)}" if args.models != ["svd", "animatediff"]
+                                              else "")
+    doc = ("## Compile time: where it goes\n\n" + provenance(cmd) +
+           "Full-size UNets built on the meta device (fp16, batch 2), planned without running. 'outside steps': "
+           "capture (torch.export), the report and the memory plans; the step columns sum the compile driver's "
+           "steps (fxstream/compiler.py STEPS) over every compile of the call. Measured on a quiet machine.\n\n"
+           f"```\n{text}\n```\n")
+    write_section(ROOT / "docs", "compile", doc, {"rows": [(m, w, t, s.compiles, dict(s.seconds)) for m, w, t, s in rows]})
+    print("wrote docs/benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
