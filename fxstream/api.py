@@ -105,8 +105,8 @@ class CompiledModule(torch.nn.Module):
 
     # bookkeeping, not structure: a guard of a tree holding a compiled module skips these attributes
     _fxstream_unguarded = frozenset({"policy", "_entries", "_last", "recording", "step_log", "_last_t", "_new",
-                                     "_fallbacks", "_guard", "_step", "_slot", "_short_generations", "__module__", "_base_policy", "_state", "_stage",
-                                     "_name"})
+                                     "_fallbacks", "_guard", "_step", "_slot", "_short_generations",
+                                     "__module__"})
 
     def __init__(self, module: torch.nn.Module, policy: Policy):
         super().__init__()

@@ -9,7 +9,9 @@ A band is dropped after its last use in the slice; output rows are copied into f
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -68,6 +70,19 @@ def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
     return x.unflatten(1, (g, x.shape[1] // g))
 
 
+_PLANS: OrderedDict = OrderedDict()  # structure key (+ FLOPs) -> HaloPlan; see NOTE [Halo plans of equal regions]
+_PLANS_KEPT = 4096
+
+
+def _structure_key(body: GraphModule, dims: list, count: int, wdims: list, cols: int, along: str) -> tuple:
+    """What a halo region's plan depends on: the body's code (ops, arguments, node names), its inputs' metadata
+    and the slicing."""
+    inputs = tuple((tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype) if isinstance(v, torch.Tensor)
+                   else repr(v) for v in (n.meta.get("val") for n in body.graph.nodes if n.op == "placeholder"))
+    code = hashlib.sha256(body.code.encode()).hexdigest()
+    return code, inputs, tuple(dims), count, tuple(wdims), cols, along
+
+
 class HaloLoop(torch.nn.Module):
     """A region sliced ``count`` ways along height with halos (see the module docstring)."""
 
@@ -83,13 +98,34 @@ class HaloLoop(torch.nn.Module):
         self.along = along
         self.region = body_region(body, self.dims, count, self.wdims, cols, along)
         self._axes = self.region.axes
-        self.passes = passes(self.region)
-        self.working_bytes = plan_halo(self.region, ps=self.passes).working_bytes
+        self._passes = None
+        self._key = _structure_key(body, self.dims, count, self.wdims, cols, along)
+        self.working_bytes = self.plan().working_bytes
         self._plans = None  # the slices' schedules, made on the first real call
 
+    @property
+    def passes(self) -> list:
+        """The region's passes (:func:`~fxstream.analysis.halo.passes`), made when first needed."""
+        if self._passes is None:
+            self._passes = passes(self.region)
+        return self._passes
+
     def plan(self, flops: dict | None = None):
-        """The region's :class:`~fxstream.analysis.halo.HaloPlan` (with planned compute when given FLOPs)."""
-        return plan_halo(self.region, flops, self.passes)
+        """The region's :class:`~fxstream.analysis.halo.HaloPlan` (with planned compute when given FLOPs).
+
+        NOTE [Halo plans of equal regions]: a memory budget compiles a decoder many times (every grid and
+        checkpoint size it tries), and most regions come out the same in several compiles. A plan depends only
+        on the body's code, its inputs' shapes, strides and dtypes, and the slicing (dims, count, grid), so it is
+        kept under that key and made once per distinct region (and per FLOPs of its ops, when given)."""
+        key = (self._key, None if flops is None else tuple(flops.get(n.name, 0) for n in self.region.nodes))
+        hit = _PLANS.get(key)
+        if hit is None:
+            hit = _PLANS[key] = plan_halo(self.region, flops, self.passes)
+            while len(_PLANS) > _PLANS_KEPT:
+                _PLANS.popitem(last=False)
+        else:
+            _PLANS.move_to_end(key)
+        return hit
 
     def extra_repr(self) -> str:
         axis = self.along if self.cols == 1 else f"height x width, grid={self.count // self.cols}x{self.cols}"

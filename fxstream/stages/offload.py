@@ -29,22 +29,18 @@ class StageModule(CompiledModule):
     compiled with ``max_memory`` = the budget less the other weights resident and what the pipeline holds,
     and the stage's offload decision is taken there."""
 
+    # bookkeeping a structure guard skips (CompiledModule's, and these)
+    _fxstream_unguarded = CompiledModule._fxstream_unguarded | {"base_policy", "pipeline_state", "stage", "unit"}
+
     def __init__(self, module, policy: Policy, state: PipelineState, stage: str, name: str):
         super().__init__(module, policy)
-        # underscore names: the structure guard skips them (CompiledModule's unguarded set); read them through
-        # the properties below
-        self._base_policy = policy
-        self._state = state
-        self._stage = stage
-        self._name = name
-
-    base_policy = property(lambda self: self._base_policy, doc="the stage's policy, before its max_memory")
-    pipeline_state = property(lambda self: self._state, doc="the PipelineState of the pipeline it belongs to")
-    stage = property(lambda self: self._stage, doc='"denoise" or "decode"')
-    unit = property(lambda self: self._name, doc='the component it is: "unet" or "vae.decoder"')
+        self.base_policy = policy  # the stage's policy, before its max_memory
+        self.pipeline_state = state  # the PipelineState of the pipeline it belongs to
+        self.stage = stage  # "denoise" or "decode"
+        self.unit = name  # the component it is: "unet" or "vae.decoder"
 
     def compiled_entry(self, kwargs: dict, policy: Policy | None = None):
-        state = self._state
+        state = self.pipeline_state
         if policy is not None or state.budget is None or self.has_compiled(kwargs):
             return super().compiled_entry(kwargs, policy)
         return state._fit_compiled(self, kwargs)
