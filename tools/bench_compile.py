@@ -3,6 +3,9 @@
     python tools/bench_compile.py                     # svd and animatediff on the meta device; writes docs/benchmarks.md
     python tools/bench_compile.py --models svd --no-write
 
+Then two pipeline rows: a compiled tiny SVD pipeline's first generation on the CPU (3 steps, where its compiles
+happen), and the full-size SVD-XT pipeline planned by ``explain_pipeline`` (25 frames, 576x1024, 6 GiB).
+
 For each model (fp16, batch 2, built on the meta device: no weights, no compute), in one process, in this order:
 ``fxstream.explain`` under ``Policy(slices=8)`` (capture + compile + report), the report's lower bound (computed on
 first access), and ``fxstream.explain`` under ``Policy(max_memory=...)`` (capture + the budget's search). Each
@@ -76,6 +79,27 @@ def measure(model: str) -> list:
     return rows
 
 
+def measure_pipelines() -> list:
+    """The two pipeline figures of the targets: a compiled tiny SVD pipeline's first generation (3 steps; its
+    compiles happen there) and full-size SVD-XT's whole-pipeline plan (25 frames, 576x1024, 6 GiB)."""
+    from fxstream.pipelines import build_pipeline, pipeline_inputs, tiny_pipeline
+
+    rows = []
+    for policy in (fxstream.Policy(slices=2), fxstream.Policy(max_memory="9MiB")):
+        pipe = tiny_pipeline("svd")
+        fxstream.compile_pipeline(pipe, policy)
+        kw = pipeline_inputs(pipe, steps=3)
+        with torch.no_grad():
+            _, total, steps = _timed(lambda: pipe(**kw))
+        rows.append(("svd-tiny pipeline", f"first generation (3 steps), {policy.describe()}", total, steps))
+    pipe = build_pipeline("svd-xt", device="meta", dtype=torch.float16)
+    policy = fxstream.Policy(max_memory="6GiB")
+    _, total, steps = _timed(lambda: fxstream.explain_pipeline(pipe, height=576, width=1024, num_frames=25,
+                                                                policy=policy))
+    rows.append(("svd-xt pipeline", f"explain_pipeline, 25x576x1024, {policy.describe()}", total, steps))
+    return rows
+
+
 def table(rows) -> str:
     names = [s.name for s in STEPS]
     body = []
@@ -90,22 +114,28 @@ def table(rows) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["svd", "animatediff"], choices=sorted(BUDGETS))
+    ap.add_argument("--no-pipelines", action="store_true", help="skip the two pipeline rows (about 2 minutes)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     args = ap.parse_args(argv)
     rows = []
     for m in args.models:
         print(f"{m}...", file=sys.stderr, flush=True)
         rows += measure(m)
+    if not args.no_pipelines:
+        print("pipelines...", file=sys.stderr, flush=True)
+        rows += measure_pipelines()
     text = table(rows)
     print(text)
     if args.no_write:
         return 0
     cmd = "python tools/bench_compile.py" + (f" --models {' '.join(args.models)}" if args.models != ["svd", "animatediff"]
-                                              else "")
+                                              else "") + (" --no-pipelines" if args.no_pipelines else "")
     doc = ("## Compile time: where it goes\n\n" + provenance(cmd) +
            "Full-size UNets built on the meta device (fp16, batch 2), planned without running. 'outside steps': "
            "capture (torch.export), the report and the memory plans; the step columns sum the compile driver's "
-           "steps (fxstream/compiler.py STEPS) over every compile of the call. Measured on a quiet machine.\n\n"
+           "steps (fxstream/compiler.py STEPS) over every compile of the call. Measured on a quiet machine. "
+           "Targets (issue 21, 2 cores, quiet): full-size SVD explain <= 15 s, a budget compile of it <= 30 s, the "
+           "tiny SVD pipeline's first generation <= 20 s, the SVD-XT pipeline plan <= 60 s.\n\n"
            f"```\n{text}\n```\n")
     write_section(ROOT / "docs", "compile", doc, {"rows": [(m, w, t, s.compiles, dict(s.seconds)) for m, w, t, s in rows]})
     print("wrote docs/benchmarks.md")
