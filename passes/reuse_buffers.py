@@ -11,7 +11,6 @@ again so the planner sees the shared storage.
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from torch.fx import GraphModule, Node
