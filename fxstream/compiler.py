@@ -106,7 +106,6 @@ class Job:
     halo_frames: int = 1  # halo regions along frames for what height halos cannot take (a decoder's attention)
     halo_keep: int | None = None
     # found by the steps
-    split: set = field(default_factory=set)  # GroupNorms to split (their names)
     prepared: GraphModule | None = None
     plan: SlicePlan | None = None
     planned: GraphModule | None = None  # the graph the plan was made on (a plan of the same graph is reused)
@@ -142,7 +141,7 @@ def step_split_group_norm(gm: GraphModule, job: Job) -> GraphModule:
     else:
         prepared = _split_copy(gm, split)
         plan = _plan(prepared, job)
-    job.split, job.planned, job.plan = split, prepared, plan
+    job.planned, job.plan = prepared, plan
     return prepared
 
 

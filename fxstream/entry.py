@@ -117,31 +117,6 @@ def _holder(module: torch.nn.Module, get, target: str) -> tuple:
     return _Live(get, module), target
 
 
-class _Live:
-    """A lifted input read through ``get(module, target)`` at every call (``weights()``' fallback)."""
-
-    def __init__(self, get, module: torch.nn.Module):
-        self.get, self.module = get, module
-
-    def __getitem__(self, target: str):
-        return self.get(self.module, target)
-
-
-def _holder(module: torch.nn.Module, get, target: str) -> tuple:
-    """(dict, key) whose item is what ``get(module, target)`` gives now: the owning module's parameter or buffer
-    dict; for anything else (a program constant, a property shadowing a weight) a :class:`_Live` reader."""
-    value = get(module, target)
-    prefix, _, name = target.rpartition(".")
-    try:
-        owner = module.get_submodule(prefix) if prefix else module
-    except AttributeError:
-        owner = None
-    for d in (getattr(owner, "_parameters", None), getattr(owner, "_buffers", None)):
-        if isinstance(d, dict) and d.get(name) is value:
-            return d, name
-    return _Live(get, module), target
-
-
 def first_differing_region(entry: Entry, module, kwargs: dict, tol: float) -> str | None:
     """The first top-level loop region of the compiled graph whose outputs differ (beyond ``tol``) from the same
     values computed by the original graph on the same inputs."""

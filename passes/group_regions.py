@@ -10,9 +10,9 @@ import operator
 
 import networkx as nx
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, GraphModule
 
-from fxstream.analysis.cuts import PARTIAL, Cut, cut_size
+from fxstream.analysis.cuts import Cut, cut_size
 from fxstream.analysis.effects import find_effects
 from fxstream.analysis.rules import rule_for
 from fxstream.analysis.slicer import Region, SlicePlan

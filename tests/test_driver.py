@@ -5,7 +5,6 @@ import logging
 import sys
 
 import pytest
-import torch
 
 import fxstream
 from fxstream import compiler
