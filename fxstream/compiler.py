@@ -13,7 +13,6 @@ policies and calls :func:`compile_graph` for each one it tries.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import os
@@ -30,7 +29,7 @@ from .analysis.halo import find_halo_regions
 from .analysis.slicer import SlicePlan, find_axes, plan_slicing, tensor_bytes
 from .catalog import LAYOUTS
 from .errors import CaptureError
-from .graph_utils import strip_asserts
+from .graph_utils import copy_module, strip_asserts
 from .passes.group_regions import group_regions
 from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
@@ -121,7 +120,7 @@ class Job:
 # -- the steps -----------------------------------------------------------------------------------------------------
 def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
     """A copy of the graph without ``_assert_tensor_metadata`` checks (they would keep sliced values alive whole)."""
-    return strip_asserts(copy.deepcopy(gm))
+    return strip_asserts(gm)
 
 
 def step_split_group_norm(gm: GraphModule, job: Job) -> GraphModule:
@@ -302,9 +301,7 @@ def _plan(gm: GraphModule, job: Job) -> SlicePlan:
 
 
 def _split_copy(gm: GraphModule, split: set) -> GraphModule:
-    gm = copy.deepcopy(gm)
-    split_group_norm(gm, split)
-    return gm
+    return split_group_norm(copy_module(gm), split)
 
 
 def _loops(gm: GraphModule) -> list:

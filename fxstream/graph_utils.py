@@ -1,6 +1,8 @@
 """Small helpers on fx graphs shared by the passes: fake-tensor metadata and node metadata copies."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
@@ -10,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from .meta import KEPT
 
-__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs"]
+__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs", "copy_module"]
 
 _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn") + KEPT
 
@@ -50,10 +52,24 @@ def copy_meta(src: Node, dst: Node) -> None:
             dst.meta[k] = src.meta[k]
 
 
+def copy_module(gm: GraphModule, edit=None) -> GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph, after ``edit(graph)`` if given; ``gm`` is unchanged.
+
+    The graph is copied node by node (``copy.deepcopy`` of the Graph: each node's metadata dict is copied, the fake
+    values in it are shared, as nothing changes a fake value in place) and its code is generated once. A deep copy
+    of the GraphModule would copy every fake value and generate the code again at each edit."""
+    graph = copy.deepcopy(gm.graph)
+    if edit is not None:
+        edit(graph)
+    out = GraphModule(gm, graph, class_name=type(gm).__name__)
+    out.meta = dict(gm.meta)
+    return out
+
+
 def strip_asserts(gm: GraphModule) -> GraphModule:
-    """Remove ``_assert_tensor_metadata`` checks: they would keep sliced values alive whole."""
-    for n in list(gm.graph.nodes):
-        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
-            gm.graph.erase_node(n)
-    gm.recompile()
-    return gm
+    """A copy of ``gm`` without ``_assert_tensor_metadata`` checks (they would keep sliced values alive whole)."""
+    def strip(graph):
+        for n in list(graph.nodes):
+            if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
+                graph.erase_node(n)
+    return copy_module(gm, strip)

@@ -169,9 +169,7 @@ def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, region_kind:
         root.add_module(name, mod)
     for name, loop in loops.items():
         root.add_module(name, loop)
-    out = GraphModule(root, new_graph)
-    out.graph.lint()
-    out.recompile()
+    out = GraphModule(root, new_graph)  # generates the code; the compile driver lints after each step
     # values downstream of a region alias its fresh output buffers now, not the interior values they came from
     propagate_meta(out, [n.meta["val"] for n in out.graph.nodes if n.op == "placeholder"], mode)
     return out

@@ -1,5 +1,4 @@
 """Step Rehash: the graph surgery (exact), the schedules, the runtime state across steps and generations."""
-import copy
 import json
 import warnings
 
@@ -17,7 +16,7 @@ from fxstream.rehash import default_cache_point, key_steps, temporal_layers
 
 def _graph(model):
     unet, kw = model
-    return strip_asserts(copy.deepcopy(capture(unet, kw).graph_module)), kw
+    return strip_asserts(capture(unet, kw).graph_module), kw
 
 
 def _inputs(unet, kw):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import networkx as nx
+import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
@@ -695,60 +696,98 @@ def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = N
     """Simulate every pass and slice: bands made in order, freed after their last use in the slice (a view
     keeps its input's storage), transients while their op runs (a convolution's padded input, a GroupNorm's
     float32 working copy, a statistics pass's float32 copy of the band it sums). Inputs are views of the
-    caller's values. ``ps``: the region's :func:`passes`, if already made."""
+    caller's values. ``ps``: the region's :func:`passes`, if already made.
+
+    NOTE [Slices simulated together]: which values a slice makes, which one each view keeps alive, and when each
+    is freed depend only on which values the slice computes, not on its rows; the slices of a pass mostly compute
+    the same values. So the slices are grouped by that set, the schedule is made once per group, and the bytes of
+    every slice of the group are computed at once (integer arrays, slices x values): live bytes at each op are
+    the running sum of what was made minus what was freed before it; the op's transients add on top."""
     ps = passes(region) if ps is None else ps
-    inside = region.inside
     static = _static(region)
-    best, best_pass = 0, 0
-    work = 0.0
-    scale = {n: flops.get(n.name, 0) / max(static[n][1], 1) for n in region.nodes} if flops else {}
-    for pi, p in enumerate(ps):
+    peaks = []
+    cells_made = dict.fromkeys(region.nodes, 0)  # per value, its rows (cells) computed over all slices and passes
+    for p in ps:
         targets = {g.args[0] for g in p.stats}
         copy = {t: (_copy_factor(t) * _tensor_bytes(t), max(math.prod(region.lengths(t)), 1)) for t in targets}
+        groups: dict = {}
         for i in range(len(p.slices)):
             need, assign = p.tile(i)
-            todo = [n for n in region.nodes if n in need]
-            last = {}
-            for j, n in enumerate(todo):
-                for a in n.all_input_nodes:
-                    if a in inside:
-                        last[a] = j
-            root, held, users_left = {}, {}, {}
-            live = 0
-            for t in targets:  # a region input summed straight away
-                if t not in inside and t in assign:
-                    c = copy[t][0] * _cells(assign[t]) // copy[t][1]
-                    best, best_pass = (c, pi) if c > best else (best, best_pass)
-            for j, n in enumerate(todo):
-                bands = need[n]
-                size, cells, alias, conv, f32, up = static[n]
-                base = root.get(n.args[0]) if alias else None
-                if base is not None:
-                    root[n] = base
-                else:
-                    root[n] = n
-                    # an upsampled band is made whole from its input rows, then narrowed (a view of it)
-                    made = _cells(bands) if up is None else math.prod(
-                        (((hi - 1) // f + 1) - lo // f) * f for (lo, hi), f in zip(bands, up))
-                    held[n] = size * made // max(cells, 1)
-                    live += held[n]
-                users_left[root[n]] = max(users_left.get(root[n], j), last.get(n, j))
-                extra = int(size * f32 * _cells(bands) / max(cells, 1))
-                if conv is not None:  # the padded copy of its input band, where the band reaches the padding
-                    params, xsize, xlens = conv
-                    spans = [conv_band(*pr, lo, hi) for pr, (lo, hi) in zip(params, bands)]
-                    if any(a < 0 or b > xl for (a, b), xl in zip(spans, xlens)):
-                        extra = xsize * math.prod(b - a for a, b in spans) // max(math.prod(xlens), 1)
-                if n in targets and n in assign:
-                    extra = max(extra, copy[n][0] * _cells(assign[n]) // copy[n][1])
-                if live + extra > best:
-                    best, best_pass = live + extra, pi
-                for r in [r for r, lu in users_left.items() if lu <= j]:
-                    live -= held.pop(r, 0)
-                    del users_left[r]
-                if scale:
-                    work += scale[n] * _cells(bands)
+            groups.setdefault(frozenset(need), []).append((need, assign))
+        peak = 0
+        for t in targets:  # a region input is summed straight away
+            if t not in region.inside:
+                peak = max([peak] + [copy[t][0] * _cells(a[t]) // copy[t][1]
+                                     for tiles in groups.values() for _, a in tiles if t in a])
+        for tiles in groups.values():
+            peak = max(peak, _group_peak(region, static, tiles, targets, copy, cells_made))
+        peaks.append(peak)
+    best = max(peaks, default=0)
+    best_pass = peaks.index(best) if best > 0 else 0
     total = sum((flops or {}).get(n.name, 0) for n in region.nodes)
+    work = sum(flops.get(n.name, 0) / max(static[n][1], 1) * cells_made[n] for n in region.nodes) if flops else 0.0
     return HaloPlan(best, len(ps), work / total if total else 1.0, best_pass)
+
+
+def _schedule(region: HaloRegion, need) -> tuple[list, list, list]:
+    """For a slice computing the values in ``need``: those values in order, whether each is a root (it holds
+    storage; else a view of an earlier root), and the step after which each root is freed (its last use, or
+    its views' last use)."""
+    static = _static(region)
+    todo = [n for n in region.nodes if n in need]
+    last = {}
+    for j, n in enumerate(todo):
+        for a in n.all_input_nodes:
+            if a in region.inside:
+                last[a] = j
+    root, free = {}, {}
+    for j, n in enumerate(todo):
+        base = root.get(n.args[0]) if static[n][2] else None
+        root[n] = n if base is None else base
+        free[root[n]] = max(free.get(root[n], j), last.get(n, j))
+    return todo, [root[n] is n for n in todo], [free.get(n, -1) for n in todo]
+
+
+def _group_peak(region: HaloRegion, static: dict, tiles: list, targets: set, copy: dict, cells_made: dict) -> int:
+    """The peak bytes of the slices ``tiles`` ((need, assign) pairs computing the same values) in one array
+    computation (see NOTE [Slices simulated together]); adds each value's computed cells to ``cells_made``."""
+    todo, is_root, free = _schedule(region, tiles[0][0])
+    if not todo:
+        return 0
+    s, t = len(tiles), len(todo)
+    bands = np.array([[need[n] for n in todo] for need, _ in tiles], dtype=np.int64)  # (slices, values, axes, 2)
+    lo, hi = bands[..., 0], bands[..., 1]
+    cells = np.prod(hi - lo, axis=2)  # (slices, values)
+    made = np.zeros((s, t), dtype=np.int64)  # bytes a root makes
+    extra = np.zeros((s, t), dtype=np.int64)  # transients while the op runs
+    for j, n in enumerate(todo):
+        size, ncells, _, conv, f32, up = static[n]
+        c = cells[:, j]
+        cells_made[n] += int(c.sum())
+        if is_root[j]:
+            if up is not None:  # an upsampled band is made whole from its input rows, then narrowed
+                f = np.array(up, dtype=np.int64)
+                c = np.prod(((hi[:, j] - 1) // f + 1 - lo[:, j] // f) * f, axis=1)
+            made[:, j] = size * c // max(ncells, 1)
+        if f32:
+            extra[:, j] = ((size * f32) * cells[:, j] / max(ncells, 1)).astype(np.int64)
+        if conv is not None:  # the padded copy of its input band, where the band reaches the padding
+            params, xsize, xlens = conv
+            k, st, pad, dil = (np.array(v, dtype=np.int64) for v in zip(*params))
+            a = lo[:, j] * st - pad
+            b = (hi[:, j] - 1) * st - pad + dil * (k - 1) + 1
+            padded = ((a < 0) | (b > np.array(xlens, dtype=np.int64))).any(axis=1)
+            extra[:, j] = np.where(padded, xsize * np.prod(b - a, axis=1) // max(math.prod(xlens), 1), extra[:, j])
+        if n in targets:
+            summed = np.array([copy[n][0] * _cells(a[n]) // copy[n][1] if n in a else 0 for _, a in tiles],
+                              dtype=np.int64)
+            extra[:, j] = np.maximum(extra[:, j], summed)
+    freed = np.zeros((s, t + 1), dtype=np.int64)  # bytes freed after step j, counted from step j + 1
+    for j in range(t):
+        if is_root[j]:
+            freed[:, free[j] + 1] += made[:, j]
+    live = np.cumsum(made, axis=1) - np.cumsum(freed[:, :t], axis=1)
+    return int((live + extra).max())
+
 
 __all__ += ["stat_levels", "passes", "Pass", "halo_rule", "aliases", "transfers"]

@@ -6,7 +6,6 @@ The schedules (which steps are full) are :mod:`fxstream.rehash.schedule`; the gr
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 
@@ -39,7 +38,7 @@ class RehashState:
 
     def __init__(self, module: torch.nn.Module, gm, rehash: StepRehash):
         self.schedule = with_cache_point(rehash, module)
-        self.base = strip_asserts(copy.deepcopy(gm))  # the graph the others are cut from
+        self.base = strip_asserts(gm)  # the graph the others are cut from
         self.graphs = split_for_rehash(self.base, self.schedule.cache_point, self.schedule.probe_point)
         _mark(self.graphs.full, self.graphs)
         nodes = {n.name: n for n in gm.graph.nodes}
