@@ -31,7 +31,8 @@ from .runtime import set_in_flight
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile_for", "choose_slicing", "lower_bound", "Floor", "choose_halo", "halo_lower_bound", "HALO_CAP"]
+__all__ = ["compile_for", "choose_slicing", "lower_bound", "Floor", "choose_halo", "halo_lower_bound", "HALO_CAP",
+           "deferred_bound"]
 
 _NO_LIMIT = 1 << 30  # "as many slices as the axis has elements"
 
@@ -166,6 +167,7 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
             break
     log.info("budget %s: using the floor's slicing (batch=%s)", format_bytes(budget), f.batch)
     set_in_flight(f.compiled.graph_module, k, policy.cpu_workers)  # the floor fits by construction, k in flight
+    f.compiled.made_with = replace(f.compiled.made_with, in_flight=k)
     return f.compiled, lowest
 
 
@@ -332,14 +334,25 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
 def compile_for(gm: GraphModule, policy: Policy, layout, weights: int) -> tuple[CompiledGraph, object]:
     """Compile ``gm`` under ``policy``: with ``max_memory``, the search above chooses the counts (halo slicing along
     height when the graph has no named video axis: a VAE decoder); else the policy's counts as given. Returns the
-    compiled graph and its lower bound (bytes, or a function computing them on demand: a lower bound is a compile)."""
+    compiled graph and its lower bound (bytes, or a function computing them on demand: a lower bound is a compile).
+    The compiled graph's ``made_with`` is the one compile that made it (:mod:`fxstream.plan_cache` replays it)."""
     video = bool(find_axes(gm, layout))
     if policy.max_memory is not None and not video:
         compiled, bound = choose_halo(gm, policy, weights)
-        return compiled, bound if bound is not None else lambda: halo_lower_bound(gm, policy).peak_bytes
+        return compiled, bound if bound is not None else deferred_bound(gm, policy, layout, video)
     if policy.max_memory is None and policy.halo and not video:
-        return compile_graph(gm, policy, layout), lambda: halo_lower_bound(gm, policy).peak_bytes
+        return compile_graph(gm, policy, layout), deferred_bound(gm, policy, layout, video)
     if policy.max_memory is not None:
         compiled, lowest = choose_slicing(gm, policy, layout, weights)
         return compiled, lowest.peak_bytes
-    return compile_graph(gm, policy, layout), lambda: lower_bound(gm, policy, layout).peak_bytes
+    return compile_graph(gm, policy, layout), deferred_bound(gm, policy, layout, video)
+
+
+def deferred_bound(gm: GraphModule, policy: Policy, layout, video: bool | None = None):
+    """The lower bound :func:`compile_for` gives where it computes none: a function computing it on demand (the
+    halo floor for a graph without a named video axis, else :func:`lower_bound`)."""
+    if video is None:
+        video = bool(find_axes(gm, layout))
+    if not video and (policy.max_memory is not None or policy.halo):
+        return lambda: halo_lower_bound(gm, policy).peak_bytes
+    return lambda: lower_bound(gm, policy, layout).peak_bytes

@@ -40,7 +40,8 @@ from .runtime import LoopRegion, set_in_flight
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "compile_graph", "CompiledGraph", "layout_of", "region_id", "Job", "Step", "STEPS", "run_steps"]
+__all__ = ["capture", "compile_graph", "CompiledGraph", "MadeWith", "layout_of", "region_id", "Job", "Step", "STEPS",
+           "run_steps"]
 
 
 def layout_of(module: torch.nn.Module) -> str | None:
@@ -87,6 +88,22 @@ class CompiledGraph:
     inner: list = field(default_factory=list)  # CompiledGraphs of batch-region bodies (one per slice size)
     halo: list = field(default_factory=list)  # HaloRegions grouped at the top level (Policy(halo=...))
     halo_reasons: dict = field(default_factory=dict)  # node name -> why halo slicing left it out
+    made_with: MadeWith | None = None  # the compile_graph arguments that made it (what the plan cache replays)
+
+
+@dataclass(frozen=True)
+class MadeWith:
+    """The arguments of the :func:`compile_graph` call that made a :class:`CompiledGraph` (copies of the counts):
+    ``compile_graph(gm, m.policy, m.layout, m.counts, m.inner_counts, m.halo_keep)`` makes it again from the same
+    graph. ``in_flight``: slices in flight set on its loops afterwards (``runtime.set_in_flight``; the budget's
+    floor fallback), None if not. :mod:`fxstream.plan_cache` stores and replays it."""
+
+    policy: Policy
+    layout: str | None
+    counts: dict | None = None
+    inner_counts: list | None = None
+    halo_keep: int | None = None
+    in_flight: int | None = None
 
 
 @dataclass
@@ -276,12 +293,15 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
     largest activation over the halo count, about one band's size, so keeping a block's output whole costs about
     what its slices hold anyway and saves the statistics passes behind it from recomputing the block.
     """
+    made_with = MadeWith(policy, layout, dict(counts) if counts is not None else None,
+                         [dict(c) if c is not None else None for c in inner_counts] if inner_counts is not None
+                         else None, halo_keep)
     if not policy.slices_anything:
-        return CompiledGraph(gm, SlicePlan([], {}), gm, gm)
+        return CompiledGraph(gm, SlicePlan([], {}), gm, gm, made_with=made_with)
     job = _job(policy, layout, counts, inner_counts, halo_keep)
     out = run_steps(gm, job)
     log.info("compiled: %d regions", len(job.plan.regions))
-    return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons)
+    return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with)
 
 
 def _job(policy: Policy, layout, counts, inner_counts, halo_keep) -> Job:

@@ -2,7 +2,8 @@
 
 :class:`fxstream.CompiledModule` keeps one per input signature; :func:`fxstream.explain`, the command line and
 ``compile_pipeline``'s planner build one to report without running. The compile itself is
-:func:`fxstream.budget.compile_for`.
+:func:`fxstream.budget.compile_for`, through the plan cache (:func:`fxstream.plan_cache.compile_cached`: a budget's
+decision stored by an earlier process is compiled once instead of the search).
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
-from .budget import compile_for
 from .compiler import capture, describe_inputs, layout_of
 from .errors import ExecutionError
 from .guard import touched
 from .memory import weight_bytes
 from .meta import region_of
+from .plan_cache import compile_cached
 from .policy import Policy
 from .progress import library_progress
 from .rehash.runtime import RehashState
@@ -46,7 +47,7 @@ class Entry:
             self.rehash = RehashState(module, gm, policy.rehash)
             gm = self.rehash.graphs.full
         with progress.step(f"fxstream: compiling {name} under {policy.describe()}"):
-            self.compiled, bound = compile_for(gm, policy, layout, weights)
+            self.compiled, bound = compile_cached(gm, policy, layout, weights)
         # how to fetch each lifted input at call time: weights from the live module, constants from the program
         fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
         self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
@@ -57,7 +58,7 @@ class Entry:
             r = self.rehash
             # a rehash step holds the cached feature (and the probe's reference) on top of the weights
             with progress.step(f"fxstream: compiling {name}'s rehash step"):
-                r.compiled, _ = compile_for(r.graphs.rehash, policy, layout, weights + r.resident_bytes)
+                r.compiled, _ = compile_cached(r.graphs.rehash, policy, layout, weights + r.resident_bytes)
             self.report.rehash = r.info(r.compiled)
 
     def weights(self, module: torch.nn.Module, stamp=None) -> list:

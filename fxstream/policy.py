@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields
 
@@ -87,6 +88,10 @@ class Policy:
         verify: the first call of each signature also runs the original module and compares; beyond float
             rounding it raises :class:`~fxstream.VerificationError` with the max difference and the first region
             whose output differs.
+        cache_dir: the folder of the plan cache (:mod:`fxstream.plan_cache`): a budget search's decision is kept
+            there, so another process compiling the same graph under the same policy makes one compile instead
+            of the search. ``None`` (default): the folder the environment variable ``FXSTREAM_CACHE_DIR`` names,
+            no cache where it is unset; ``""`` or ``False``: no cache. It does not change what is compiled.
     """
 
     slices: int | None = None
@@ -101,6 +106,7 @@ class Policy:
     min_region_fraction: float = 0.05
     cache_size: int = 8
     verify: bool = False
+    cache_dir: str | bool | None = None
 
     def __post_init__(self):
         for name in ("slices", "spatial", "temporal", "batch"):
@@ -130,6 +136,13 @@ class Policy:
             raise ValueError(f"Policy.cache_size: expected an int >= 1 (compiled signatures kept), got {c!r}")
         if not isinstance(self.verify, bool):
             raise ValueError(f"Policy.verify: expected True or False, got {self.verify!r}")
+        d = self.cache_dir
+        if isinstance(d, os.PathLike):
+            d = os.fspath(d)
+            object.__setattr__(self, "cache_dir", d)
+        if not (d is None or d is False or isinstance(d, str)):
+            raise ValueError(f"Policy.cache_dir: expected None (the environment variable FXSTREAM_CACHE_DIR), a "
+                             f"folder (a str or a path) or '' / False (no plan cache), got {d!r}")
         f = self.min_region_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ValueError(f"Policy.min_region_fraction: expected a number in [0, 1], got {f!r}")
