@@ -111,7 +111,9 @@ class _Planner:
         if tail is not None:
             return fixed_attempt(0, tail), None
         if sliced:
-            pol = stage_policy(self.policy, stage)
+            # the plan cache's folder too (stage_policy builds the decoder's policy afresh): each attempt is then one
+            # compile of a decision stored by an earlier plan or compile of the same step (fxstream.plan_cache)
+            pol = replace(stage_policy(self.policy, stage), cache_dir=self.policy.cache_dir)
 
             def attempt(max_memory):
                 return _required(plan_on_meta(module, kwargs, replace(pol, max_memory=max_memory)), name)
