@@ -295,10 +295,12 @@ def compile_cached(gm: GraphModule, policy: Policy, layout, weights: int) -> tup
                                     lower_bound_bytes=e["lower_bound_bytes"])
         _ignored(path, "its budget error is for another budget or other weights")
     elif record is not None:
-        made = record["made_with"]
-        compiled = replay(gm, made)
-        peak = plan_memory(compiled.graph_module).peak_bytes
-        if peak == record["peak_bytes"] and peak + weights <= policy.max_memory:
+        try:
+            compiled = replay(gm, record["made_with"])
+            peak = plan_memory(compiled.graph_module).peak_bytes
+        except Exception as e:  # a decision this graph cannot take, whatever the error: the search decides again
+            compiled, peak = None, f"none (its compile raised {type(e).__name__}: {e})"
+        if compiled is not None and peak == record["peak_bytes"] and peak + weights <= policy.max_memory:
             log.info("cache hit %s", path)
             bound = record["lower_bound_bytes"]
             if bound is None:

@@ -313,3 +313,18 @@ def test_a_halo_budget_is_replayed_and_its_lower_bound_kept(tmp_path, compiles):
     assert compiles == {"search": 0, "replay": 1}
     assert rep2.peak_bytes == rep1.peak_bytes and rep2.lower_bound_bytes == bound
     assert compiles == {"search": 0, "replay": 1}
+
+
+def test_a_decision_whose_compile_raises_warns_and_searches_again(program, tmp_path, compiles, monkeypatch):
+    m, kw, base = program
+    policy = fxstream.Policy(max_memory=_budget(base), cache_dir=str(tmp_path))
+    rep = fxstream.explain(m, kw, policy)
+
+    def broken(gm, made):
+        raise RuntimeError("no such region")
+
+    monkeypatch.setattr(plan_cache, "replay", broken)
+    compiles.update(search=0, replay=0)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: no such region"):
+        assert fxstream.explain(m, kw, policy).peak_bytes == rep.peak_bytes
+    assert compiles["search"] > 1
