@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from .analysis.halo import find_halo_regions
 from .analysis.slicer import SlicePlan, find_axes, plan_slicing, tensor_bytes
 from .catalog import LAYOUTS
 from .errors import CaptureError
-from .graph_utils import copy_module, strip_asserts
+from .graph_utils import copy_module, fake_mode_of, propagate_meta, strip_asserts
 from .passes.group_regions import group_regions
 from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
@@ -135,9 +136,25 @@ class Job:
 
 
 # -- the steps -----------------------------------------------------------------------------------------------------
+_STRIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # captured graph -> (its code, stripped copy)
+
+
 def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
-    """A copy of the graph without ``_assert_tensor_metadata`` checks (they would keep sliced values alive whole)."""
-    return strip_asserts(gm)
+    """A copy of the graph without ``_assert_tensor_metadata`` checks (they would keep sliced values alive whole),
+    its fake values propagated through the graph (every view shares its input's storage as it does at run time;
+    export's values do not always: an eval-mode dropout).
+
+    The stripped, propagated graph is made once per captured graph (kept while the captured graph lives, and
+    while its code is unchanged) and each compile starts from a copy of it (``copy_module``: fake values shared):
+    a budget compiles the same graph many times. The grouping passes then recompute only what depends on the
+    values they replace (``graph_utils.refresh_values``)."""
+    kept = _STRIPPED.get(gm)
+    if kept is None or kept[0] != gm.code:
+        stripped = strip_asserts(gm)
+        propagate_meta(stripped, [n.meta["val"] for n in stripped.graph.nodes if n.op == "placeholder"],
+                       fake_mode_of(stripped))
+        kept = _STRIPPED[gm] = (gm.code, stripped)
+    return copy_module(kept[1])
 
 
 def step_split_group_norm(gm: GraphModule, job: Job) -> GraphModule:

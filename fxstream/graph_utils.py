@@ -5,14 +5,14 @@ import copy
 
 import torch
 from torch._guards import detect_fake_mode
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from .meta import KEPT
 
-__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs", "copy_module"]
+__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs", "copy_module", "refresh_values"]
 
 _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn") + KEPT
 
@@ -37,6 +37,38 @@ def propagate_nodes(nodes, mode) -> None:
         for n in nodes:
             args, kwargs = torch.fx.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
             n.meta["val"] = n.target(*args, **kwargs)
+
+
+def _layout(v) -> list:
+    return [(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, t.device) if isinstance(t, torch.Tensor)
+            else t for t in tree_leaves(v)]
+
+
+def refresh_values(graph: Graph, before: dict, mode) -> None:
+    """Recompute ``meta["val"]`` of the nodes whose value depends on a replaced one, in place, as whole-graph fake
+    propagation would (same layouts, same storages shared), given a graph whose other values are propagated:
+    ``before`` maps each node whose value was replaced (a region's output, now a fresh buffer) to its old value.
+
+    Each ``call_function`` node with a replaced input is computed again (one fake kernel, under ``mode``). If it
+    is a fresh tensor now and was one before, with the same layout, the old value stays (its users need nothing
+    new); otherwise (a view, or a changed layout) it takes the new value and counts as replaced for its users. A
+    region's ``call_module`` allocates its outputs itself, whatever its inputs' layout: it is not computed."""
+    before = dict(before)
+    with mode:
+        for n in graph.nodes:
+            if n.op == "output":  # the values returned, as whole-graph propagation leaves them
+                n.meta["val"] = torch.fx.map_arg(n.args[0], lambda a: a.meta.get("val"))
+            if n.op != "call_function" or n in before or not any(a in before for a in n.all_input_nodes):
+                continue
+            old = n.meta.get("val")
+            args, kwargs = torch.fx.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
+            new = n.target(*args, **kwargs)
+            ins_now = {r for a in n.all_input_nodes for r in storage_refs(a.meta.get("val"))}
+            ins_before = {r for a in n.all_input_nodes for r in storage_refs(before.get(a, a.meta.get("val")))}
+            if (ins_now & set(storage_refs(new))) or (ins_before & set(storage_refs(old))) or \
+                    _layout(new) != _layout(old):
+                before[n] = old
+                n.meta["val"] = new
 
 
 def storage_refs(val) -> list:

@@ -17,7 +17,7 @@ from fxstream.analysis.effects import find_effects
 from fxstream.analysis.rules import rule_for
 from fxstream.analysis.slicer import Region, SlicePlan
 from fxstream.meta import BodyInput, Grouped, set_meta
-from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_meta, propagate_nodes
+from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_nodes, refresh_values
 from fxstream.runtime import LoopRegion, buffer_layout, slice_view
 
 aten = torch.ops.aten
@@ -137,6 +137,7 @@ def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, region_kind:
     new_graph._codegen = gm.graph._codegen
     env: dict = {}
     loops = {}
+    before: dict = {}  # each region output's node -> the value it had (an interior value; now a fresh buffer)
 
     def plain(items):
         return [x[0] if isinstance(x, tuple) else x for x in items]
@@ -163,6 +164,7 @@ def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, region_kind:
             item = new_graph.call_function(operator.getitem, (call, j))
             copy_meta(o, item)
             item.meta["val"] = fresh[j]
+            before[item] = o.meta["val"]
             env[o] = item
     root = torch.nn.Module()
     for name, mod in gm.named_children():
@@ -170,6 +172,6 @@ def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, region_kind:
     for name, loop in loops.items():
         root.add_module(name, loop)
     out = GraphModule(root, new_graph)  # generates the code; the compile driver lints after each step
-    # values downstream of a region alias its fresh output buffers now, not the interior values they came from
-    propagate_meta(out, [n.meta["val"] for n in out.graph.nodes if n.op == "placeholder"], mode)
+    # values downstream of a region view its fresh output buffers now, not the interior values they came from
+    refresh_values(out.graph, before, mode)
     return out

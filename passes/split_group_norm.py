@@ -21,7 +21,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_nodes
+from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_nodes, refresh_values
 from fxstream.meta import SplitNorm, set_meta
 
 aten = torch.ops.aten
@@ -89,11 +89,14 @@ def split_group_norm(gm: GraphModule, names=None) -> GraphModule:
     if not names:
         return gm
     mode = fake_mode_of(gm)
+    before = {}
     for gn in [n for n in gm.graph.nodes if n.name in names]:
         y, made = _emit_split(gm, gn)
-        propagate_nodes(made, mode)  # y has the GroupNorm's shape, dtype and (contiguous) strides
+        propagate_nodes(made, mode)  # y has the GroupNorm's shape and dtype; its strides may differ
+        before[y] = gn.meta["val"]
         gn.replace_all_uses_with(y)
         gm.graph.erase_node(gn)
+    refresh_values(gm.graph, before, mode)  # what follows a GroupNorm takes the split one's layout
     gm.graph.lint()
     gm.recompile()
     return gm
