@@ -10,8 +10,8 @@ so another edit of the checkout between the two would make the second miss): ful
 ``Policy(max_memory="6GiB")``; a compiled tiny SVD pipeline's first generation (3 steps, where its compiles
 happen) under ``Policy(max_memory="9MiB")``; and full-size SVD-XT's whole-pipeline plan (``explain_pipeline``,
 25 frames, 576x1024, 6 GiB). The time is the call's wall time (capture, compiles, reports; not the imports or
-building the model), measured as tools/bench_compile.py measures it, with its count of compiles (top-level
-``compile_graph`` calls). Wall times on this machine's CPU threads.
+building the model), measured as tools/bench_compile.py measures it, with its count of compiles (those that ran
+the driver's steps). Wall times on this machine's CPU threads.
 """
 from __future__ import annotations
 
@@ -149,8 +149,10 @@ def main(argv=None) -> int:
            "Each row: two fresh processes one after the other with the same new FXSTREAM_CACHE_DIR; the first "
            "searches and stores the budget's decisions, the second compiles each stored decision once "
            "(fxstream/plan_cache.py). Wall time of the call (capture, compiles, reports; not imports or building "
-           "the model); 'compiles': top-level compile_graph calls; 'cache hits': entries the second process "
-           f"replayed; 'entries': files in the folder at the end. {quiet}\n\n```\n{text}\n```\n")
+           "the model); 'compiles': compiles that ran the driver's steps (tools/bench_compile.py's count: a body "
+           "compiled inside a batch split and a Policy() compile are not counted); 'cache hits': entries the second "
+           "process replayed (a budget error counts too); 'entries': files in the folder at the end. The second "
+           f"process still captures every module (torch.export) and reports. {quiet}\n\n```\n{text}\n```\n")
     write_section(ROOT / "docs", "plan-cache", doc,
                   {"rows": [{"case": c, "first": a, "second": b, "entries": n} for c, a, b, n in rows]})
     print("wrote docs/benchmarks.md")
