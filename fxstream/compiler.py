@@ -144,17 +144,18 @@ def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
     its fake values propagated through the graph (every view shares its input's storage as it does at run time;
     export's values do not always: an eval-mode dropout).
 
-    The stripped, propagated graph is made once per captured graph (kept while the captured graph lives, and
-    while its code is unchanged) and each compile starts from a copy of it (``copy_module``: fake values shared):
-    a budget compiles the same graph many times. The grouping passes then recompute only what depends on the
-    values they replace (``graph_utils.refresh_values``)."""
+    NOTE [One stripped graph per capture]: a budget compiles the same captured graph many times, so the stripped,
+    propagated copy is made once (kept while the captured graph lives and its code is unchanged) and every compile
+    of it starts from that same GraphModule. No step changes its input graph in place: a pass that rewrites
+    makes a new graph (or changes one an earlier step of the same compile made: the grouped graph's loops), and
+    the grouping passes recompute only the values they replace (``graph_utils.refresh_values``)."""
     kept = _STRIPPED.get(gm)
     if kept is None or kept[0] != gm.code:
         stripped = strip_asserts(gm)
         propagate_meta(stripped, [n.meta["val"] for n in stripped.graph.nodes if n.op == "placeholder"],
                        fake_mode_of(stripped))
         kept = _STRIPPED[gm] = (gm.code, stripped)
-    return copy_module(kept[1])
+    return kept[1]
 
 
 def step_split_group_norm(gm: GraphModule, job: Job) -> GraphModule:
