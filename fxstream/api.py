@@ -68,6 +68,13 @@ _TRAINING = ("{what}: fxstream compiles inference graphs (no gradients through t
              ".eval(); to train, use the original module (compiled.module) and compile again afterwards.")
 
 
+_POLICY_AT = 4  # where the policy sits in a signature (CompiledModule._signature)
+
+
+def _without_policy(key: tuple) -> tuple:
+    return key[:_POLICY_AT] + key[_POLICY_AT + 1:]
+
+
 def _unguarded(cls) -> frozenset:
     """Attribute names a structure guard skips on a module of class ``cls`` (fxstream's wrappers' bookkeeping)."""
     return getattr(cls, "_fxstream_unguarded", frozenset())
@@ -194,7 +201,8 @@ class CompiledModule(torch.nn.Module):
         """Moves whenever the wrapped module's structure may have changed (``Entry.weights``)."""
         return (id(self._guard), self._guard.walks)
 
-    def _signature(self, kwargs, policy: Policy | None = None):
+    def _signature(self, kwargs, policy: Policy | None = None) -> tuple:
+        """The compiled-signature key (the policy at ``_POLICY_AT``; :func:`_without_policy` drops it)."""
         flat, spec = pytree.tree_flatten(kwargs)
         p = next(self.module.parameters(), None)
         weights = (p.dtype, p.device.type, p.device.index) if p is not None else None
@@ -217,8 +225,12 @@ class CompiledModule(torch.nn.Module):
             self._new = False
         else:
             log.info("compiling %s for a new input signature", type(self.module).__name__)
+            # the same inputs compiled under another policy (a budget's attempts): its capture serves this one too
+            # (the guard's key is in the signature: the module has not changed since)
+            same = next((e for k, e in reversed(self._entries.items()) if _without_policy(k) == _without_policy(key)),
+                        None)
             try:
-                entry = Entry(self.module, kwargs, policy)
+                entry = Entry(self.module, kwargs, policy, program=same.program if same is not None else None)
             except CaptureError as e:
                 warnings.warn(f"fxstream: running the original {type(self.module).__name__} for these inputs, "
                               f"uncompiled (no slicing, no Step Rehash): {e}", FallbackWarning, stacklevel=3)

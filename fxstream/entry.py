@@ -33,13 +33,19 @@ class Entry:
     schedules the probe graph; and this signature's cached feature between steps.
     """
 
-    def __init__(self, module: torch.nn.Module, kwargs: dict, policy: Policy):
+    def __init__(self, module: torch.nn.Module, kwargs: dict, policy: Policy,
+                 program: torch.export.ExportedProgram | None = None):
+        """``program``: a capture of ``module`` on inputs of this signature made before (the same module
+        unchanged since: a budget's attempts under several policies share one capture); else captured now."""
         progress, name = library_progress(), type(module).__name__
-        try:
-            with progress.step(f"fxstream: capturing {name} (torch.export)"):
-                self.program = capture(module, kwargs)
-        finally:
-            touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): every guard walks again
+        if program is not None:
+            self.program = program
+        else:
+            try:
+                with progress.step(f"fxstream: capturing {name} (torch.export)"):
+                    self.program = capture(module, kwargs)
+            finally:
+                touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): guards walk again
         gm, layout = self.program.graph_module, layout_of(module)
         weights = weight_bytes(self.program)
         self.rehash = None

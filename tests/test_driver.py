@@ -112,3 +112,41 @@ def test_the_compile_clock_shows_on_a_terminal_once(monkeypatch):
     assert library_progress().enabled
     monkeypatch.setenv("FXSTREAM_PROGRESS", "0")
     assert not library_progress().enabled
+
+
+def test_compiles_of_one_capture_share_its_stripped_graph_and_leave_it_unchanged(captured):
+    """NOTE [One stripped graph per capture]: the first step's graph is made once; no step changes it."""
+    gm, layout = captured
+    job = _job(layout, frames=2)
+    first = compiler.step_strip_asserts(gm, job)
+    before = str(first.graph)
+    compile_graph(gm, fxstream.Policy(slices=2), layout)
+    compile_graph(gm, fxstream.Policy(slices=3, halo=2), layout)
+    assert compiler.step_strip_asserts(gm, job) is first
+    assert str(first.graph) == before
+
+
+def test_a_budgets_attempts_share_one_capture(svd_tiny, monkeypatch):
+    """A module compiled under several policies on the same inputs (compile_pipeline's budget attempts) is
+    captured once; so is a module planned on meta several times inside shared_captures (explain_pipeline)."""
+    from fxstream import entry
+    unet, kwargs = svd_tiny
+    calls = []
+    real = entry.capture
+    monkeypatch.setattr(entry, "capture", lambda m, kw: calls.append(1) or real(m, kw))
+    cm = fxstream.compile(copy.deepcopy(unet), fxstream.Policy())
+    a = cm.compiled_entry(kwargs, fxstream.Policy(slices=2))
+    b = cm.compiled_entry(kwargs, fxstream.Policy(slices=4))
+    assert len(calls) == 1 and a.program is b.program and a is not b
+    other = {k: v.clone() if hasattr(v, "clone") else v for k, v in kwargs.items()}
+    other["sample"] = kwargs["sample"][:, :2].clone()  # fewer frames: another signature, captured anew
+    cm.compiled_entry(other, fxstream.Policy(slices=2))
+    assert len(calls) == 2
+
+    from fxstream.stages.planning import plan_on_meta, shared_captures
+    calls.clear()
+    with shared_captures():
+        p1 = plan_on_meta(unet, kwargs, fxstream.Policy(slices=2))
+        p2 = plan_on_meta(unet, kwargs, fxstream.Policy(max_memory=10**12))
+    plan_on_meta(unet, kwargs, fxstream.Policy(slices=2))  # outside the scope: captured again
+    assert len(calls) == 2 and p1.program is p2.program

@@ -97,7 +97,8 @@ def stage_policy(policy: Policy, stage: str) -> Policy:
     if stage == "denoise":
         return replace(policy, halo=None, max_memory=None)
     return Policy(halo=policy.halo, spatial=policy.spatial, pipeline=policy.pipeline, cpu_workers=policy.cpu_workers,
-                  min_region_fraction=policy.min_region_fraction, cache_size=policy.cache_size, verify=policy.verify)
+                  min_region_fraction=policy.min_region_fraction, cache_size=policy.cache_size, verify=policy.verify,
+                  cache_dir=policy.cache_dir)
 
 
 def check_offload(offload, policy: Policy) -> str:

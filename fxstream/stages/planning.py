@@ -2,6 +2,7 @@
 or AnimateDiff's), plans its modules on meta copies and takes the decisions :func:`compile_pipeline` takes."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -9,6 +10,7 @@ import itertools
 import math
 import time
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
@@ -53,11 +55,40 @@ def _on_meta(kwargs: dict) -> dict:
             for k, v in kwargs.items()}
 
 
+_CAPTURES: ContextVar = ContextVar("fxstream_planning_captures", default=None)
+
+
+@contextlib.contextmanager
+def shared_captures():
+    """Within it, :func:`plan_on_meta` makes one meta copy and one capture of each module, dtype and input
+    signature, and every plan of them (a budget's attempts, the decoder's floor) is compiled from that capture.
+    Opened around one planning call (``explain_pipeline``): nothing is kept after it, so a module changed between
+    two calls is captured again."""
+    token = _CAPTURES.set({})
+    try:
+        yield
+    finally:
+        _CAPTURES.reset(token)
+
+
+def _input_key(kwargs: dict) -> tuple:
+    return tuple((k, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v)) for k, v in kwargs.items())
+
+
 def plan_on_meta(module, kwargs: dict, policy: Policy, dtype: torch.dtype | None = None):
     """fxstream's plan (``fxstream.entry.Entry``: the captured program and its report) of ``module`` on these inputs, on a
-    meta copy (nothing computed); None with a warning where torch.export cannot capture it."""
+    meta copy (nothing computed); None with a warning where torch.export cannot capture it. Inside
+    :func:`shared_captures` the copy and the capture are made once."""
+    shared, key = _CAPTURES.get(), (id(unwrap(module)), dtype, _input_key(kwargs))
     try:
-        return Entry(meta_clone(unwrap(module), dtype), _on_meta(kwargs), policy)
+        if shared is not None and key in shared:
+            _, clone, kw, program = shared[key]
+            return Entry(clone, kw, policy, program=program)
+        clone, kw = meta_clone(unwrap(module), dtype), _on_meta(kwargs)
+        entry = Entry(clone, kw, policy)
+        if shared is not None:  # the module is kept too: its id stays its own while the scope lasts
+            shared[key] = (unwrap(module), clone, kw, entry.program)
+        return entry
     except CaptureError as e:
         warnings.warn(f"fxstream: cannot plan {type(unwrap(module)).__name__}: {e}", FallbackWarning, stacklevel=3)
         return None
@@ -111,9 +142,7 @@ class _Planner:
         if tail is not None:
             return fixed_attempt(0, tail), None
         if sliced:
-            # the plan cache's folder too (stage_policy builds the decoder's policy afresh): each attempt is then one
-            # compile of a decision stored by an earlier plan or compile of the same step (fxstream.plan_cache)
-            pol = replace(stage_policy(self.policy, stage), cache_dir=self.policy.cache_dir)
+            pol = stage_policy(self.policy, stage)
 
             def attempt(max_memory):
                 return _required(plan_on_meta(module, kwargs, replace(pol, max_memory=max_memory)), name)
@@ -332,10 +361,11 @@ def explain_pipeline(pipe, *, height: int | None = None, width: int | None = Non
     unet = unwrap(pipe.unet)
     v = _video(pipe, unet, height, width, num_frames, batch, guidance, decode_chunk_size)
     plan = _Planner(kind, units, policy, offload)
-    _plan_encode(plan, pipe, kind, v)
-    plan.add("denoise", "unet", "each denoising step", unet, _unet_kwargs(pipe, kind, unet, v), sliced=True)
-    _plan_decode(plan, pipe.vae, kind, policy, v)
-    stages = plan.stages()
+    with shared_captures():  # each module captured once, whatever the budget tries
+        _plan_encode(plan, pipe, kind, v)
+        plan.add("denoise", "unet", "each denoising step", unet, _unet_kwargs(pipe, kind, unet, v), sliced=True)
+        _plan_decode(plan, pipe.vae, kind, policy, v)
+        stages = plan.stages()
     report = PipelineReport(type(pipe).__name__, v.height, v.width, v.num_frames, batch, guidance,
                             str(v.dtype).replace("torch.", ""), policy, stages, {}, 0.0)
     report.timeline = stages_timeline(stages)
