@@ -17,22 +17,11 @@ arguments it narrows and where, where its outputs go) is prepared once, when the
   for another, except partial outputs (sums over the axis), which are added in slice order through a chain of
   events so that the sum is the one ``k == 1`` computes. Memory made on a side stream and handed to another
   stream (the partial sums) is recorded on that stream for the caching allocator;
-* CPU workers: a pool of ``min(k, intra-op threads)`` threads, the intra-op threads shared out among them. The
-  next slice goes to whichever worker is free first (partial sums are still added in slice order). With one
-  intra-op thread per worker (``k`` at least the thread count) a slice never meets an OpenMP barrier, and the
-  pool is taken without measuring; with several per worker each region times its first slices both ways on its
-  first call and keeps the pool only if it is at least 10% faster (``Policy(cpu_workers=True/False)`` decides
-  instead). The choice holds from the first call on, so every call gives the same numbers. The modes can differ
-  by float rounding: some CPU kernels (oneDNN's Conv3d) choose their algorithm by the number of threads.
-
-Spare slices in flight (CPU, unless ``Policy(cpu_workers=False)``): :func:`set_in_flight` gives a region up to
-as many slices in flight as there are intra-op threads, each on a single-threaded worker, where the plan has
-room for their working sets below the largest region peak: the planned peak neither grows nor moves, and the
-plan counts them. Why: the serial loop runs every slice's kernels with all intra-op threads, and libgomp's
-threads spin at each kernel's fork and join; on a loaded machine a spinning thread takes the core from the one
-it waits for, so each of the sliced graph's many small kernels costs about a scheduler time slice
-(tools/bench_load.py: svd-mid under 3 background processes went from 4x the exported graph's latency to about
-1x). Regions with no room keep the serial loop.
+* CPU workers: a pool of ``k`` threads, the intra-op threads shared out among them. Whether it is faster than
+  the serial loop depends on the machine and the slice sizes, so on its first call each region times its first
+  ``k`` slices both ways and keeps the pool only if it is at least 10% faster (it costs k working sets) (``Policy(cpu_workers=True/False)`` decides instead). The choice
+  holds from the first call on, so every call gives the same numbers. The two modes can differ by float
+  rounding: some CPU kernels (oneDNN's Conv3d) choose their algorithm by the number of threads.
 """
 from __future__ import annotations
 
@@ -40,7 +29,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -49,8 +38,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .analysis.cuts import PARTIAL, Cut
 
-__all__ = ["LoopRegion", "cpu_pool", "set_in_flight", "spare_in_flight", "slice_view", "body_input",
-           "contiguous_strides", "buffer_layout"]
+__all__ = ["LoopRegion", "cpu_pool", "set_in_flight", "slice_view", "body_input", "contiguous_strides", "buffer_layout"]
 
 
 def slice_view(x: torch.Tensor, cut: Cut, start: int, n: int, length: int) -> torch.Tensor:
@@ -136,72 +124,11 @@ def _side_streams(device: torch.device, n: int) -> list:
 
 def set_in_flight(gm: torch.nn.Module, k: int, cpu_workers: bool | None = None) -> None:
     """Give every loop region in ``gm`` (nested ones too) ``k`` slices in flight and the CPU mode that
-    ``Policy.cpu_workers`` asks for (None: chosen on the first call). On the CPU, unless ``cpu_workers`` is
-    False, a region also takes up to as many slices in flight as there are intra-op threads where the graph's
-    planned peak has room for their working sets (:func:`spare_in_flight`)."""
+    ``Policy.cpu_workers`` asks for (None: measured on the first call)."""
     mode = {None: None, True: "workers", False: "serial"}[cpu_workers]
     for loop in gm.modules():
         if isinstance(loop, LoopRegion):
             loop.pipeline, loop.cpu_mode = k, mode
-    if cpu_workers is not False and isinstance(gm, torch.fx.GraphModule) and _device_type(gm) == "cpu":
-        spare_in_flight(gm, torch.get_num_threads())
-
-
-def _device_type(gm: torch.fx.GraphModule) -> str | None:
-    """The device type of the graph's first tensor input (from its metadata), None without one."""
-    for n in gm.graph.nodes:
-        val = n.meta.get("val") if n.op == "placeholder" else None
-        if isinstance(val, torch.Tensor):
-            return val.device.type
-    return None
-
-
-def spare_in_flight(gm: torch.fx.GraphModule, threads: int) -> int:
-    """Raise the slices in flight of every loop region of ``gm`` whose working sets fit: up to ``threads``, each
-    slice on a worker of its own (with ``threads`` workers, single-threaded), and return how many regions it
-    raised.
-
-    A region's working set (its body's planned peak) exists once per slice in flight, so ``w`` slices in flight
-    cost ``w - k`` more working sets than ``k`` do. A region takes ``w`` where that keeps it below the largest
-    planned peak of any loop region of the graph as it is: the graph's planned peak does not grow nor move, and
-    the plan counts the ``w`` working sets (:func:`fxstream.memory.plan_memory` reads ``in_flight``). The bound is
-    the regions' own peak, not the graph's, so that halo slicing planned after this step (which only lowers what
-    runs outside these regions) leaves it true. Regions with partial outputs (sums over the axis) keep theirs;
-    the inner regions of a batch split are fitted inside their batch region's share."""
-    if threads < 2:
-        return 0
-    from .memory import plan_memory  # the planner reads LoopRegion's attributes; it never imports the runtime
-
-    plan = plan_memory(gm)
-    peaks = [plan.region_peaks[n.name] for n in _region_nodes(gm)]
-    return _spare(gm, plan, max(peaks), threads) if peaks else 0
-
-
-def _region_nodes(gm: torch.fx.GraphModule) -> list:
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LoopRegion)]
-
-
-def _spare(gm: torch.fx.GraphModule, plan, bound: int, threads: int) -> int:
-    from .memory import plan_memory
-
-    raised = 0
-    for n in _region_nodes(gm):
-        loop = gm.get_submodule(n.target)
-        during, working = plan.region_peaks[n.name], plan.region_working_bytes[n.name]
-        if loop.nested:  # one part at a time: its inner regions may use what the part leaves of the bound
-            for body in loop.bodies.values():
-                raised += _spare(body, plan_memory(body), bound - (during - working), threads)
-            continue
-        k = loop.in_flight
-        if loop.partial or k >= threads:
-            continue
-        per_slice = working // k  # without partial sums the working set is k times the largest body's peak
-        for w in range(min(threads, len(loop.bounds)), k, -1):
-            if during + (w - k) * per_slice < bound:  # below it: the peak stays where it was
-                loop.pipeline, loop.cpu_mode = w, "workers"
-                raised += 1
-                break
-    return raised
 
 
 def _in_callers_state(fn):
@@ -304,14 +231,11 @@ class LoopRegion(torch.nn.Module):
         elif device.type == "cuda":
             self._run_streams(ins, dsts, outs, k, device)
         else:
-            threads = torch.get_num_threads()
-            workers = min(k, threads)  # never more threads than the caller allows
             if self.cpu_mode is None:
-                # one intra-op thread per worker: no OpenMP barrier inside a slice, nothing worth measuring
-                self.cpu_mode = "workers" if workers == threads else self._measure_cpu(ins, workers)
-            if self.cpu_mode == "workers" and workers > 1:
-                self._run_workers(ins, dsts, outs, workers)
-            else:  # one thread: the serial loop computes what a single-threaded worker would
+                self.cpu_mode = self._measure_cpu(ins, k)
+            if self.cpu_mode == "workers":
+                self._run_workers(ins, dsts, outs, k)
+            else:
                 self._run_serial(ins, dsts, outs)
         return tuple(outs)
 
@@ -323,8 +247,7 @@ class LoopRegion(torch.nn.Module):
 
     def _measure_cpu(self, ins, k: int) -> str:
         """Time the first ``k`` slices' bodies one after another and on ``k`` workers (after a warm-up run of
-        each: kernel selection, the pool's start) and return the faster mode (used where each worker would still
-        have several intra-op threads). Bodies are pure functions of their
+        each: kernel selection, the pool's start) and return the faster mode. Bodies are pure functions of their
         arguments, so running them here changes nothing; the loop that follows computes the region's outputs."""
         steps = self._steps[:k]
         pool = cpu_pool(k)
@@ -374,13 +297,8 @@ class LoopRegion(torch.nn.Module):
 
         try:
             for step in self._steps:
-                if len(pending) == k:  # at most k slices in flight
-                    if partial:  # partial sums are added in slice order
-                        self._accumulate(pending.popleft().result(), outs)
-                    else:  # the next slice starts as soon as any worker is free, not only the oldest one
-                        for f in wait(pending, return_when=FIRST_COMPLETED).done:
-                            pending.remove(f)
-                            f.result()
+                if len(pending) == k:  # at most k slices in flight; partial sums added in slice order
+                    self._accumulate(pending.popleft().result(), outs)
                 pending.append(pool.submit(work, step))
             while pending:
                 self._accumulate(pending.popleft().result(), outs)
