@@ -22,10 +22,24 @@ arguments it narrows and where, where its outputs go) is prepared once, when the
   ``k`` slices both ways and keeps the pool only if it is at least 10% faster (it costs k working sets) (``Policy(cpu_workers=True/False)`` decides instead). The choice
   holds from the first call on, so every call gives the same numbers. The two modes can differ by float
   rounding: some CPU kernels (oneDNN's Conv3d) choose their algorithm by the number of threads.
+
+Short OpenMP waits under load (CPU): the intra-op threads of PyTorch's Linux builds are libgomp's, and libgomp's
+threads spin (about 300,000 iterations) before they sleep, at every kernel's fork and join. When other processes
+load the cores, a spinning thread takes the core from the very thread it waits for, so every parallel kernel
+costs about a scheduler time slice; slicing multiplies the kernels (svd-mid, ``slices=8``: about 8x as many), so
+the sliced graph suffered most (tools/bench_load.py). libgomp spins only 100 iterations when a process has more
+OpenMP threads than CPUs (GOMP_SPINCOUNT in its manual; ``OMP_WAIT_POLICY`` is read when it loads, too early for
+a library). So while the CPU is oversubscribed (``/proc/pressure/cpu``, else the load average) a CPU region call
+keeps an idle OpenMP team on a helper thread (:class:`ShortWaits`) until shortly after the last such call. It
+changes when threads sleep, never what they compute: same kernels, same thread counts, same numbers, no memory.
+``FXSTREAM_SHORT_WAITS=0`` turns it off, ``=1`` holds it whenever a region runs with several threads.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import math
+import os
 import threading
 import time
 from collections import deque
@@ -38,7 +52,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .analysis.cuts import PARTIAL, Cut
 
-__all__ = ["LoopRegion", "cpu_pool", "set_in_flight", "slice_view", "body_input", "contiguous_strides", "buffer_layout"]
+__all__ = ["LoopRegion", "cpu_pool", "set_in_flight", "slice_view", "body_input", "contiguous_strides", "buffer_layout",
+           "ShortWaits", "SHORT_WAITS", "cpu_pressure", "libgomp_path"]
 
 
 def slice_view(x: torch.Tensor, cut: Cut, start: int, n: int, length: int) -> torch.Tensor:
@@ -110,6 +125,148 @@ def cpu_pool(workers: int) -> ThreadPoolExecutor:
             _POOLS[key] = pool
         return _POOLS[key]
 
+
+def cpu_pressure(text: str | None = None) -> float | None:
+    """The share (percent) of the last 10 seconds in which some runnable task waited for a CPU (Linux pressure
+    stall information, ``/proc/pressure/cpu``; ``text`` instead of reading it), None where it is not available."""
+    if text is None:
+        try:
+            with open("/proc/pressure/cpu") as f:
+                text = f.read()
+        except OSError:
+            return None
+    for line in text.splitlines():
+        if line.startswith("some "):
+            fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+            try:
+                return float(fields["avg10"])
+            except (KeyError, ValueError):
+                return None
+    return None
+
+
+def libgomp_path() -> str | None:
+    """The file of the libgomp this process has loaded (PyTorch's OpenMP on Linux), None without one."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if "libgomp" in line.rsplit("/", 1)[-1]:
+                    return line.split(None, 5)[-1].strip()
+    except OSError:
+        pass
+    return None
+
+
+class ShortWaits:
+    """Keeps libgomp's spin-waits short while loop regions run on an oversubscribed CPU.
+
+    :meth:`hold` (called by every CPU region call with its intra-op thread count) checks the CPU pressure at most
+    every ``check_s`` seconds; while it is at least ``pressure`` percent (or, without pressure information, the
+    1-minute load average exceeds the CPUs) it keeps a helper thread with an idle OpenMP team of its own, sized so
+    that the process has more OpenMP threads than CPUs: libgomp then spins 100 iterations instead of about 300,000
+    before a waiting thread sleeps. The helper sets only its own OpenMP thread count (``omp_set_num_threads`` of
+    the loaded libgomp: per thread), runs one parallel kernel to make its team, and exits ``hold_s`` seconds after
+    the last call that asked for it; libgomp counts its threads out again when it exits. ``mode``: "auto" (under
+    load), "on" (whenever a region has several threads), "off"; default from ``FXSTREAM_SHORT_WAITS`` (0 / 1)."""
+
+    def __init__(self, mode: str | None = None, pressure: float = 25.0, check_s: float = 1.0, hold_s: float = 1.0):
+        env = os.environ.get("FXSTREAM_SHORT_WAITS", "")
+        self.mode = mode or {"0": "off", "1": "on"}.get(env.strip(), "auto")
+        self.pressure, self.check_s, self.hold_s = pressure, check_s, hold_s
+        self._lock = threading.Lock()
+        self._until = 0.0
+        self._thread = None
+        self._checked, self._loaded = -math.inf, False
+        self._gomp = None  # ctypes handle of the loaded libgomp; False where there is none
+
+    @property
+    def helper(self) -> threading.Thread | None:
+        """The helper thread holding the idle team, None when there is none."""
+        return self._thread
+
+    @property
+    def held(self) -> bool:
+        """Whether the helper's team is held now."""
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def oversubscribed(self) -> bool:
+        p = cpu_pressure()
+        if p is not None:
+            return p >= self.pressure
+        try:
+            return os.getloadavg()[0] > len(os.sched_getaffinity(0))
+        except (OSError, AttributeError):
+            return False
+
+    def hold(self, threads: int, seconds: float | None = None) -> bool:
+        """Keep (or start) the helper for ``seconds`` (default ``hold_s``) more where the mode and the load ask
+        for it; return whether it is held."""
+        if self.mode == "off" or threads < 2:
+            return False
+        now = time.monotonic()
+        if self.mode == "auto" and now - self._checked >= self.check_s:
+            self._checked, self._loaded = now, self.oversubscribed()
+        if self.mode == "auto" and not self._loaded:
+            return self.held
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return False
+        team = cpus - threads + 2  # the caller's team has `threads`: one more than the CPUs in all
+        if team < 2 or not self._libgomp():
+            return False  # more threads than CPUs already (libgomp spins briefly anyway), or no libgomp
+        started = None
+        with self._lock:
+            self._until = max(self._until, now + (self.hold_s if seconds is None else seconds))
+            if not self.held:
+                started = threading.Event()
+                self._thread = threading.Thread(target=self._helper, args=(team, started), daemon=True,
+                                                name="fxstream-short-waits")
+                self._thread.start()
+        if started is not None:
+            started.wait()  # its team exists before the region's kernels start
+        return True
+
+    def release(self) -> None:
+        """End the helper now (it exits within its next wait)."""
+        with self._lock:
+            self._until = 0.0
+            t = self._thread
+        if t is not None:
+            t.join()
+
+    def _libgomp(self):
+        if self._gomp is None:
+            path = libgomp_path()
+            try:
+                self._gomp = ctypes.CDLL(path) if path else False
+            except OSError:
+                self._gomp = False
+        return self._gomp
+
+    def _helper(self, team: int, started: threading.Event) -> None:
+        try:
+            torch.get_num_threads()  # ATen's per-thread setting is made now (from the global count), then:
+            self._gomp.omp_set_num_threads(team)  # this thread's own count only (no global or MKL setting)
+            torch.ones(team * 65536).add_(1)  # one kernel split in `team` parts: the team is made and kept
+        except Exception:  # no usable libgomp after all: never try again
+            self._gomp = False
+            with self._lock:
+                self._thread = None
+            return
+        finally:
+            started.set()
+        while True:
+            with self._lock:
+                left = self._until - time.monotonic()
+                if left <= 0:
+                    self._thread = None
+                    return
+            time.sleep(min(left, 0.25))
+
+
+SHORT_WAITS = ShortWaits()
 
 _STREAMS: dict = {}
 _POOL_MARGIN = 0.9  # a region takes the CPU pool only if its slices run in under 90% of the serial time
@@ -225,6 +382,8 @@ class LoopRegion(torch.nn.Module):
         dsts = list(outs)
         for j, d, sizes in self._unflat_out:
             dsts[j] = dsts[j].unflatten(d, sizes)
+        if device.type == "cpu":
+            SHORT_WAITS.hold(torch.get_num_threads())
         k = self.in_flight
         if k == 1:
             self._run_serial(ins, dsts, outs)
