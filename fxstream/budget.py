@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 
 from torch.fx import GraphModule
 
-from .analysis.slicer import find_axes
-from .compiler import CompiledGraph, compile_graph, region_id
+from .analysis.axes import find_axes, frames_in_batch
+from .compiler import CompiledGraph, axes_of, compile_graph, region_id
 from .errors import MemoryBudgetError
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
@@ -56,15 +56,15 @@ def _caps(policy: Policy, batch: int | None, pipeline: int = 1) -> Policy:
                   min_region_fraction=policy.min_region_fraction)
 
 
-def _batch_choices(gm: GraphModule, policy: Policy, layout) -> list:
-    size = next((a.length for a in find_axes(gm, layout) if a.name == "batch"), 1)
+def _batch_choices(gm: GraphModule, policy: Policy) -> list:
+    size = next((a.length for a in find_axes(gm, axes_of(gm)) if a.name == "batch"), 1)
     parts = policy.batch if policy.batch is not None else size
     return [None] + ([parts] if size > 1 and parts > 1 else [])
 
 
-def floor(gm: GraphModule, policy: Policy, layout, batch: int | None) -> Floor:
+def floor(gm: GraphModule, policy: Policy, batch: int | None) -> Floor:
     """The structure at its upper-limit counts, one slice in flight."""
-    cg = compile_graph(gm, _caps(policy, batch), layout)
+    cg = compile_graph(gm, _caps(policy, batch))
     return Floor(batch, cg, plan_memory(cg.graph_module))
 
 
@@ -73,9 +73,9 @@ def _in_flight(f: Floor, k: int) -> Floor:
     return f if k == 1 else Floor(f.batch, f.compiled, plan_memory(f.compiled.graph_module, in_flight=k))
 
 
-def lower_bound(gm: GraphModule, policy: Policy, layout) -> Floor:
+def lower_bound(gm: GraphModule, policy: Policy) -> Floor:
     """The floor of the most divided structure the policy allows (see the module docstring)."""
-    return floor(gm, policy, layout, _batch_choices(gm, policy, layout)[-1])
+    return floor(gm, policy, _batch_choices(gm, policy)[-1])
 
 
 def _graphs(f: Floor, budget: int, k: int = 1):
@@ -113,11 +113,11 @@ def _launches(cg: CompiledGraph, counts: dict) -> int:
     return ops + sum(counts.get(region_id(r), r.count) * len(r.nodes) for r in cg.plan.regions)
 
 
-def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -> tuple[CompiledGraph, Floor]:
+def choose_slicing(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[CompiledGraph, Floor]:
     """Compile ``gm`` with the cheapest slicing whose planned peak plus ``weight_bytes`` fits
     ``policy.max_memory``; MemoryBudgetError when none can. Returns the compiled graph and the lower bound."""
     budget = policy.max_memory - weight_bytes
-    floors = [floor(gm, policy, layout, b) for b in _batch_choices(gm, policy, layout)]
+    floors = [floor(gm, policy, b) for b in _batch_choices(gm, policy)]
     lowest = min(floors, key=lambda f: f.peak_bytes)
     if budget < lowest.peak_bytes:
         raise MemoryBudgetError(
@@ -128,7 +128,7 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
             f"smaller (frames, resolution, batch) or the dtype narrower.",
             max_memory=policy.max_memory, weight_bytes=weight_bytes, lower_bound_bytes=lowest.peak_bytes)
     if plan_memory(gm).peak_bytes <= budget:
-        return compile_graph(gm, Policy(), layout), lowest
+        return compile_graph(gm, Policy()), lowest
     # slices in flight: the most the policy allows whose floor fits (each one holds a working set of its own)
     k = policy.pipeline
     while k > 1 and min(_in_flight(f, k).peak_bytes for f in floors) > budget:
@@ -149,9 +149,9 @@ def choose_slicing(gm: GraphModule, policy: Policy, layout, weight_bytes: int) -
     for attempt in range(6):
         pol = _caps(policy, f.batch, k)
         if f.batch is None:
-            cg = compile_graph(gm, pol, layout, counts=counts[0])
+            cg = compile_graph(gm, pol, counts=counts[0])
         else:
-            cg = compile_graph(gm, pol, layout, inner_counts=counts)
+            cg = compile_graph(gm, pol, inner_counts=counts)
         fitted = Floor(f.batch, cg, plan_memory(cg.graph_module))
         if fitted.peak_bytes <= budget:
             log.info("budget %s met with batch=%s after %d compiles", format_bytes(budget), f.batch, attempt + 1)
@@ -246,7 +246,7 @@ def _halo_policy(policy: Policy, grid: tuple[int, int], frames: int = 1) -> Poli
 def _keep_choices(gm: GraphModule, policy: Policy) -> list[int]:
     """Sizes of the values a halo region could keep whole at a checkpoint, largest first, then 0 (none)."""
     from .analysis.halo import checkpoints, find_halo_regions
-    regions, _ = find_halo_regions(compile_graph(gm, Policy(), None).graph_module, 2, policy.min_region_fraction)
+    regions, _ = find_halo_regions(compile_graph(gm, Policy()).graph_module, 2, policy.min_region_fraction)
     sizes = set()
     for r in regions:
         for c in checkpoints(r.nodes, r.inside, 1 << 62):
@@ -260,7 +260,7 @@ def halo_lower_bound(gm: GraphModule, policy: Policy) -> Floor:
     squarest grid, nothing kept whole; the lower of the two plans."""
     best = None
     for grid in _halo_grids(policy, *_image_size(gm))[-1]:
-        cg = compile_graph(gm, _halo_policy(policy, grid, _frame_counts(gm, policy)[-1]), None, halo_keep=0)
+        cg = compile_graph(gm, _halo_policy(policy, grid, _frame_counts(gm, policy)[-1]), halo_keep=0)
         floor = Floor(None, cg, plan_memory(cg.graph_module))
         if best is None or floor.peak_bytes < best.peak_bytes:
             best = floor
@@ -289,12 +289,12 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
     from .analysis.cost import node_flops
     budget = policy.max_memory - weight_bytes
     if plan_memory(gm).peak_bytes <= budget:
-        return compile_graph(gm, Policy(), None), None
+        return compile_graph(gm, Policy()), None
     best_peak, best, flops = None, None, None
     grids = _halo_grids(policy, *_image_size(gm))
     for frames in _frame_counts(gm, policy):
         # the floor of this frame count (finest grid, nothing kept whole) first: no finer search where it misses
-        floor = plan_memory(compile_graph(gm, _halo_policy(policy, grids[-1][-1], frames), None,
+        floor = plan_memory(compile_graph(gm, _halo_policy(policy, grids[-1][-1], frames),
                                           halo_keep=0).graph_module).peak_bytes
         best_peak = floor if best_peak is None else min(best_peak, floor)
         if floor > budget:
@@ -303,7 +303,7 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
             for group in grids:
                 fit = False
                 for grid in group:
-                    cg = compile_graph(gm, _halo_policy(policy, grid, frames), None, halo_keep=keep)
+                    cg = compile_graph(gm, _halo_policy(policy, grid, frames), halo_keep=keep)
                     peak = plan_memory(cg.graph_module).peak_bytes
                     best_peak = min(best_peak, peak)
                     if peak <= budget:
@@ -331,28 +331,36 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
         max_memory=policy.max_memory, weight_bytes=weight_bytes, lower_bound_bytes=best_peak)
 
 
-def compile_for(gm: GraphModule, policy: Policy, layout, weights: int) -> tuple[CompiledGraph, object]:
+def _video(gm: GraphModule) -> bool:
+    """Whether the budget slices ``gm`` by cuts (the video search above): it has a frames or tokens axis that does
+    not ride in its convolutions' batch. Otherwise (a VAE decoder, an image network) halos do
+    (:func:`choose_halo`); see :func:`fxstream.analysis.axes.frames_in_batch`."""
+    axes = axes_of(gm)
+    return not frames_in_batch(gm, axes) and any(a.name in ("frames", "tokens") for a in find_axes(gm, axes))
+
+
+def compile_for(gm: GraphModule, policy: Policy, weights: int) -> tuple[CompiledGraph, object]:
     """Compile ``gm`` under ``policy``: with ``max_memory``, the search above chooses the counts (halo slicing along
-    height when the graph has no named video axis: a VAE decoder); else the policy's counts as given. Returns the
+    height when the graph is not a video by :func:`_video`: a VAE decoder); else the policy's counts as given. Returns the
     compiled graph and its lower bound (bytes, or a function computing them on demand: a lower bound is a compile).
     The compiled graph's ``made_with`` is the one compile that made it (:mod:`fxstream.plan_cache` replays it)."""
-    video = bool(find_axes(gm, layout))
+    video = _video(gm)
     if policy.max_memory is not None and not video:
         compiled, bound = choose_halo(gm, policy, weights)
-        return compiled, bound if bound is not None else deferred_bound(gm, policy, layout, video)
+        return compiled, bound if bound is not None else deferred_bound(gm, policy, video)
     if policy.max_memory is None and policy.halo and not video:
-        return compile_graph(gm, policy, layout), deferred_bound(gm, policy, layout, video)
+        return compile_graph(gm, policy), deferred_bound(gm, policy, video)
     if policy.max_memory is not None:
-        compiled, lowest = choose_slicing(gm, policy, layout, weights)
+        compiled, lowest = choose_slicing(gm, policy, weights)
         return compiled, lowest.peak_bytes
-    return compile_graph(gm, policy, layout), deferred_bound(gm, policy, layout, video)
+    return compile_graph(gm, policy), deferred_bound(gm, policy, video)
 
 
-def deferred_bound(gm: GraphModule, policy: Policy, layout, video: bool | None = None):
+def deferred_bound(gm: GraphModule, policy: Policy, video: bool | None = None):
     """The lower bound :func:`compile_for` gives where it computes none: a function computing it on demand (the
     halo floor for a graph without a named video axis, else :func:`lower_bound`)."""
     if video is None:
-        video = bool(find_axes(gm, layout))
+        video = _video(gm)
     if not video and (policy.max_memory is not None or policy.halo):
         return lambda: halo_lower_bound(gm, policy).peak_bytes
-    return lambda: lower_bound(gm, policy, layout).peak_bytes
+    return lambda: lower_bound(gm, policy).peak_bytes

@@ -1,24 +1,14 @@
 """Every table that names a diffusers class or a module path, in one place.
 
-Nothing here decides a slice on its own: the rules and the graph do. These tables tell the compiler the latent
-layout of the UNets it knows (``LAYOUTS``, until the axes are found from the graph alone), which block attribute
-holds a UNet's temporal layers (Step Rehash's default cache point), which diffusers pipelines
-``compile_pipeline`` can budget as a whole, and which UNet classes the command line and the model builders make.
+Nothing here decides a slice: the rules and the graph do (the axes are found from the ops alone,
+fxstream/analysis/axes.py). These tables tell which block attribute holds a UNet's temporal layers (Step Rehash's
+default cache point), which diffusers pipelines ``compile_pipeline`` can budget as a whole, and which UNet classes
+the command line and the model builders make.
 """
 from __future__ import annotations
 
-__all__ = ["LAYOUTS", "AXIS_NAMES", "TEMPORAL_LAYERS", "UP_BLOCKS", "TIMESTEP_ARG", "DEFAULT_PROBE", "PIPELINE_KINDS", "UNET_KINDS",
+__all__ = ["TEMPORAL_LAYERS", "UP_BLOCKS", "TIMESTEP_ARG", "DEFAULT_PROBE", "PIPELINE_KINDS", "UNET_KINDS",
            "UNET_CLASSES", "unet_kind"]
-
-# Layout of the video latent (the first 5-D input) per model class; a model not listed gets no named axes.
-LAYOUTS = {
-    "UNetSpatioTemporalConditionModel": "BFCHW",
-    "UNetMotionModel": "BCFHW",
-    "UNet3DConditionModel": "BCFHW",
-    "I2VGenXLUNet": "BCFHW",
-}
-# The letters of a layout, as the report names the axes.
-AXIS_NAMES = {"B": "batch", "F": "frames", "H": "height", "W": "width"}
 
 # The temporal layers of each diffusers block type: the attribute holding them. A module in one of these lists
 # returns a feature that has just been mixed across frames (TransformerSpatioTemporalModel and

@@ -27,8 +27,8 @@ import torch
 from torch.fx import GraphModule
 
 from .analysis.halo import find_halo_regions
-from .analysis.slicer import SlicePlan, find_axes, plan_slicing, tensor_bytes
-from .catalog import LAYOUTS
+from .analysis.axes import all_axes, frames_in_batch
+from .analysis.slicer import SlicePlan, plan_slicing, tensor_bytes
 from .errors import CaptureError
 from .graph_utils import copy_module, fake_mode_of, propagate_meta, strip_asserts
 from .passes.group_regions import group_regions
@@ -41,13 +41,8 @@ from .runtime import LoopRegion, set_in_flight
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "compile_graph", "CompiledGraph", "MadeWith", "layout_of", "region_id", "Job", "Step", "STEPS",
+__all__ = ["capture", "compile_graph", "CompiledGraph", "MadeWith", "axes_of", "region_id", "Job", "Step", "STEPS",
            "run_steps"]
-
-
-def layout_of(module: torch.nn.Module) -> str | None:
-    """Layout of the video latent for a known model class (see ``LAYOUTS``), else None."""
-    return LAYOUTS.get(type(module).__name__)
 
 
 def capture(module: torch.nn.Module, kwargs: dict) -> torch.export.ExportedProgram:
@@ -95,12 +90,11 @@ class CompiledGraph:
 @dataclass(frozen=True)
 class MadeWith:
     """The arguments of the :func:`compile_graph` call that made a :class:`CompiledGraph` (copies of the counts):
-    ``compile_graph(gm, m.policy, m.layout, m.counts, m.inner_counts, m.halo_keep)`` makes it again from the same
+    ``compile_graph(gm, m.policy, m.counts, m.inner_counts, m.halo_keep)`` makes it again from the same
     graph. ``in_flight``: slices in flight set on its loops afterwards (``runtime.set_in_flight``; the budget's
     floor fallback), None if not. :mod:`fxstream.plan_cache` stores and replays it."""
 
     policy: Policy
-    layout: str | None
     counts: dict | None = None
     inner_counts: list | None = None
     halo_keep: int | None = None
@@ -111,8 +105,7 @@ class MadeWith:
 class Job:
     """What one compile needs, read from the policy once by :func:`compile_graph`, and what its analyses found."""
 
-    layout: str | None
-    counts: dict  # axis name ("frames", "height", "width", "batch") -> slice count (1: not sliced)
+    counts: dict  # axis name ("frames", "height", "width", "batch", "tokens") -> slice count (1: not sliced)
     min_fraction: float  # a region's largest interior value must be at least this fraction of the largest one
     in_flight: int = 1
     cpu_workers: bool | None = None
@@ -123,6 +116,8 @@ class Job:
     halo_frames: int = 1  # halo regions along frames for what height halos cannot take (a decoder's attention)
     halo_keep: int | None = None
     # found by the steps
+    axes: list | None = None  # every axis of the graph's inputs (named from the ops; step 0 finds them)
+    left_whole: dict = field(default_factory=dict)  # region id -> why: regions left whole (they raised the peak)
     prepared: GraphModule | None = None
     plan: SlicePlan | None = None
     planned: GraphModule | None = None  # the graph the plan was made on (a plan of the same graph is reused)
@@ -149,6 +144,13 @@ def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
     of it starts from that same GraphModule. No step changes its input graph in place: a pass that rewrites
     makes a new graph (or changes one an earlier step of the same compile made: the grouped graph's loops), and
     the grouping passes recompute only the values they replace (``graph_utils.refresh_values``)."""
+    stripped = stripped_graph(gm)
+    job.axes = all_axes(stripped)
+    return stripped
+
+
+def stripped_graph(gm: GraphModule) -> GraphModule:
+    """The stripped, propagated copy of a captured graph (NOTE [One stripped graph per capture])."""
     kept = _STRIPPED.get(gm)
     if kept is None or kept[0] != gm.code:
         stripped = strip_asserts(gm)
@@ -156,6 +158,12 @@ def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
                        fake_mode_of(stripped))
         kept = _STRIPPED[gm] = (gm.code, stripped)
     return kept[1]
+
+
+def axes_of(gm: GraphModule) -> list:
+    """Every axis of a captured graph's inputs, named from the ops (:func:`fxstream.analysis.axes.axis_floods`),
+    found once per capture (on its stripped copy) and shared by every compile of it and by the budget."""
+    return all_axes(stripped_graph(gm))
 
 
 def step_split_group_norm(gm: GraphModule, job: Job) -> GraphModule:
@@ -183,7 +191,7 @@ def step_plan_slicing(gm: GraphModule, job: Job) -> GraphModule:
     """Analysis: the Feature Slicer's regions (``job.plan``), with the budget's per-region counts applied."""
     job.prepared = gm
     plan = job.plan if job.planned is gm else _plan(gm, job)
-    job.plan = _with_counts(plan, job.region_counts) if job.region_counts else plan
+    job.plan = _with_counts(plan, job.region_counts, job.left_whole) if job.region_counts else plan
     return gm
 
 
@@ -200,7 +208,7 @@ def step_compile_bodies(gm: GraphModule, job: Job) -> GraphModule:
     k = 0
     for loop in _loops(gm):
         for key, body in list(loop.bodies.items()):
-            inner = compile_graph(body, job.inner, job.layout, (job.inner_counts or [None] * (k + 1))[k])
+            inner = compile_graph(body, job.inner, (job.inner_counts or [None] * (k + 1))[k])
             loop.bodies[key] = inner.graph_module
             job.bodies.append(inner)
             k += 1
@@ -230,7 +238,7 @@ def step_plan_halos(gm: GraphModule, job: Job) -> GraphModule:
         keep = biggest // (rows * cols)
     job.halo, why = find_halo_regions(gm, rows, job.min_fraction, keep_bytes=keep, cols=cols)
     job.halo_reasons = {n.name: f"{'height' if cols == 1 else 'height x width'} (halo): {r}" for n, r in why.items()}
-    if job.halo_frames > 1 and not find_axes(gm, job.layout):
+    if job.halo_frames > 1 and frames_in_batch(gm, job.axes):
         # what height halos could not take (a decoder's attention over each frame's pixels), along frames
         taken = {n for r in job.halo for n in r.nodes}
         more, why = find_halo_regions(gm, job.halo_frames, job.min_fraction, exclude=taken, axis=0)
@@ -298,8 +306,8 @@ def _run(gm: GraphModule, job: Job, steps, folder, depth: int) -> GraphModule:
 
 
 # -- the driver ----------------------------------------------------------------------------------------------------
-def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: dict | None = None,
-                  inner_counts: list | None = None, halo_keep: int | None = None) -> CompiledGraph:
+def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, inner_counts: list | None = None,
+                  halo_keep: int | None = None) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
@@ -311,23 +319,60 @@ def compile_graph(gm: GraphModule, policy: Policy, layout: str | None, counts: d
     largest activation over the halo count, about one band's size, so keeping a block's output whole costs about
     what its slices hold anyway and saves the statistics passes behind it from recomputing the block.
     """
-    made_with = MadeWith(policy, layout, dict(counts) if counts is not None else None,
+    made_with = MadeWith(policy, dict(counts) if counts is not None else None,
                          [dict(c) if c is not None else None for c in inner_counts] if inner_counts is not None
                          else None, halo_keep)
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm, made_with=made_with)
-    job = _job(policy, layout, counts, inner_counts, halo_keep)
+    job = _job(policy, counts, inner_counts, halo_keep)
     out = run_steps(gm, job)
+    raising = _raising_regions(job, out) if job.inner is None else {}  # a batch split: its bodies check
+    if raising:  # NOTE [A region must not raise the peak]: compile once more with those regions left whole
+        counts = {**(counts or {}), **{rid: 1 for rid in raising}}
+        made_with = replace(made_with, counts=dict(counts))
+        job = _job(policy, counts, inner_counts, halo_keep)
+        job.left_whole = raising
+        out = run_steps(gm, job)
     log.info("compiled: %d regions", len(job.plan.regions))
     return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with)
 
 
-def _job(policy: Policy, layout, counts, inner_counts, halo_keep) -> Job:
+def _raising_regions(job: Job, grouped: GraphModule) -> dict:
+    """{region id: why} for the cut regions whose planned peak is above the unsliced graph's highest point over
+    the same ops.
+
+    NOTE [A region must not raise the peak]
+    A region allocates all its outputs whole before its first slice and holds its whole inputs until its last.
+    Where a region has many outputs that the unsliced ops would have made one after another (a rotary embedding's
+    tables, made once and used by every block), the region's peak can be above anything the original holds at
+    that point, and slicing it only costs memory. Such a region is left whole (its id gets count 1, as a budget
+    does; the reason says so); the others stay as planned. Exactness is not at stake: a region left whole runs
+    the original ops."""
+    regions = job.plan.regions if job.plan is not None else []
+    if not regions:
+        return {}
+    from .memory import plan_memory
+    compiled, original = plan_memory(grouped), plan_memory(job.prepared)
+    at = {p.node: i for i, p in enumerate(original.timeline)}
+    out = {}
+    for i, r in enumerate(regions):
+        lo, hi = at.get(r.nodes[0].name), at.get(r.nodes[-1].name)
+        peak = compiled.region_peaks.get(f"region_{i}")
+        if lo is None or hi is None or peak is None:
+            continue
+        before = max(p.peak_bytes for p in original.timeline[lo:hi + 1])
+        if peak > before:
+            out[region_id(r)] = (f"{r.axis.name}: sliced, this region would raise the planned peak here "
+                                 f"({peak / 2**20:.3f} MiB against {before / 2**20:.3f} MiB unsliced)")
+    return out
+
+
+def _job(policy: Policy, counts, inner_counts, halo_keep) -> Job:
     rest = replace(policy, batch=None, halo=None)
     batch_split = policy.count_for("batch") > 1 and rest.slices_anything
     # a batch split plans the batch axis alone at the top; the bodies get the rest
     sliced = Policy(batch=policy.batch, min_region_fraction=policy.min_region_fraction) if batch_split else policy
-    return Job(layout=layout, counts={name: sliced.count_for(kind) for name, kind in AXIS_KIND.items()},
+    return Job(counts={name: sliced.count_for(kind) for name, kind in AXIS_KIND.items()},
                min_fraction=policy.min_region_fraction, in_flight=policy.pipeline, cpu_workers=policy.cpu_workers,
                region_counts=None if batch_split else counts, inner=rest if batch_split else None,
                inner_counts=inner_counts, halo_grid=policy.halo_grid if policy.halo_tiles > 1 else (1, 1),
@@ -335,7 +380,10 @@ def _job(policy: Policy, layout, counts, inner_counts, halo_keep) -> Job:
 
 
 def _plan(gm: GraphModule, job: Job) -> SlicePlan:
-    return plan_slicing(gm, job.counts, job.min_fraction, job.layout)
+    counts = job.counts
+    if job.halo_grid != (1, 1) and frames_in_batch(gm, job.axes):
+        counts = {}  # halos own a graph whose frames ride in its batch (a VAE decoder): see frames_in_batch
+    return plan_slicing(gm, counts, job.min_fraction, job.axes)
 
 
 def _split_copy(gm: GraphModule, split: set) -> GraphModule:
@@ -351,8 +399,9 @@ def region_id(region) -> str:
     return region.nodes[0].name
 
 
-def _with_counts(plan: SlicePlan, counts: dict) -> SlicePlan:
-    """The plan with per-region slice counts; a region given 1 slice is left out (its ops run whole)."""
+def _with_counts(plan: SlicePlan, counts: dict, why: dict | None = None) -> SlicePlan:
+    """The plan with per-region slice counts; a region given 1 slice is left out (its ops run whole); ``why``:
+    the reason for a region id left whole otherwise than by a budget."""
     regions, reasons = [], dict(plan.reasons)
     for r in plan.regions:
         c = counts.get(region_id(r), r.count)
@@ -360,5 +409,6 @@ def _with_counts(plan: SlicePlan, counts: dict) -> SlicePlan:
             regions.append(replace(r, count=min(c, r.axis.length)))
         else:
             for n in r.nodes:
-                reasons[n] = f"{r.axis.name}: the memory budget is met without slicing here"
-    return SlicePlan(regions, reasons)
+                reasons[n] = (why or {}).get(region_id(r)) or \
+                    f"{r.axis.name}: the memory budget is met without slicing here"
+    return SlicePlan(regions, reasons, plan.axes)

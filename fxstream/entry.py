@@ -11,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
-from .compiler import capture, describe_inputs, layout_of
+from .compiler import capture, describe_inputs
 from .errors import ExecutionError
 from .guard import touched
 from .memory import weight_bytes
@@ -46,14 +46,14 @@ class Entry:
                     self.program = capture(module, kwargs)
             finally:
                 touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): guards walk again
-        gm, layout = self.program.graph_module, layout_of(module)
+        gm = self.program.graph_module
         weights = weight_bytes(self.program)
         self.rehash = None
         if policy.rehash is not None:
             self.rehash = RehashState(module, gm, policy.rehash)
             gm = self.rehash.graphs.full
         with progress.step(f"fxstream: compiling {name} under {policy.describe()}"):
-            self.compiled, bound = compile_cached(gm, policy, layout, weights)
+            self.compiled, bound = compile_cached(gm, policy, weights)
         # how to fetch each lifted input at call time: weights from the live module, constants from the program
         fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
         self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
@@ -64,7 +64,7 @@ class Entry:
             r = self.rehash
             # a rehash step holds the cached feature (and the probe's reference) on top of the weights
             with progress.step(f"fxstream: compiling {name}'s rehash step"):
-                r.compiled, _ = compile_cached(r.graphs.rehash, policy, layout, weights + r.resident_bytes)
+                r.compiled, _ = compile_cached(r.graphs.rehash, policy, weights + r.resident_bytes)
             self.report.rehash = r.info(r.compiled)
 
     def weights(self, module: torch.nn.Module, stamp=None) -> list:

@@ -15,7 +15,7 @@ and the entry overwritten.
 
 *The key* (the file name) is a sha256 of the captured graph (its code and every placeholder's shape, stride, dtype
 and device: the input signature and the weights), the policy less the fields that do not change a compile
-(``cache_dir``, ``cache_size``, ``verify``), the layout, the weight bytes, this file format's number and the
+(``cache_dir``, ``cache_size``, ``verify``), the weight bytes, this file format's number and the
 versions of torch, diffusers and fxstream (with a digest of fxstream's own files, so that an edited checkout never
 replays a decision of the code before it).
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ENV", "FORMAT", "compile_cached", "cache_folder", "plan_key", "replay", "load", "store", "versions"]
 
 ENV = "FXSTREAM_CACHE_DIR"
-FORMAT = 1  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
+FORMAT = 2  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
 _NOT_KEYED = ("cache_dir", "cache_size", "verify")  # Policy fields that do not change a compile
 _unwritable: set = set()  # folders warned about (once per process)
 
@@ -103,7 +103,7 @@ def _policy_key(policy: Policy) -> str:
     return ", ".join(f"{f.name}={getattr(policy, f.name)!r}" for f in fields(policy) if f.name not in _NOT_KEYED)
 
 
-def plan_key(gm: GraphModule, policy: Policy, layout: str | None, weights: int) -> str:
+def plan_key(gm: GraphModule, policy: Policy, weights: int) -> str:
     """The cache key (hex sha256) of compiling the captured graph ``gm`` under ``policy`` with ``weights`` bytes of
     weights (see the module docstring)."""
     h = hashlib.sha256()
@@ -118,7 +118,6 @@ def plan_key(gm: GraphModule, policy: Policy, layout: str | None, weights: int) 
         if n.op == "placeholder":
             put(f"{n.name}: {_signature(n.meta.get('val'))}")
     put(_policy_key(policy))
-    put(layout)
     put(weights)
     return h.hexdigest()
 
@@ -158,17 +157,15 @@ def _optional_int(v, what: str):
 
 
 def _made_json(m: MadeWith) -> dict:
-    return {"policy": _policy_json(m.policy), "layout": m.layout, "counts": m.counts, "inner_counts": m.inner_counts,
+    return {"policy": _policy_json(m.policy), "counts": m.counts, "inner_counts": m.inner_counts,
             "halo_keep": m.halo_keep, "in_flight": m.in_flight}
 
 
 def _made_from(d: dict) -> MadeWith:
-    layout, inner = d["layout"], d["inner_counts"]
-    if layout is not None and not isinstance(layout, str):
-        raise TypeError(f"layout: expected null or a string, got {layout!r}")
+    inner = d["inner_counts"]
     if inner is not None and not isinstance(inner, list):
         raise TypeError(f"inner_counts: expected null or a list, got {inner!r}")
-    return MadeWith(_policy_from(d["policy"]), layout,
+    return MadeWith(_policy_from(d["policy"]),
                     None if d["counts"] is None else _counts(d["counts"], "counts"),
                     None if inner is None else [None if c is None else _counts(c, "inner_counts[...]") for c in inner],
                     _optional_int(d["halo_keep"], "halo_keep"), _optional_int(d["in_flight"], "in_flight"))
@@ -261,7 +258,7 @@ def store(path: Path, record: dict) -> None:
 # -- the wrapper --------------------------------------------------------------------------------------------------
 def replay(gm: GraphModule, made: MadeWith) -> CompiledGraph:
     """The one compile ``made`` describes, on ``gm``."""
-    cg = compile_graph(gm, made.policy, made.layout, made.counts, made.inner_counts, made.halo_keep)
+    cg = compile_graph(gm, made.policy, made.counts, made.inner_counts, made.halo_keep)
     if made.in_flight is not None:
         set_in_flight(cg.graph_module, made.in_flight, made.policy.cpu_workers)
         cg.made_with = made
@@ -277,14 +274,14 @@ def _remembered(bound, path: Path, record: dict):
     return compute
 
 
-def compile_cached(gm: GraphModule, policy: Policy, layout, weights: int) -> tuple[CompiledGraph, object]:
+def compile_cached(gm: GraphModule, policy: Policy, weights: int) -> tuple[CompiledGraph, object]:
     """:func:`fxstream.budget.compile_for` through the plan cache: with ``max_memory`` and a cache folder, the
     decision stored under this graph's key is compiled once instead of the search (the search runs and its
     decision is stored where there is none, or where the stored one no longer holds); the same return values."""
     folder = cache_folder(policy)
     if folder is None or policy.max_memory is None:
-        return compile_for(gm, policy, layout, weights)
-    key = plan_key(gm, policy, layout, weights)
+        return compile_for(gm, policy, weights)
+    key = plan_key(gm, policy, weights)
     path = folder / f"{key}.json"
     record = load(path)
     if record is not None and record["error"] is not None:
@@ -304,12 +301,12 @@ def compile_cached(gm: GraphModule, policy: Policy, layout, weights: int) -> tup
             log.info("cache hit %s", path)
             bound = record["lower_bound_bytes"]
             if bound is None:
-                bound = _remembered(deferred_bound(gm, policy, layout), path, _as_written(record))
+                bound = _remembered(deferred_bound(gm, policy), path, _as_written(record))
             return compiled, bound
         _ignored(path, f"its decision plans {peak} bytes of activations, stored as {record['peak_bytes']}, with "
                        f"{weights} bytes of weights under max_memory={policy.max_memory}")
     try:
-        compiled, bound = compile_for(gm, policy, layout, weights)
+        compiled, bound = compile_for(gm, policy, weights)
     except MemoryBudgetError as e:
         store(path, _record(key, policy, error=e))
         raise

@@ -42,7 +42,8 @@ def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 # Which policy field governs a region sliced along a named axis.
-AXIS_KIND = {"frames": "spatial", "batch": "batch", "height": "temporal", "width": "temporal"}
+# Axis names come from the ops (fxstream/analysis/axes.py); an axis with another name is not sliced.
+AXIS_KIND = {"frames": "spatial", "tokens": "spatial", "batch": "batch", "height": "temporal", "width": "temporal"}
 
 
 def _check_count(name: str, value) -> None:
@@ -58,7 +59,8 @@ class Policy:
 
     Attributes:
         slices: slice count for every spatial and temporal region (``None``: slice nothing).
-        spatial: slice count for spatial layers (cut along frames); overrides ``slices``.
+        spatial: slice count for spatial layers (cut along frames; a transformer's layers along tokens); overrides
+            ``slices``.
         temporal: slice count for temporal layers (cut along height or width); overrides ``slices``.
         batch: split the video batch into this many parts (``None`` or 1: no split).
         max_memory: a memory budget, weights included (bytes, or a string such as ``"6GiB"``). The compiler

@@ -10,7 +10,19 @@ from .analysis.slicer import module_path, tensor_bytes
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
 
-__all__ = ["Report", "RegionInfo", "UnslicedOp", "RehashInfo", "build_report", "explain_table", "report_json"]
+__all__ = ["Report", "RegionInfo", "AxisInfo", "UnslicedOp", "RehashInfo", "build_report", "explain_table", "report_json"]
+
+
+@dataclass(frozen=True)
+class AxisInfo:
+    """An axis of the graph's inputs (fxstream/analysis/axes.py): its name, where it is, what the name comes from,
+    and whether the compile sliced along it (and if not, why)."""
+
+    name: str  # batch, frames, height, width, tokens, channels, or its place when the ops give it no meaning
+    place: str  # input and dim: ``sample[1]``; a factor of a dim: ``x[0] (factor 4 of 8)``
+    length: int
+    why: str  # the positions at anchor ops that gave the name
+    slicing: str  # "3 regions", or why none
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,7 @@ class RegionInfo:
     passes: int = 1  # sweeps over the slices: a halo region's GroupNorm statistics passes and its output pass
     compute: float = 1.0  # planned FLOPs over the unsliced ops' (halo rows and statistics passes computed again)
     flops: int = 0  # planned FLOPs of the region's ops run once, unsliced (halo regions)
+    axis: str = ""  # where the axis is: an input and its dim (``sample[1]``), as the flood found it
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,7 @@ class Report:
     timeline: dict = field(default_factory=dict)
     _lower_bound: Callable | int | None = field(default=None, repr=False)
     rehash: RehashInfo | None = None  # with Policy(rehash=...): what a rehash step skips
+    axes: list = field(default_factory=list)  # AxisInfo of every axis found (empty when the policy slices nothing)
     _total_flops: int = field(default=0, repr=False)  # planned FLOPs of the original graph (with halo regions)
 
     @property
@@ -162,6 +176,10 @@ def explain_table(report: Report, top: int = 10, lower_bound: bool = True, missi
     mem = tabulate(_peak_rows(report, lower_bound, missing), headers=["planned peak", "bytes", "where"])
     head = f"{report.policy.describe()}: {len(report.regions)} regions, {report.sliced_ops} ops sliced"
     text = f"{head}\n{regions}\n\n{unsliced}\n\n{mem}"
+    if report.axes:
+        axes = tabulate([(a.name, a.place, a.length, a.why, a.slicing) for a in report.axes],
+                        headers=["axis", "input dim", "length", "named from", "slicing"])
+        text = f"{head}\n{axes}\n\n{regions}\n\n{unsliced}\n\n{mem}"
     return text + (f"\n\n{report.rehash.table()}" if report.rehash is not None else "")
 
 
@@ -182,6 +200,7 @@ def report_json(report: Report, session=None, lower_bound: bool = False) -> dict
         "peak": {"node": report.peak_node, "module": report.peak_module},
         "lower_bound_bytes": report.lower_bound_bytes if lower_bound else None,
         "sliced_ops": report.sliced_ops,
+        "axes": [asdict(a) for a in report.axes],
         "regions": [asdict(r) for r in report.regions],
         "unsliced": [asdict(u) for u in report.unsliced],
         "rehash": None if report.rehash is None else {**asdict(report.rehash),
@@ -196,7 +215,35 @@ def _region_infos(plan, gm, mem: MemoryPlan, offset: int = 0, prefix: str = "") 
         loop = getattr(gm, name, None)
         out.append(RegionInfo(r.module, r.axis.name, r.axis.length, r.count, len(r.nodes), r.saved_bytes,
                               offset + mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0),
-                              getattr(loop, "in_flight", 1), prefix + name))
+                              getattr(loop, "in_flight", 1), prefix + name, axis=r.axis.place))
+    return out
+
+
+def _axis_infos(compiled, policy: Policy) -> list:
+    """AxisInfo of every axis the compile found, with the regions along it or why there are none."""
+    from .analysis.axes import NAMED
+    from .policy import AXIS_KIND
+    plans = [compiled.plan] + [inner.plan for inner in compiled.inner]
+    along: dict = {}
+    for plan in plans:
+        for r in plan.regions:
+            along[r.axis.key] = along.get(r.axis.key, 0) + 1
+    knobs = {"spatial": "slices or spatial", "temporal": "slices or temporal", "batch": "batch"}
+    out = []
+    for a in compiled.plan.axes:
+        n = along.get(a.key, 0)
+        if n:
+            slicing = f"{n} region{'s' if n > 1 else ''}"
+        elif a.name not in NAMED:
+            slicing = "never: channels are mixed by the ops that take them" if a.name == "channels" else \
+                "never: the ops give it no meaning that can be cut"
+        elif policy.count_for(AXIS_KIND[a.name]) <= 1:
+            slicing = f"not asked (Policy {knobs[AXIS_KIND[a.name]]})"
+        elif policy.halo_tiles > 1 and not compiled.plan.regions:
+            slicing = "halos own this graph (Policy.halo)"
+        else:
+            slicing = "no region: the rules refuse it or it pays for no loop (see the unsliced ops)"
+        out.append(AxisInfo(a.name, a.place, a.length, a.why, slicing))
     return out
 
 
@@ -250,4 +297,5 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
                  original.peak_node, mem.peak_node, original.peak_module, mem.peak_module,
                  {"original": original.timeline, "compiled": mem.timeline}, lower_bound)
     rep._total_flops = total_flops
+    rep.axes = _axis_infos(compiled, policy)
     return rep

@@ -11,8 +11,8 @@ conv), reductions (mean, sum, amax, softmax) and the patterns of diffusers' opti
 (FreeU's skip filter), halves of the batch treated differently (perturbed-attention guidance) and fixed parts of
 the frames axis.
 
-The module classes are named per layout (``RandomProgramBFCHW``, ``RandomProgramBCFHW``); :data:`PROGRAM_LAYOUTS`
-maps those names to layouts, for tests to register in ``fxstream.analysis.slicer.LAYOUTS`` so that
+The module classes are named per layout (``RandomProgramBFCHW``, ``RandomProgramBCFHW``), names the compiler has
+never seen: it finds the axes from the ops alone (fxstream/analysis/axes.py), so that
 ``fxstream.compile`` / ``fxstream.explain`` find the axes the same way they do for the UNets.
 """
 from __future__ import annotations
@@ -188,20 +188,6 @@ class RandomProgramBFCHW(_RandomProgram):
 
 class RandomProgramBCFHW(_RandomProgram):
     LAYOUT = "BCFHW"
-
-
-PROGRAM_LAYOUTS = {"RandomProgramBFCHW": "BFCHW", "RandomProgramBCFHW": "BCFHW"}
-
-
-@pytest.fixture(scope="module")
-def program_layouts():
-    """Tell the compiler the latent layout of the generated module classes, as LAYOUTS does for the UNets
-    (a test module uses it with ``pytestmark = pytest.mark.usefixtures("program_layouts")``)."""
-    from fxstream.analysis import slicer
-    with pytest.MonkeyPatch.context() as mp:
-        for name, layout in PROGRAM_LAYOUTS.items():
-            mp.setitem(slicer.LAYOUTS, name, layout)
-        yield
 
 
 def build(spec: Spec) -> torch.nn.Module:

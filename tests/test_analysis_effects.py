@@ -12,9 +12,8 @@ from fxstream.analysis import slicer
 from fxstream.analysis.effects import Effects, find_effects, written_args
 from fxstream.compiler import capture, compile_graph
 
-from programs import Spec, build, program_layouts  # noqa: F401 (a fixture)
+from programs import Spec, build
 
-pytestmark = pytest.mark.usefixtures("program_layouts")
 
 PATTERNS = ["inplace_half", "fft_filter", "batch_halves", "first_frame"]
 
@@ -79,7 +78,7 @@ def test_planted_bug_without_effects_is_caught(monkeypatch):
     from fxstream.passes import group_regions
     for mod in (slicer, group_regions):
         monkeypatch.setattr(mod, "find_effects", lambda gm: Effects())
-    cg = compile_graph(capture(m, kw).graph_module, fxstream.Policy(slices=2, min_region_fraction=0.0), spec.layout)
+    cg = compile_graph(capture(m, kw).graph_module, fxstream.Policy(slices=2, min_region_fraction=0.0))
     params = [p for _, p in m.named_parameters()]
     with torch.no_grad():
         out = cg.graph_module(*params, kw["sample"], kw["encoder_hidden_states"])[0]

@@ -8,7 +8,7 @@ import pytest
 
 import fxstream
 from fxstream import compiler
-from fxstream.compiler import STEPS, Job, Step, capture, compile_graph, layout_of, run_steps
+from fxstream.compiler import STEPS, Job, Step, capture, compile_graph, run_steps
 from fxstream.progress import Progress, library_progress
 from fxstream.runtime import LoopRegion
 
@@ -16,11 +16,11 @@ from fxstream.runtime import LoopRegion
 @pytest.fixture(scope="module")
 def captured(svd_tiny):
     unet, kwargs = svd_tiny
-    return capture(unet, kwargs).graph_module, layout_of(unet)
+    return capture(unet, kwargs).graph_module
 
 
-def _job(layout, **counts):
-    return Job(layout=layout, counts=counts, min_fraction=0.05)
+def _job(**counts):
+    return Job(counts=counts, min_fraction=0.05)
 
 
 def test_the_recipe_is_a_literal_list_of_named_steps():
@@ -31,8 +31,8 @@ def test_the_recipe_is_a_literal_list_of_named_steps():
 
 
 def test_each_step_runs_alone(captured):
-    gm, layout = captured
-    job = _job(layout, frames=2, height=2)
+    gm = captured
+    job = _job(frames=2, height=2)
     stripped = compiler.step_strip_asserts(gm, job)
     assert stripped is not gm and not any("assert_tensor_metadata" in str(n.target) for n in stripped.graph.nodes)
     assert compiler.step_plan_slicing(stripped, job) is stripped  # an analysis returns its input
@@ -47,19 +47,19 @@ def test_each_step_runs_alone(captured):
 
 
 def test_steps_give_what_compile_graph_gives(captured):
-    gm, layout = captured
+    gm = captured
     policy = fxstream.Policy(slices=2)
-    whole = compile_graph(gm, policy, layout)
-    job = _job(layout, frames=2, height=2, width=2)
+    whole = compile_graph(gm, policy)
+    job = _job(frames=2, height=2, width=2)
     by_steps = run_steps(gm, job)
     assert str(by_steps.graph) == str(whole.graph_module.graph)
     assert [r.nodes[0].name for r in job.plan.regions] == [r.nodes[0].name for r in whole.plan.regions]
 
 
 def test_dump_writes_each_steps_graph_numbered(captured, tmp_path, monkeypatch):
-    gm, layout = captured
+    gm = captured
     monkeypatch.setenv("FXSTREAM_DUMP", str(tmp_path))
-    compile_graph(gm, fxstream.Policy(slices=2), layout)
+    compile_graph(gm, fxstream.Policy(slices=2))
     (folder,) = tmp_path.iterdir()
     files = sorted(p.name for p in folder.iterdir())
     assert files == [f"{i:02d}-{s.name}.txt" for i, s in enumerate(STEPS)]
@@ -68,7 +68,7 @@ def test_dump_writes_each_steps_graph_numbered(captured, tmp_path, monkeypatch):
 
 
 def test_a_failing_step_is_named(captured):
-    gm, layout = captured
+    gm = captured
 
     def broken(g, job):
         g = copy.deepcopy(g)
@@ -78,24 +78,24 @@ def test_a_failing_step_is_named(captured):
 
     steps = STEPS[:1] + (Step("broken_pass", broken),) + STEPS[1:]
     with pytest.raises(Exception) as info:
-        run_steps(gm, _job(layout, frames=2), steps)
+        run_steps(gm, _job(frames=2), steps)
     assert any("compile step 1 'broken_pass'" in note for note in getattr(info.value, "__notes__", []))
 
 
 def test_analyses_receive_counts_not_the_policy(captured):
-    gm, layout = captured
+    gm = captured
     from fxstream.analysis.slicer import plan_slicing
 
-    stripped = compiler.step_strip_asserts(gm, _job(layout))
-    plan = plan_slicing(stripped, {"frames": 2}, 0.05, layout)
+    stripped = compiler.step_strip_asserts(gm, _job())
+    plan = plan_slicing(stripped, {"frames": 2}, 0.05)
     assert {r.axis.name for r in plan.regions} == {"frames"}
-    assert not plan_slicing(stripped, {}, 0.05, layout).regions
+    assert not plan_slicing(stripped, {}, 0.05).regions
 
 
 def test_each_step_is_timed_in_the_log(captured, caplog):
-    gm, layout = captured
+    gm = captured
     with caplog.at_level(logging.INFO, logger="fxstream.compiler"):
-        compile_graph(gm, fxstream.Policy(slices=2), layout)
+        compile_graph(gm, fxstream.Policy(slices=2))
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [m.split()[2].rstrip(":") for m in steps] == [s.name for s in STEPS]
     assert all(m.endswith(" s") for m in steps)
@@ -116,12 +116,12 @@ def test_the_compile_clock_shows_on_a_terminal_once(monkeypatch):
 
 def test_compiles_of_one_capture_share_its_stripped_graph_and_leave_it_unchanged(captured):
     """NOTE [One stripped graph per capture]: the first step's graph is made once; no step changes it."""
-    gm, layout = captured
-    job = _job(layout, frames=2)
+    gm = captured
+    job = _job(frames=2)
     first = compiler.step_strip_asserts(gm, job)
     before = str(first.graph)
-    compile_graph(gm, fxstream.Policy(slices=2), layout)
-    compile_graph(gm, fxstream.Policy(slices=3, halo=2), layout)
+    compile_graph(gm, fxstream.Policy(slices=2))
+    compile_graph(gm, fxstream.Policy(slices=3, halo=2))
     assert compiler.step_strip_asserts(gm, job) is first
     assert str(first.graph) == before
 

@@ -67,7 +67,7 @@ def test_the_tolerance_still_catches_a_wrong_slice(dtype, monkeypatch):
         expected = module(**kwargs)
 
     def run():
-        cg = compile_graph(ep.graph_module, fxstream.Policy(temporal=4, min_region_fraction=0.0), spec.layout)
+        cg = compile_graph(ep.graph_module, fxstream.Policy(temporal=4, min_region_fraction=0.0))
         with torch.no_grad():
             return cg.graph_module(*state, *kwargs.values())[0]
 

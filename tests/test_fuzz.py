@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import fxstream
 
-from programs import program_layouts, Spec, build, policies  # noqa: F401 (program_layouts: a fixture)
+from programs import Spec, build, policies
 
 N = settings.default.max_examples
 SOME = settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -28,7 +28,6 @@ _POLICY_FIELDS = ["slices", "spatial", "temporal", "batch", "max_memory", "pipel
                   "min_region_fraction"]
 
 
-pytestmark = pytest.mark.usefixtures("program_layouts")
 
 
 def _raised_by_fxstream(e: BaseException) -> bool:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import fxstream
 from fxstream.analysis.cuts import Cut
-from fxstream.compiler import capture, compile_graph, layout_of
+from fxstream.compiler import capture, compile_graph
 from fxstream.memory import measure_peak, plan_memory, weight_bytes
 from fxstream.models import build_unet, example_inputs
 from fxstream.passes.group_regions import group_regions
@@ -53,7 +53,7 @@ def _run(gm, unet, ep, kw):
 def test_buffer_reuse_pass_alone(animatediff_tiny):
     unet, kw = animatediff_tiny
     ep = capture(unet, kw)
-    cg = compile_graph(ep.graph_module, fxstream.Policy(slices=4), layout_of(unet))
+    cg = compile_graph(ep.graph_module, fxstream.Policy(slices=4))
     grouped = group_regions(cg.prepared, cg.plan)  # the same regions, no reuse yet
     loops = [m for m in grouped.children() if isinstance(m, LoopRegion)]
     assert all(r is None for m in loops for r in m.reuse)

@@ -1,6 +1,6 @@
 """Video UNets fxstream has no model-specific code for: diffusers' UNet3DConditionModel (ModelScope text-to-video)
 and I2VGenXLUNet, at the tiny configs of diffusers' own tests. They go through the same rules and slicer as SVD
-and AnimateDiff; only their latent layout is listed (``LAYOUTS``)."""
+and AnimateDiff: their axes are found from the ops, as for any network (fxstream/analysis/axes.py)."""
 import importlib.util
 import pathlib
 import sys

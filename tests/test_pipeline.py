@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxstream
 from fxstream.analysis.cuts import PARTIAL, Cut
-from fxstream.compiler import capture, compile_graph, layout_of
+from fxstream.compiler import capture, compile_graph
 from fxstream.memory import measure_peak, plan_memory, weight_bytes
 from fxstream.models import build_unet, example_inputs
 from fxstream.runtime import LoopRegion, set_in_flight
@@ -47,7 +47,7 @@ def _run(gm, args):
        batch=st.sampled_from([None, 2]), k=st.integers(2, 4))
 def test_every_k_gives_the_k1_output(model, slices, batch, k):
     unet, ep, args = _captured(model)
-    gm = compile_graph(ep.graph_module, fxstream.Policy(slices=slices, batch=batch), layout_of(unet)).graph_module
+    gm = compile_graph(ep.graph_module, fxstream.Policy(slices=slices, batch=batch)).graph_module
     assert _loops(gm)
     ref = _run(gm, args)
     _set(gm, k, "serial")
@@ -96,7 +96,7 @@ def test_public_policy_and_report(svd_tiny):
 
 def test_planner_counts_k_working_sets_and_bounds_the_measured_peak():
     unet, ep, args = _captured("svd-tiny")
-    gm = compile_graph(ep.graph_module, fxstream.Policy(slices=4), layout_of(unet)).graph_module
+    gm = compile_graph(ep.graph_module, fxstream.Policy(slices=4)).graph_module
     one = plan_memory(gm)
     for k in (2, 4):
         _set(gm, k, "workers")
@@ -116,7 +116,7 @@ def test_planner_counts_k_working_sets_and_bounds_the_measured_peak():
 
 def test_nested_batch_region_pipelines_inside_only():
     unet, ep, _ = _captured("svd-tiny")
-    gm = compile_graph(ep.graph_module, fxstream.Policy(slices=3, batch=2, pipeline=3), layout_of(unet)).graph_module
+    gm = compile_graph(ep.graph_module, fxstream.Policy(slices=3, batch=2, pipeline=3)).graph_module
     outer = [m for m in gm.children() if isinstance(m, LoopRegion)]
     assert outer and all(m.nested and m.in_flight == 1 for m in outer)
     inner = [m for m in _loops(gm) if not m.nested]
@@ -153,7 +153,7 @@ def test_the_loop_does_only_per_slice_work_per_slice():
     each sliced argument and copies each cut output: nothing else (no re-derived views, no lookups that
     dispatch)."""
     unet, ep, args = _captured("svd-tiny")
-    gm = compile_graph(ep.graph_module, fxstream.Policy(slices=3), layout_of(unet)).graph_module
+    gm = compile_graph(ep.graph_module, fxstream.Policy(slices=3)).graph_module
     loop_nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
     env = {}
     counter = _Ops()

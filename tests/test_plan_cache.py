@@ -13,9 +13,8 @@ from fxstream import budget, plan_cache
 from fxstream.compiler import MadeWith, capture
 from fxstream.plan_cache import ENV
 
-from programs import Spec, build, program_layouts  # noqa: F401 (a fixture)
+from programs import Spec, build
 
-pytestmark = pytest.mark.usefixtures("program_layouts")
 
 SPEC = Spec("BFCHW", 2, 4, 16, 8, 8, ("conv1x1", "temporal_attn", "spatial_attn", "group_norm_5d", "conv3x3"), 3)
 
@@ -28,7 +27,6 @@ def no_env_folder(monkeypatch):
 
 @pytest.fixture(scope="module")
 def program(request):
-    request.getfixturevalue("program_layouts")
     m = build(SPEC)
     kw = SPEC.inputs()
     return m, kw, fxstream.explain(m, kw)

@@ -30,7 +30,7 @@ from fxstream.errors import CantSlice, FxstreamError
 from fxstream.memory import measure_peak, plan_memory
 from fxstream.runtime import LoopRegion
 
-from programs import program_layouts, Spec, build, memory_specs, policies, specs  # noqa: F401 (program_layouts: a fixture)
+from programs import Spec, build, memory_specs, policies, specs
 
 # the loaded profile's example count (ci: 25, long: 500), shared out so that the ci run stays short
 N = settings.default.max_examples
@@ -38,7 +38,6 @@ FEW = settings(max_examples=max(4, N * 3 // 5), deadline=None, suppress_health_c
 SOME = settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-pytestmark = pytest.mark.usefixtures("program_layouts")
 
 
 class Captured:
@@ -149,7 +148,7 @@ def test_step_rehash_with_unchanged_inputs_equals_the_original(spec, policy, dat
 @example(spec=PINNED_SPECS[1], policy=fxstream.Policy(spatial=4, temporal=2, min_region_fraction=0.0))
 def test_compiled_matches_original(spec, policy):
     c = captured(spec)
-    cg = compile_graph(c.gm, policy, spec.layout)
+    cg = compile_graph(c.gm, policy)
     out = c.run(cg.graph_module)
     regions = sum(len(g.plan.regions) for g in _compiled_graphs(cg))
     event("sliced" if regions else "nothing sliced")
@@ -160,7 +159,7 @@ def test_compiled_matches_original(spec, policy):
 def test_random_programs_do_get_sliced():
     """The properties above are not vacuous: a drawn-style program has regions along frames and height."""
     spec = PINNED_SPECS[1]
-    cg = compile_graph(captured(spec).gm, fxstream.Policy(slices=3, min_region_fraction=0.0), spec.layout)
+    cg = compile_graph(captured(spec).gm, fxstream.Policy(slices=3, min_region_fraction=0.0))
     axes = {r.axis.name for r in cg.plan.regions}
     assert {"frames", "height"} <= axes, axes
 
@@ -171,7 +170,7 @@ def test_random_programs_do_get_sliced():
 
 def assert_planned_peak_matches_measured(spec, policy):
     c = captured(spec)
-    cg = compile_graph(c.gm, policy, spec.layout)
+    cg = compile_graph(c.gm, policy)
     for name, gm in (("original", c.gm), ("compiled", cg.graph_module)):
         planned = plan_memory(gm).peak_bytes
         with torch.no_grad():
@@ -243,7 +242,7 @@ def check_region_rules(plan) -> None:
 @SOME
 @given(spec=specs(), policy=policies())
 def test_regions_hold_only_ops_their_rules_allow(spec, policy):
-    cg = compile_graph(captured(spec).gm, policy, spec.layout)
+    cg = compile_graph(captured(spec).gm, policy)
     for g in _compiled_graphs(cg):
         check_region_rules(g.plan)
 
@@ -256,11 +255,11 @@ def test_regions_hold_only_ops_their_rules_allow(spec, policy):
 @given(spec=specs(), policy=policies())
 def test_compiling_twice_gives_the_same_graph(spec, policy):
     c = captured(spec)
-    first = fingerprint(compile_graph(c.gm, policy, spec.layout).graph_module)
-    again = fingerprint(compile_graph(c.gm, policy, spec.layout).graph_module)
+    first = fingerprint(compile_graph(c.gm, policy).graph_module)
+    again = fingerprint(compile_graph(c.gm, policy).graph_module)
     assert first == again, f"two compiles of one capture differ: {spec} {policy.describe()}"
     fresh = capture(build(spec), spec.inputs()).graph_module
-    assert fingerprint(compile_graph(fresh, policy, spec.layout).graph_module) == first, \
+    assert fingerprint(compile_graph(fresh, policy).graph_module) == first, \
         f"compiling a second capture differs: {spec} {policy.describe()}"
 
 
@@ -273,7 +272,7 @@ def test_compiling_twice_gives_the_same_graph(spec, policy):
 def test_explain_accounts_for_every_op(spec, policy):
     c = captured(spec)
     report = fxstream.explain(c.module, c.kwargs, policy=policy)
-    prepared = compile_graph(c.gm, policy, spec.layout).prepared
+    prepared = compile_graph(c.gm, policy).prepared
     ops = [n.name for n in prepared.graph.nodes if n.op == "call_function"]
     outer = [r for r in report.regions if "/" not in r.node]
     unsliced = [u.node for u in report.unsliced]

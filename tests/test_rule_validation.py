@@ -108,7 +108,7 @@ def test_a_planted_wrong_rule_breaks_a_compiled_program(monkeypatch):
         expected = module(**kwargs)
 
     def run():
-        cg = compile_graph(ep.graph_module, policy, spec.layout)
+        cg = compile_graph(ep.graph_module, policy)
         convs = [n for r in cg.plan.regions for n in r.nodes if n.target is aten.conv2d.default]
         with torch.no_grad():
             return cg.graph_module(*state, *flat)[0], convs

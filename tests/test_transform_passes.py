@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fxstream
-from fxstream.compiler import capture, compile_graph, layout_of
+from fxstream.compiler import capture, compile_graph
 from fxstream.graph_utils import strip_asserts
 from fxstream.meta import SplitNorm, get_meta
 from fxstream.passes.split_group_norm import split_group_norm, splittable_group_norms
@@ -42,7 +42,7 @@ def test_split_group_norm_matches_fused(dtype, tol):
 def test_grouping_replaces_regions_by_loops(svd_tiny):
     unet, kw = svd_tiny
     ep = capture(unet, kw)
-    cg = compile_graph(ep.graph_module, fxstream.Policy(slices=3), layout_of(unet))
+    cg = compile_graph(ep.graph_module, fxstream.Policy(slices=3))
     calls = [n for n in cg.graph_module.graph.nodes if n.op == "call_module"]
     assert len(calls) == len(cg.plan.regions) > 0
     original_ops = sum(1 for n in cg.prepared.graph.nodes if n.op == "call_function")
@@ -59,8 +59,8 @@ def test_grouping_replaces_regions_by_loops(svd_tiny):
 def test_compiling_twice_gives_the_same_graph(animatediff_tiny):
     unet, kw = animatediff_tiny
     ep = capture(unet, kw)
-    a = compile_graph(ep.graph_module, fxstream.Policy(slices=4), layout_of(unet))
-    b = compile_graph(ep.graph_module, fxstream.Policy(slices=4), layout_of(unet))
+    a = compile_graph(ep.graph_module, fxstream.Policy(slices=4))
+    b = compile_graph(ep.graph_module, fxstream.Policy(slices=4))
     assert a.graph_module.code == b.graph_module.code
     for (na, ma), (nb, mb) in zip(a.graph_module.named_modules(), b.graph_module.named_modules()):
         assert na == nb and getattr(ma, "code", None) == getattr(mb, "code", None)
@@ -69,7 +69,7 @@ def test_compiling_twice_gives_the_same_graph(animatediff_tiny):
 def test_policy_nothing_leaves_the_graph_untouched(svd_tiny):
     unet, kw = svd_tiny
     ep = capture(unet, kw)
-    cg = compile_graph(ep.graph_module, fxstream.Policy(), layout_of(unet))
+    cg = compile_graph(ep.graph_module, fxstream.Policy())
     assert cg.graph_module is ep.graph_module and not cg.plan.regions
 
 

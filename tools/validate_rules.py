@@ -106,6 +106,7 @@ SAMPLES.update({
     aten.conv3d.default: [((t(2, 3, 4, 3, 2), t(2, 3, 3, 1, 1), None, [1, 1, 1], [1, 0, 0]), {})],
     aten.group_norm.default: [((t(2, 4, 3, 5), 2, t(4), t(4)), {}), ((t(2, 4, 3, 2, 2), 2), {})],
     aten.layer_norm.default: [((t(2, 3, 6), [6], t(6), t(6)), {}), ((t(2, 3, 4), [3, 4]), {})],
+    aten.rms_norm.default: [((t(2, 3, 6), [6], t(6), 1e-6), {}), ((t(2, 3, 4), [3, 4]), {})],
     aten.scaled_dot_product_attention.default: [
         ((t(2, 2, 6, 4), t(2, 2, 5, 4), t(2, 2, 5, 4)), {}),
         ((t(2, 2, 6, 4), t(2, 2, 5, 4), t(2, 2, 5, 4), t(6, 5)), {}),
@@ -114,8 +115,10 @@ SAMPLES.update({
     aten._softmax.default: [((_X, 1, False), {})],
     aten.log_softmax.int: [((_X, 0), {})],
     aten.cat.default: [(([t(2, 3), t(2, 5)], 1), {}), (([t(2, 3), t(4, 3)],), {})],
+    aten.stack.default: [(([t(2, 3), t(2, 3)], 1), {}), (([t(4, 3), t(4, 3)], -1), {}), (([t(2, 6)],), {})],
     aten.chunk.default: [((t(4, 6), 2, 1), {})],
     aten.split.Tensor: [((t(4, 6), 2), {})],
+    aten.unbind.int: [((t(2, 3, 4), 1), {}), ((t(3, 4),), {}), ((t(2, 4, 2), -1), {})],
     aten.split_with_sizes.default: [((t(4, 6), [2, 4], 1), {})],
     aten.slice.Tensor: [((t(4, 6), 1, 1, 5), {})],
     aten.narrow.default: [((t(4, 6), 1, 2, 3), {}), ((t(6, 4, 2), 0, 1, 2), {})],

@@ -38,6 +38,9 @@ class Rule:
     inputs: Callable  # (node, out_cut, ctx) -> dict[Node, Cut | PARTIAL | WHOLE]
     rewrite: Callable | None = None  # (node, out_cut, n, length) -> (target, args, kwargs)
     kind: str = ""
+    # where an input this op needs whole is cut in the op's own region: True sends the input's producers out of
+    # the region (they run whole before it: an attention's keys and values), False the op itself (the default)
+    producers_leave: bool = False
 
 
 def val_shape(n) -> list[int]:
@@ -147,7 +150,7 @@ def layer_norm(node, cut, ctx):
     cut = _need_cut(cut)
     nd = len(val_shape(node))
     if cut.dim >= nd - len(node.args[1]):
-        raise CantSlice(f"layer_norm: statistics span dim {cut.dim}")
+        raise CantSlice(f"{node.target}: statistics span dim {cut.dim}")
     req = {node.args[0]: cut}
     for a in node.args[2:4]:
         if isinstance(a, Node):
@@ -187,6 +190,30 @@ def _dim_arg_rule(pos: int, default=None):
         return _broadcast_req(node, cut, tensor_args(node))
 
     return rule
+
+
+def stack(node, cut, ctx):
+    """``stack(tensors, dim)``: a new dim at ``dim``; the others keep the cut in every input."""
+    cut = _need_cut(cut)
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    d = _norm_dim(d, len(val_shape(node)))
+    if cut.dim == d:
+        raise CantSlice(f"{node.target}: stacks along the sliced dim {cut.dim}")
+    inner = Cut(cut.dim - (cut.dim > d), cut.outer, cut.inner)
+    req = {}
+    for x in node.args[0]:
+        _merge(req, x, inner)
+    return req
+
+
+def unbind(node, cut, ctx):
+    """``unbind(x, dim)``: a list of ``x``'s slices along ``dim`` (each one dim less); the cut of every element
+    sits in ``x`` one dim further where it is at or after ``dim``."""
+    cut = _need_cut(cut)
+    x = node.args[0]
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    d = _norm_dim(d, len(val_shape(x)))
+    return {x: Cut(cut.dim + (cut.dim >= d), cut.outer, cut.inner)}
 
 
 def getitem(node, cut, ctx):
@@ -364,11 +391,14 @@ RULES.update({
     aten.conv3d.default: Rule(conv, kind="conv"),
     aten.group_norm.default: Rule(group_norm, kind="norm"),
     aten.layer_norm.default: Rule(layer_norm, kind="norm"),
-    aten.scaled_dot_product_attention.default: Rule(sdpa, kind="attention"),
+    aten.rms_norm.default: Rule(layer_norm, kind="norm"),  # the same statistics over the trailing dims
+    aten.scaled_dot_product_attention.default: Rule(sdpa, kind="attention", producers_leave=True),
     aten.softmax.int: Rule(_dim_arg_rule(1), kind="softmax"),
     aten._softmax.default: Rule(_dim_arg_rule(1), kind="softmax"),
     aten.log_softmax.int: Rule(_dim_arg_rule(1), kind="softmax"),
     aten.cat.default: Rule(_dim_arg_rule(1, 0), kind="cat"),
+    aten.stack.default: Rule(stack, kind="cat"),
+    aten.unbind.int: Rule(unbind, kind="split"),
     aten.chunk.default: Rule(_dim_arg_rule(2, 0), kind="split"),
     aten.split.Tensor: Rule(_dim_arg_rule(2, 0), kind="split"),
     aten.split_with_sizes.default: Rule(_dim_arg_rule(2, 0), kind="split"),

@@ -1,14 +1,23 @@
 """Feature Slicer: decide which chains of ops are sliced along which axis. Analysis only; nothing is rewritten.
 
-For each named axis of the video latent (batch, frames, height, width) the slicer floods the graph from the
-latent input: every op reached gets the cut its rule allows (``_Flood``). Each op that could be cut along
+For each axis found in the graph (analysis/axes.py: a dim of an input, named from the ops, such as batch,
+frames, height, width or tokens) whose name the policy gives a slice count, the slicer floods the graph from
+that input: every op reached gets the cut its rule allows (``Flood``, analysis/flood.py). Each op that could be cut along
 several axes is given one (``_anchor_bans``, see NOTE [Outermost axis first]). Ops connected by edges whose cuts
 agree form candidate regions (``_components``); a region must not need its own values whole, and must be convex
 (no path leaves it and comes back), so both are enforced. Candidates that still overlap (ops no anchor claims)
 are settled greedily by the bytes they keep from ever being materialised; a node belongs to at most one region.
 
+NOTE [Queries only]
+An attention cut along its sequence slices its queries and needs its keys and values whole. In self-attention all
+three come from the same normed tokens, so the flood puts the key and value projections in the attention's own
+region, cut; the region would then need its own values whole. The attention's rule says its producers leave
+(``Rule.producers_leave``): the keys, the values and everything they are made from inside the region (the norm,
+the blocks before it) are split off, run whole (or as a region of their own) before it, and the attention, its
+query projection and what follows (output projection, feed-forward) stay sliced along the queries.
+
 NOTE [Why flood from the input]
-An axis is a fact about the data (the height of the video), not about one tensor. Starting from the latent and
+An axis is a fact about the data (the height of the video), not about one tensor. Starting from the input and
 following rules forwards and backwards names every tensor's copy of that axis, however it is reshaped
 (``(B*F, C, H, W)``, ``(B*H*W, F, C)``, ...), so the report can say "height" instead of "dim 0".
 """
@@ -16,35 +25,23 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from ..errors import CantSlice
+from .axes import Axis, axis_floods, find_axes
 from .cuts import PARTIAL, Cut, slice_bounds
 from .effects import Effects, find_effects
-from .rules import WHOLE, RuleContext, rule_for, val_shape
-
-from ..catalog import AXIS_NAMES, LAYOUTS
-from ..meta import BodyInput, get_meta
+from .flood import Flood
+from .rules import WHOLE, rule_for
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Axis", "Region", "SlicePlan", "plan_slicing", "LAYOUTS", "find_axes", "tensor_bytes",
+__all__ = ["Axis", "Region", "SlicePlan", "plan_slicing", "find_axes", "tensor_bytes",
            "nonconvex"]
 
-
-
-@dataclass(frozen=True)
-class Axis:
-    """A named axis of the latent input: which placeholder and dim it starts from, and its length."""
-
-    name: str
-    source: str  # placeholder name
-    dim: int
-    length: int
 
 
 @dataclass
@@ -74,6 +71,7 @@ class Region:
 class SlicePlan:
     regions: list
     reasons: dict  # node -> why it is not sliced
+    axes: list = field(default_factory=list)  # every axis of the graph's inputs (analysis/axes.py), sliced or not
 
 
 def tensor_bytes(n: Node) -> int:
@@ -102,141 +100,7 @@ def common_module_path(nodes) -> str:
     return ".".join(common)
 
 
-# Placeholder meta of a region body: True where the input enters every slice whole (``passes/group_regions``).
-
-
-def _whole_body_input(n: Node) -> bool:
-    b = get_meta(n, BodyInput)
-    return b is not None and b.whole
-
-
-def find_axes(gm: GraphModule, layout: str | None) -> list[Axis]:
-    """Named axes of the first 5-D tensor input, from ``layout`` (e.g. ``"BFCHW"``).
-
-    In a region body (a batch split compiled again) an input the body takes whole is not the latent: I2VGen-XL's
-    ``sample.new_zeros(...)`` takes the full-batch ``sample`` for its dtype alone, ahead of the sliced one.
-    """
-    for n in gm.graph.nodes:
-        if n.op != "placeholder" or n.name.startswith(("p_", "b_", "c_")) or _whole_body_input(n):
-            continue
-        v = n.meta.get("val")
-        if isinstance(v, torch.Tensor) and v.dim() == 5 and layout:
-            if v.numel() == 0:  # an empty video: nothing to slice
-                return []
-            return [Axis(AXIS_NAMES[c], n.name, i, int(v.shape[i])) for i, c in enumerate(layout)
-                    if c in AXIS_NAMES and int(v.shape[i]) > 1]
-    return []
-
-
-def _candidate_cuts(node: Node, length: int):
-    try:
-        shape = val_shape(node)
-    except CantSlice:
-        return
-    for e, s in enumerate(shape):
-        if s % length:
-            continue
-        rest = s // length
-        for outer in range(1, rest + 1):
-            if rest % outer == 0:
-                yield Cut(e, outer, rest // outer)
-    yield PARTIAL
-
-
-def _carry(n: Node, u: Node, c: Cut):
-    """Where no rule lets the cut through ``u``, still name the axis in its output (same dim index, new
-    length): a 3x3 convolution keeps the height, a strided one halves it. Used for naming only, never slicing."""
-    if c is PARTIAL or not isinstance(u.meta.get("val"), torch.Tensor):
-        return None
-    try:
-        su, sn = val_shape(u), val_shape(n)
-    except CantSlice:
-        return None
-    k = c.outer * c.inner
-    if len(su) != len(sn) or su[c.dim] % k or su[c.dim] // k < 2:
-        return None
-    return c, su[c.dim] // k
-
-
-class _Flood:
-    """Every node reached from an axis, with its cut and axis length; for nodes a rule lets slice, the input
-    requirements the rule gives (``req``)."""
-
-    def __init__(self, gm: GraphModule, axis: Axis, excluded: set, pinned: dict | None = None):
-        self.cut: dict = {}
-        self.length: dict = {}
-        self.req: dict = {}
-        self.through: dict = {}  # excluded nodes: their rule's requirements, followed only to name the axis
-        self.reason: dict = {}
-        self.excluded = excluded
-        self.pinned = pinned or {}  # never sliced, and the flood does not pass them (analysis/effects.py)
-        src = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == axis.source)
-        self.cut[src], self.length[src] = Cut(axis.dim), axis.length
-        self._run(src)
-
-    def ctx(self, length: int) -> RuleContext:
-        return RuleContext(length, lambda p: self.cut.get(p) if self.length.get(p) == length else None)
-
-    def _try(self, node: Node, cut, length: int):
-        if node in self.pinned:
-            self.reason[node] = self.pinned[node]
-            return None
-        rule = rule_for(node)
-        if rule is None:
-            self.reason[node] = f"no slice rule for {node.target}"
-            return None
-        try:
-            return rule.inputs(node, cut, self.ctx(length))
-        except CantSlice as e:
-            self.reason[node] = str(e)
-            return None
-
-    def _set(self, node, cut, length, req):
-        self.cut[node], self.length[node] = cut, length
-        if req is not None and node in self.excluded:
-            self.through[node] = req
-        elif req is not None:
-            self.req[node] = req
-
-    def _forward(self, n: Node, u: Node) -> bool:
-        c, length = self.cut[n], self.length[n]
-        why = {}
-        for cand in _candidate_cuts(u, length):
-            req = self._try(u, cand, length)
-            if req is not None and req.get(n, WHOLE) == c:
-                # an excluded node names the axis for its users and inputs but is not sliced itself
-                self._set(u, cand, length, req)
-                self.reason.pop(u, None)
-                return True
-            if u in self.reason:
-                why[cand] = self.reason.pop(u)
-        same_dim = [r for k, r in why.items() if isinstance(k, Cut) and k.dim == getattr(c, "dim", -1)]
-        if why:
-            self.reason[u] = (same_dim or list(why.values()))[0]
-        carried = _carry(n, u, c)
-        if carried is not None:
-            self._set(u, *carried, None)
-            return True
-        return False
-
-    def _run(self, src: Node):
-        work = [src]
-        while work:
-            n = work.pop()
-            for u in n.users:
-                if u.op == "call_function" and u not in self.cut and self._forward(n, u):
-                    work.append(u)
-            # NOTE [Backwards through excluded nodes]: a value reached only backwards through glue another axis
-            # owns (I2VGen-XL's image-latent encoder feeds the latent's cat) still gets this axis named
-            for p, c in (self.req.get(n) or self.through.get(n) or {}).items():
-                if isinstance(c, Cut) and p.op == "call_function" and p not in self.cut:
-                    req = self._try(p, c, self.length[n])
-                    if req is not None:
-                        self._set(p, c, self.length[n], req)
-                        work.append(p)
-
-
-def _components(flood: _Flood, allowed: set) -> list[set]:
+def _components(flood: Flood, allowed: set) -> list[set]:
     g = nx.Graph()
     g.add_nodes_from(allowed)
     for n in allowed:
@@ -246,13 +110,29 @@ def _components(flood: _Flood, allowed: set) -> list[set]:
     return [set(c) for c in nx.connected_components(g)]
 
 
-def _conflicts(flood: _Flood, comp: set) -> set:
-    """Nodes needing a value of their own region whole (or cut otherwise) must leave it."""
-    bad = set()
+def _ancestors_in(node: Node, comp: set) -> set:
+    out, work = set(), [node]
+    while work:
+        n = work.pop()
+        if n in comp and n not in out:
+            out.add(n)
+            work.extend(n.all_input_nodes)
+    return out
+
+
+def _conflicts(flood: Flood, comp: set) -> tuple[set, set]:
+    """(nodes, producers): nodes needing a value of their own region whole (or cut otherwise) must leave it; where
+    the node's rule says so (``Rule.producers_leave``: an attention sliced along its queries needs its keys and
+    values whole), the value and what it is made from within the region leave instead."""
+    bad, leave = set(), set()
     for n in comp:
         for p, c in flood.req[n].items():
             if p in comp and c != flood.cut[p]:
-                bad.add(n)
+                rule = rule_for(n)
+                if rule is not None and rule.producers_leave and c is WHOLE:
+                    leave |= _ancestors_in(p, comp)
+                else:
+                    bad.add(n)
         if flood.cut[n] is PARTIAL and any(u in comp for u in n.users):
             bad.update(u for u in n.users if u in comp)
         # a list (chunk, split) is sliced only together with every getitem of it
@@ -261,7 +141,7 @@ def _conflicts(flood: _Flood, comp: set) -> set:
             bad.update(u for u in n.users if u in comp)
         if n.target is operator.getitem and n.args[0] not in comp:
             bad.add(n)
-    return bad
+    return bad, leave
 
 
 def nonconvex(comp: set, order: dict, effects: Effects | None = None) -> set:
@@ -281,12 +161,15 @@ def nonconvex(comp: set, order: dict, effects: Effects | None = None) -> set:
     return bad
 
 
-def _regions_of(flood: _Flood, allowed: set, order: dict, effects: Effects) -> list[set]:
+def _regions_of(flood: Flood, allowed: set, order: dict, effects: Effects) -> list[set]:
     pending, done = [set(allowed)], []
     while pending:
         s = pending.pop()
         for comp in _components(flood, s):
-            bad = _conflicts(flood, comp)
+            bad, leave = _conflicts(flood, comp)
+            if leave and leave != comp:  # keys and values run whole before the region (NOTE [Queries only])
+                pending.extend([comp - leave, leave])
+                continue
             if bad:  # these need a value of their own region whole: they stay outside
                 for b in bad:
                     flood.reason[b] = "needs a value of the region it would join whole"
@@ -300,7 +183,7 @@ def _regions_of(flood: _Flood, allowed: set, order: dict, effects: Effects) -> l
     return done
 
 
-def _make_region(axis: Axis, count: int, comp: set, flood: _Flood, order: dict, output_nodes: set) -> Region:
+def _make_region(axis: Axis, count: int, comp: set, flood: Flood, order: dict, output_nodes: set) -> Region:
     nodes = sorted(comp, key=order.get)
     inputs = []  # (node, cut): a value needed both sliced and whole enters twice
     for n in nodes:
@@ -321,43 +204,46 @@ def _make_region(axis: Axis, count: int, comp: set, flood: _Flood, order: dict, 
 ANCHOR_KINDS = frozenset({"linear", "conv", "norm", "attention", "softmax"})
 
 
-def _anchor_bans(gm: GraphModule, axes, pinned: dict) -> dict:
-    """For each axis, the nodes that belong to another axis.
+def _anchor_bans(axes, floods: dict) -> dict:
+    """For each axis (by ``Axis.key``), the nodes that belong to another axis.
 
     NOTE [Outermost axis first]
     An op that can be cut along several axes (a linear over ``(B*F, H*W, C)`` along frames or along height) is
     cut along the one in its outermost dim: there each slice is a contiguous block and the op sees the dim as
     batch. This puts spatial layers on frames and temporal layers on height, as the paper does, without
-    knowing which layer is which. Pointwise and view ops ("glue") have no preference of their own: each goes
-    with the axis of its nearest anchor op, counting steps along edges whose cuts agree.
+    knowing which layer is which. Two axes in the same dim (the factors of a ``(B*F, C, H, W)`` batch) go to the
+    outer factor. Pointwise and view ops ("glue") have no preference of their own: each goes with the axis of its
+    nearest anchor op, counting steps along edges whose cuts agree.
     """
-    floods = {a.name: _Flood(gm, a, set(), pinned) for a in axes}
     best: dict = {}
-    for name, flood in floods.items():
+    for a in axes:
+        flood = floods[a.key]
         for n, c in flood.cut.items():
             rule = rule_for(n)
             if n in flood.req and isinstance(c, Cut) and rule is not None and rule.kind in ANCHOR_KINDS:
-                if n not in best or c.dim < best[n][0]:
-                    best[n] = (c.dim, name)
-    owner = {n: name for n, (_, name) in best.items()}
+                rank = (c.dim, c.outer)
+                if n not in best or rank < best[n][0]:
+                    best[n] = (rank, a.key)
+    owner = {n: key for n, (_, key) in best.items()}
     dist: dict = {}
-    for name, flood in floods.items():
+    for a in axes:
+        flood = floods[a.key]
         g = nx.Graph()
         for n, req in flood.req.items():
             for p, c in req.items():
                 if p in flood.req and c == flood.cut[p]:
                     g.add_edge(p, n)
         glue = {n for n in g if n not in best}
-        sources = [n for n in g if owner.get(n) == name]
+        sources = [n for n in g if owner.get(n) == a.key]
         for n, d in nx.multi_source_dijkstra_path_length(g.subgraph(glue | set(sources)), sources).items() \
                 if sources else []:
             if n in glue and (n not in dist or d < dist[n][0]):
-                dist[n] = (d, name)
-    owner.update({n: name for n, (_, name) in dist.items()})
-    return {a.name: {n for n, name in owner.items() if name != a.name} for a in axes}
+                dist[n] = (d, a.key)
+    owner.update({n: key for n, (_, key) in dist.items()})
+    return {a.key: {n for n, key in owner.items() if key != a.key} for a in axes}
 
 
-def plan_slicing(gm: GraphModule, counts: dict, min_fraction: float, layout: str | None) -> SlicePlan:
+def plan_slicing(gm: GraphModule, counts: dict, min_fraction: float, axes: list | None = None) -> SlicePlan:
     """Choose the regions for ``gm``: ``counts`` gives each axis name (``"frames"``, ``"height"``, ``"width"``,
     ``"batch"``) its slice count (1 or missing: not sliced); a region is kept if its largest interior value is at
     least ``min_fraction`` of the graph's largest activation. ``gm`` must carry ``meta["val"]`` on every node."""
@@ -366,22 +252,30 @@ def plan_slicing(gm: GraphModule, counts: dict, min_fraction: float, layout: str
     output_nodes = set(out_node.all_input_nodes)
     biggest = max((tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
     floor = min_fraction * biggest
-    axes = [a for a in find_axes(gm, layout) if counts.get(a.name, 1) > 1]
+    if axes is None:  # found here (else on another copy of the same capture: the names hold for every copy)
+        found = axis_floods(gm)
+        axes, effects, floods = found.axes, found.effects, found.floods
+    else:
+        effects, floods = find_effects(gm), {}
+    every = list(axes)
+    axes = [a for a in axes if counts.get(a.name, 1) > 1]
+    for a in axes:
+        if a.key not in floods:
+            floods[a.key] = Flood(gm, a, set(), effects.pinned)
     taken: set = set()
     regions, reasons = [], {}
-    effects = find_effects(gm)
-    banned = _anchor_bans(gm, axes, effects.pinned)
+    banned = _anchor_bans(axes, floods)
 
     def candidates(axis):
-        flood = _Flood(gm, axis, taken | banned[axis.name], effects.pinned)
-        for n, r in flood.reason.items():
-            reasons.setdefault(n, f"{axis.name}: {r}")
+        flood = Flood(gm, axis, taken | banned[axis.key], effects.pinned)
         out = []
         for length in sorted(set(flood.length[n] for n in flood.req)):
             allowed = {n for n in flood.req if flood.length[n] == length and n not in taken}
-            sub = Axis(axis.name, axis.source, axis.dim, length)
+            sub = replace(axis, length=length)
             count = min(counts.get(axis.name, 1), length)
             out.extend(_keep_large(sub, count, _regions_of(flood, allowed, order, effects), flood))
+        for n, r in flood.reason.items():  # after the regions: they add why an op had to leave one
+            reasons.setdefault(n, f"{axis.name}: {r}")
         return out
 
     def _keep_large(axis, count, comps, flood):
@@ -395,7 +289,7 @@ def plan_slicing(gm: GraphModule, counts: dict, min_fraction: float, layout: str
                     reasons.setdefault(n, f"{axis.name}: region too small to pay for its loop")
         return out
 
-    axis_by_name = {a.name: a for a in axes}
+    axis_by_key = {a.key: a for a in axes}
     pool = [r for a in axes for r in candidates(a)]
     while pool:
         best = max(pool, key=lambda r: r.saved_bytes)
@@ -404,10 +298,10 @@ def plan_slicing(gm: GraphModule, counts: dict, min_fraction: float, layout: str
             regions.append(best)
             taken.update(best.nodes)
         else:  # it overlaps a chosen region: that axis is planned again without the taken nodes
-            pool = [r for r in pool if r.axis.name != best.axis.name] + candidates(axis_by_name[best.axis.name])
+            pool = [r for r in pool if r.axis.key != best.axis.key] + candidates(axis_by_key[best.axis.key])
     regions.sort(key=lambda r: order[r.nodes[0]])
     for r in regions:
         for n in r.nodes:
             reasons.pop(n, None)
     log.debug("planned %d regions", len(regions))
-    return SlicePlan(regions, reasons)
+    return SlicePlan(regions, reasons, every)
