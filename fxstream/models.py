@@ -213,3 +213,69 @@ def example_inputs(name: str, unet, *, batch: int | None = None, frames: int | N
         "encoder_hidden_states": randn(b * f, 77, cfg.cross_attention_dim),
         "return_dict": False,
     }
+
+
+# -- video transformers (issue 20) ----------------------------------------------------------------------------------
+# name -> (diffusers class, config file or dict, default latent frames, height, width, text tokens, batch).
+# The tiny configs are the shapes diffusers' own tests use (a few layers, two heads); the full-size ones are the
+# published architectures at their published resolution and frame count.
+TRANSFORMERS = {
+    "cogvideox-tiny": ("CogVideoXTransformer3DModel", {
+        "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 4, "time_embed_dim": 2,
+        "text_embed_dim": 8, "num_layers": 2, "sample_width": 48, "sample_height": 48, "sample_frames": 13,
+        "patch_size": 2, "temporal_compression_ratio": 4, "max_text_seq_length": 8}, 4, 48, 48, 8, 1),
+    "wan-tiny": ("WanTransformer3DModel", {
+        "patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+        "out_channels": 4, "text_dim": 16, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32}, 4, 48, 48, 12, 1),
+    "ltx-tiny": ("LTXVideoTransformer3DModel", {
+        "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+        "cross_attention_dim": 16, "num_layers": 2, "qk_norm": "rms_norm_across_heads", "caption_channels": 16},
+        4, 24, 24, 16, 1),
+    "cogvideox-5b": ("CogVideoXTransformer3DModel", "cogvideox-5b-transformer.json", 13, 60, 90, 226, 2),
+    "wan2.1-14b": ("WanTransformer3DModel", "wan2.1-t2v-14b-transformer.json", 21, 90, 160, 512, 1),
+}
+
+
+def build_transformer(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      seed: int = 0):
+    """The named video transformer (``TRANSFORMERS``) with random weights, on ``device`` (``"meta"``: no memory)."""
+    import diffusers
+    if name not in TRANSFORMERS:
+        raise ValueError(f"model: unknown transformer {name!r}; expected one of {sorted(TRANSFORMERS)}")
+    cls, config = TRANSFORMERS[name][:2]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = getattr(diffusers, cls).from_config(load_config(config))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def transformer_inputs(name: str, model, *, frames: int | None = None, height: int | None = None,
+                       width: int | None = None, batch: int | None = None, seed: int = 0) -> dict:
+    """Keyword arguments for one forward of a video transformer as its diffusers pipeline calls it (latent
+    ``frames`` x ``height`` x ``width``; CogVideoX gets its rotary tables as the pipeline makes them)."""
+    cls, _, f0, h0, w0, text, b0 = TRANSFORMERS[name]
+    f, h, w, b = frames or f0, height or h0, width or w0, batch or b0
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+
+    def randn(*shape):
+        t = torch.randn(*shape, generator=gen) if device.type != "meta" else torch.empty(shape)
+        return t.to(device=device, dtype=dtype)
+
+    step = torch.tensor([500] * b, device=device)
+    if cls == "CogVideoXTransformer3DModel":
+        kw = dict(hidden_states=randn(b, f, cfg.in_channels, h, w), encoder_hidden_states=randn(b, text, cfg.text_embed_dim),
+                  timestep=step, return_dict=False)
+        if cfg.use_rotary_positional_embeddings:
+            tokens = f * (h // cfg.patch_size) * (w // cfg.patch_size)
+            kw["image_rotary_emb"] = (randn(tokens, cfg.attention_head_dim), randn(tokens, cfg.attention_head_dim))
+        return kw
+    if cls == "WanTransformer3DModel":
+        return dict(hidden_states=randn(b, cfg.in_channels, f, h, w), encoder_hidden_states=randn(b, text, cfg.text_dim),
+                    timestep=step, return_dict=False)
+    return dict(hidden_states=randn(b, f * h * w, cfg.in_channels), encoder_hidden_states=randn(b, text, cfg.caption_channels),
+                timestep=step, encoder_attention_mask=torch.ones(b, text, device=device), num_frames=f, height=h,
+                width=w, return_dict=False)
