@@ -99,6 +99,7 @@ class MadeWith:
     inner_counts: list | None = None
     halo_keep: int | None = None
     in_flight: int | None = None
+    check_peak: bool = True
 
 
 @dataclass
@@ -307,7 +308,7 @@ def _run(gm: GraphModule, job: Job, steps, folder, depth: int) -> GraphModule:
 
 # -- the driver ----------------------------------------------------------------------------------------------------
 def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, inner_counts: list | None = None,
-                  halo_keep: int | None = None) -> CompiledGraph:
+                  halo_keep: int | None = None, check_peak: bool = True) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
@@ -318,15 +319,19 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
     crosses (it is kept whole; see :func:`fxstream.analysis.halo.find_halo_regions`). Default: the graph's
     largest activation over the halo count, about one band's size, so keeping a block's output whole costs about
     what its slices hold anyway and saves the statistics passes behind it from recomputing the block.
+    ``check_peak``: leave whole the cut regions that would raise the planned peak (NOTE [A region must not raise
+    the peak]); the budget turns it off (its search weighs every region's peak against the budget itself).
     """
     made_with = MadeWith(policy, dict(counts) if counts is not None else None,
                          [dict(c) if c is not None else None for c in inner_counts] if inner_counts is not None
-                         else None, halo_keep)
+                         else None, halo_keep, check_peak=check_peak)
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm, made_with=made_with)
     job = _job(policy, counts, inner_counts, halo_keep)
     out = run_steps(gm, job)
-    raising = _raising_regions(job, out) if job.inner is None else {}  # a batch split: its bodies check
+    # a batch split: its bodies check; min_region_fraction=0 keeps every region the rules allow (tests use it)
+    check = check_peak and job.inner is None and policy.min_region_fraction > 0
+    raising = _raising_regions(job, out) if check else {}
     if raising:  # NOTE [A region must not raise the peak]: compile once more with those regions left whole
         counts = {**(counts or {}), **{rid: 1 for rid in raising}}
         made_with = replace(made_with, counts=dict(counts))
@@ -346,7 +351,8 @@ def _raising_regions(job: Job, grouped: GraphModule) -> dict:
     Where a region has many outputs that the unsliced ops would have made one after another (a rotary embedding's
     tables, made once and used by every block), the region's peak can be above anything the original holds at
     that point, and slicing it only costs memory. Such a region is left whole (its id gets count 1, as a budget
-    does; the reason says so); the others stay as planned. Exactness is not at stake: a region left whole runs
+    does; the reason says so); the others stay as planned. Like the region floor, this is off with
+    ``Policy(min_region_fraction=0)``, which keeps every region the rules allow. Exactness is not at stake: a region left whole runs
     the original ops."""
     regions = job.plan.regions if job.plan is not None else []
     if not regions:

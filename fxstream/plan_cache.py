@@ -156,9 +156,15 @@ def _optional_int(v, what: str):
     return v
 
 
+def _bool(v, what: str) -> bool:
+    if type(v) is not bool:
+        raise TypeError(f"{what}: expected true or false, got {v!r}")
+    return v
+
+
 def _made_json(m: MadeWith) -> dict:
     return {"policy": _policy_json(m.policy), "counts": m.counts, "inner_counts": m.inner_counts,
-            "halo_keep": m.halo_keep, "in_flight": m.in_flight}
+            "halo_keep": m.halo_keep, "in_flight": m.in_flight, "check_peak": m.check_peak}
 
 
 def _made_from(d: dict) -> MadeWith:
@@ -168,7 +174,8 @@ def _made_from(d: dict) -> MadeWith:
     return MadeWith(_policy_from(d["policy"]),
                     None if d["counts"] is None else _counts(d["counts"], "counts"),
                     None if inner is None else [None if c is None else _counts(c, "inner_counts[...]") for c in inner],
-                    _optional_int(d["halo_keep"], "halo_keep"), _optional_int(d["in_flight"], "in_flight"))
+                    _optional_int(d["halo_keep"], "halo_keep"), _optional_int(d["in_flight"], "in_flight"),
+                    _bool(d["check_peak"], "check_peak"))
 
 
 def _record(key: str, policy: Policy, made: MadeWith | None = None, peak: int | None = None, bound=None,
@@ -258,7 +265,7 @@ def store(path: Path, record: dict) -> None:
 # -- the wrapper --------------------------------------------------------------------------------------------------
 def replay(gm: GraphModule, made: MadeWith) -> CompiledGraph:
     """The one compile ``made`` describes, on ``gm``."""
-    cg = compile_graph(gm, made.policy, made.counts, made.inner_counts, made.halo_keep)
+    cg = compile_graph(gm, made.policy, made.counts, made.inner_counts, made.halo_keep, made.check_peak)
     if made.in_flight is not None:
         set_in_flight(cg.graph_module, made.in_flight, made.policy.cpu_workers)
         cg.made_with = made

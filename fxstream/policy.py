@@ -85,7 +85,8 @@ class Policy:
             slicing. With ``max_memory``, an int is the most tiles in all the budget may use (it chooses between
             bands and grids, and what to keep whole), a pair the most rows and columns.
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
-            the graph's largest activation (small regions cost loop overhead and save nothing).
+            the graph's largest activation (small regions cost loop overhead and save nothing), and only if it
+            does not raise the planned peak over its ops; 0 keeps every region the rules allow.
         cache_size: the most input signatures kept compiled at once (least recently used evicted).
         verify: the first call of each signature also runs the original module and compares; beyond float
             rounding it raises :class:`~fxstream.VerificationError` with the max difference and the first region

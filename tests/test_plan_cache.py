@@ -111,10 +111,10 @@ def test_a_different_policy_or_input_shape_misses(program, tmp_path, compiles):
 def test_the_folder_is_not_in_the_key(program, tmp_path):
     m, kw, base = program
     gm = capture(m, kw).graph_module
-    keys = {plan_cache.plan_key(gm, fxstream.Policy(max_memory=_budget(base), cache_dir=d), "BFCHW", 10)
+    keys = {plan_cache.plan_key(gm, fxstream.Policy(max_memory=_budget(base), cache_dir=d), 10)
             for d in (None, False, "", str(tmp_path), str(tmp_path / "other"))}
     assert len(keys) == 1
-    assert plan_cache.plan_key(gm, fxstream.Policy(max_memory=_budget(base)), "BFCHW", 11) not in keys
+    assert plan_cache.plan_key(gm, fxstream.Policy(max_memory=_budget(base)), 11) not in keys
 
 
 @pytest.mark.parametrize("text", [
@@ -226,11 +226,11 @@ def test_cache_dir_is_checked():
 def test_a_policy_and_its_decision_survive_json():
     policy = fxstream.Policy(slices=4, halo=(2, 3), pipeline=2, cpu_workers=False, min_region_fraction=0.1,
                              rehash=fxstream.StepRehash(schedule=[0, 3, 5]), cache_dir="/somewhere")
-    made = MadeWith(policy, "BCFHW", {"add_1": 2}, [None, {"mul": 3}], 4096, 2)
+    made = MadeWith(policy, {"add_1": 2}, [None, {"mul": 3}], 4096, 2)
     back = plan_cache._made_from(json.loads(json.dumps(plan_cache._made_json(made))))
     assert back == MadeWith(fxstream.Policy(slices=4, halo=(2, 3), pipeline=2, cpu_workers=False,
                                             min_region_fraction=0.1, rehash=fxstream.StepRehash(schedule=[0, 3, 5])),
-                            "BCFHW", {"add_1": 2}, [None, {"mul": 3}], 4096, 2)
+                            {"add_1": 2}, [None, {"mul": 3}], 4096, 2)
 
 
 def _record(i: int) -> dict:
