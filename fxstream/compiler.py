@@ -119,6 +119,7 @@ class Job:
     # found by the steps
     axes: list | None = None  # every axis of the graph's inputs (named from the ops; step 0 finds them)
     left_whole: dict = field(default_factory=dict)  # region id -> why: regions left whole (they raised the peak)
+    check_peak: bool = True  # the compile_graph argument, passed on to the bodies of a batch split
     prepared: GraphModule | None = None
     plan: SlicePlan | None = None
     planned: GraphModule | None = None  # the graph the plan was made on (a plan of the same graph is reused)
@@ -209,7 +210,8 @@ def step_compile_bodies(gm: GraphModule, job: Job) -> GraphModule:
     k = 0
     for loop in _loops(gm):
         for key, body in list(loop.bodies.items()):
-            inner = compile_graph(body, job.inner, (job.inner_counts or [None] * (k + 1))[k])
+            inner = compile_graph(body, job.inner, (job.inner_counts or [None] * (k + 1))[k],
+                                  check_peak=job.check_peak)
             loop.bodies[key] = inner.graph_module
             job.bodies.append(inner)
             k += 1
@@ -328,6 +330,7 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm, made_with=made_with)
     job = _job(policy, counts, inner_counts, halo_keep)
+    job.check_peak = check_peak
     out = run_steps(gm, job)
     # a batch split: its bodies check; min_region_fraction=0 keeps every region the rules allow (tests use it)
     check = check_peak and job.inner is None and policy.min_region_fraction > 0
@@ -336,7 +339,7 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
         counts = {**(counts or {}), **{rid: 1 for rid in raising}}
         made_with = replace(made_with, counts=dict(counts))
         job = _job(policy, counts, inner_counts, halo_keep)
-        job.left_whole = raising
+        job.left_whole, job.check_peak = raising, check_peak
         out = run_steps(gm, job)
     log.info("compiled: %d regions", len(job.plan.regions))
     return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with)

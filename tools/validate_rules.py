@@ -56,7 +56,8 @@ def t(*shape, kind="float") -> T:
 _X, _Y = t(2, 6, 4), t(6, 1)
 _UNARY = [aten.neg.default, aten.abs.default, aten.silu.default, aten.gelu.default, aten.sigmoid.default,
           aten.tanh.default, aten.relu.default, aten.exp.default, aten.sin.default, aten.cos.default,
-          aten.erf.default, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default]
+          aten.erf.default, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+          aten.ones_like.default, aten.zeros_like.default]
 _POSITIVE = [aten.log.default, aten.sqrt.default, aten.rsqrt.default]
 _BINARY = [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
            aten.minimum.default, aten.rsub.Tensor]

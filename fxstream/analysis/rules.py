@@ -368,6 +368,7 @@ POINTWISE = [
     aten.type_as.default, aten.clone.default, aten.contiguous.default, aten.dropout.default, aten.alias.default,
     aten.detach.default, aten.lerp.Scalar, aten.lerp.Tensor, aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar,
     aten.gt.Scalar, aten.logical_not.default, aten.real.default, aten.imag.default,
+    aten.ones_like.default, aten.zeros_like.default,  # each slice makes its own part, the same constant
 ]
 VIEWS = [
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
