@@ -149,3 +149,20 @@ def test_channels_are_never_an_axis_to_slice():
     rep = fxstream.explain(m, kw, fxstream.Policy(slices=2))
     assert not rep.regions
     assert all(u.reason for u in rep.unsliced)
+
+
+def test_temporal_decoder_slices_with_cuts():
+    """SVD's temporal VAE decoder, which takes ``(B*F, C, H, W)``: ``Policy(slices=4)`` cuts its per-frame layers
+    along frames and its temporal layers along height (no class table names its axes); ``Policy(halo=...)`` still
+    plans it with halos (tests/test_halo.py)."""
+    from test_halo import tiny_svd_attention
+    decoder, kw = tiny_svd_attention()
+    gm = capture(decoder, kw).graph_module
+    assert [a.name for a in find_axes(gm)] == ["frames", "height", "width"] and frames_in_batch(gm)
+    with torch.no_grad():
+        want = decoder(**kw)
+        compiled = fxstream.compile(decoder, fxstream.Policy(slices=4))
+        got = compiled(**kw)
+    _close(got, want)
+    dims = {r.dim for r in compiled.explain().regions}
+    assert {"frames", "height"} <= dims, dims
