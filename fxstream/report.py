@@ -242,7 +242,8 @@ def _axis_infos(compiled, policy: Policy) -> list:
         elif policy.halo_tiles > 1 and not compiled.plan.regions:
             slicing = "halos own this graph (Policy.halo)"
         else:
-            slicing = "no region: the rules refuse it or it pays for no loop (see the unsliced ops)"
+            slicing = ("no region: an outer axis took its ops (NOTE [Outermost axis first]), the rules refuse "
+                       "it, or no region pays for its loop (see the unsliced ops)")
         out.append(AxisInfo(a.name, a.place, a.length, a.why, slicing))
     return out
 
