@@ -346,33 +346,29 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
 
 
 def _raising_regions(job: Job, grouped: GraphModule) -> dict:
-    """{region id: why} for the cut regions whose planned peak is above the unsliced graph's highest point over
-    the same ops.
+    """{region id: why} for the cut regions whose planned peak is above the unsliced graph's planned peak.
 
     NOTE [A region must not raise the peak]
     A region allocates all its outputs whole before its first slice and holds its whole inputs until its last.
     Where a region has many outputs that the unsliced ops would have made one after another (a rotary embedding's
-    tables, made once and used by every block), the region's peak can be above anything the original holds at
-    that point, and slicing it only costs memory. Such a region is left whole (its id gets count 1, as a budget
-    does; the reason says so); the others stay as planned. Like the region floor, this is off with
-    ``Policy(min_region_fraction=0)``, which keeps every region the rules allow. Exactness is not at stake: a region left whole runs
-    the original ops."""
+    tables, made once and used by every block), its peak can be above anything the unsliced graph ever holds, and
+    slicing it makes the whole compile worse than no slicing (Wan's transformer planned 1.26x its exported graph).
+    Such a region is left whole (its id gets count 1, as a budget does; the reason says so); the others stay as
+    planned. A region above the unsliced ops' local high point but below the graph's peak stays: it costs
+    nothing the graph does not already need. Like the region floor, this is off with
+    ``Policy(min_region_fraction=0)``, which keeps every region the rules allow. Exactness is not at stake: a
+    region left whole runs the original ops."""
     regions = job.plan.regions if job.plan is not None else []
     if not regions:
         return {}
     from .memory import plan_memory
     compiled, original = plan_memory(grouped), plan_memory(job.prepared)
-    at = {p.node: i for i, p in enumerate(original.timeline)}
     out = {}
     for i, r in enumerate(regions):
-        lo, hi = at.get(r.nodes[0].name), at.get(r.nodes[-1].name)
         peak = compiled.region_peaks.get(f"region_{i}")
-        if lo is None or hi is None or peak is None:
-            continue
-        before = max(p.peak_bytes for p in original.timeline[lo:hi + 1])
-        if peak > before:
-            out[region_id(r)] = (f"{r.axis.name}: sliced, this region would raise the planned peak here "
-                                 f"({peak / 2**20:.3f} MiB against {before / 2**20:.3f} MiB unsliced)")
+        if peak is not None and peak > original.peak_bytes:
+            out[region_id(r)] = (f"{r.axis.name}: sliced, this region would raise the planned peak "
+                                 f"({peak / 2**20:.3f} MiB against {original.peak_bytes / 2**20:.3f} MiB unsliced)")
     return out
 
 
