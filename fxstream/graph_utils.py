@@ -6,13 +6,15 @@ import copy
 import torch
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from .meta import KEPT
 
-__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs", "copy_module", "refresh_values"]
+__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs", "copy_module",
+           "refresh_values", "lazy_module"]
 
 _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn") + KEPT
 
@@ -84,16 +86,28 @@ def copy_meta(src: Node, dst: Node) -> None:
             dst.meta[k] = src.meta[k]
 
 
+def lazy_module(root: torch.nn.Module, graph: Graph, class_name: str = "GraphModule") -> GraphModule:
+    """A GraphModule over ``graph`` whose Python code is generated when first needed (``.code``, a call), not now.
+
+    NOTE [Lazy code of compiled graphs]: making a GraphModule generates and compiles its ``forward`` (about 10
+    ms for a body of a few dozen ops). Most of the GraphModules a compile makes never run: the graphs a budget tries
+    and drops, every loop body while planning on the meta device, every halo body (``HaloLoop`` walks its nodes).
+    torch's ``_LazyGraphModule`` defers that work to the first call or ``.code`` access; the code, and so what
+    runs, is the same. (A ``LoopRegion`` generates its bodies' code before it runs any on worker threads.)"""
+    return _LazyGraphModule(root, graph, class_name=class_name)
+
+
 def copy_module(gm: GraphModule, edit=None) -> GraphModule:
     """A GraphModule over a copy of ``gm``'s graph, after ``edit(graph)`` if given; ``gm`` is unchanged.
 
     The graph is copied node by node (``copy.deepcopy`` of the Graph: each node's metadata dict is copied, the fake
-    values in it are shared, as nothing changes a fake value in place) and its code is generated once. A deep copy
-    of the GraphModule would copy every fake value and generate the code again at each edit."""
+    values in it are shared, as nothing changes a fake value in place) and its code is generated once, when first
+    needed (NOTE [Lazy code of compiled graphs]). A deep copy of the GraphModule would copy every fake value and
+    generate the code again at each edit."""
     graph = copy.deepcopy(gm.graph)
     if edit is not None:
         edit(graph)
-    out = GraphModule(gm, graph, class_name=type(gm).__name__)
+    out = lazy_module(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(gm.meta)
     return out
 

@@ -9,7 +9,6 @@ A band is dropped after its last use in the slice; output rows are copied into f
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 
@@ -74,13 +73,34 @@ _PLANS: OrderedDict = OrderedDict()  # structure key (+ FLOPs) -> HaloPlan; see 
 _PLANS_KEPT = 4096
 
 
+def _arg_key(a, index: dict):
+    """An argument of a body node as a hashable value: nodes by position, constants by type and repr."""
+    if isinstance(a, Node):
+        return index[a]
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_arg_key(x, index) for x in a))
+    if isinstance(a, dict):
+        return ("dict", tuple((k, _arg_key(v, index)) for k, v in a.items()))
+    return (type(a).__name__, repr(a))
+
+
+def _graph_key(body: GraphModule) -> tuple:
+    """The body's graph as a hashable value: each node's kind, target and arguments (nodes named by position)."""
+    index: dict = {}
+    out = []
+    for i, n in enumerate(body.graph.nodes):
+        index[n] = i
+        target = n.target if n.op == "call_function" else str(n.target) if n.op != "placeholder" else None
+        out.append((n.op, target, _arg_key(n.args, index), _arg_key(n.kwargs, index)))
+    return tuple(out)
+
+
 def _structure_key(body: GraphModule, dims: list, count: int, wdims: list, cols: int, along: str) -> tuple:
-    """What a halo region's plan depends on: the body's code (ops, arguments, node names), its inputs' metadata
-    and the slicing."""
+    """What a halo region's plan depends on: the body's graph (ops and arguments; not its node names, which the
+    plan never reads), its inputs' metadata and the slicing."""
     inputs = tuple((tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype) if isinstance(v, torch.Tensor)
                    else repr(v) for v in (n.meta.get("val") for n in body.graph.nodes if n.op == "placeholder"))
-    code = hashlib.sha256(body.code.encode()).hexdigest()
-    return code, inputs, tuple(dims), count, tuple(wdims), cols, along
+    return _graph_key(body), inputs, tuple(dims), count, tuple(wdims), cols, along
 
 
 class HaloLoop(torch.nn.Module):
@@ -114,9 +134,11 @@ class HaloLoop(torch.nn.Module):
         """The region's :class:`~fxstream.analysis.halo.HaloPlan` (with planned compute when given FLOPs).
 
         NOTE [Halo plans of equal regions]: a memory budget compiles a decoder many times (every grid and
-        checkpoint size it tries), and most regions come out the same in several compiles. A plan depends only
-        on the body's code, its inputs' shapes, strides and dtypes, and the slicing (dims, count, grid), so it is
-        kept under that key and made once per distinct region (and per FLOPs of its ops, when given)."""
+        checkpoint size it tries), and most regions come out the same in several compiles; a decoder also repeats
+        equal blocks under other names. A plan depends only on the body's ops and arguments (not on node names:
+        the plan reads shapes, dtypes, storages and each op's FLOPs by position), its inputs' shapes, strides and
+        dtypes, and the slicing (dims, count, grid), so it is kept under that key (``_structure_key``; no code is
+        generated for it) and made once per distinct region (and per FLOPs of its ops, when given)."""
         key = (self._key, None if flops is None else tuple(flops.get(n.name, 0) for n in self.region.nodes))
         hit = _PLANS.get(key)
         if hit is None:

@@ -17,7 +17,7 @@ from fxstream.analysis.effects import find_effects
 from fxstream.analysis.rules import rule_for
 from fxstream.analysis.slicer import Region, SlicePlan
 from fxstream.meta import BodyInput, Grouped, set_meta
-from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_nodes, refresh_values
+from fxstream.graph_utils import copy_meta, fake_mode_of, lazy_module, propagate_nodes, refresh_values
 from fxstream.runtime import LoopRegion, buffer_layout, slice_view
 
 aten = torch.ops.aten
@@ -60,7 +60,7 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
         copy_meta(node, new)
         env[node] = new
     g.output(tuple(env[o] for o, _ in region.outputs))
-    body = GraphModule(torch.nn.Module(), g)
+    body = lazy_module(torch.nn.Module(), g)
     for ph, v in zip([x for x in g.nodes if x.op == "placeholder"], fake_inputs):
         ph.meta["val"] = v
     propagate_nodes([x for x in g.nodes if x.op == "call_function"], mode)
@@ -171,7 +171,7 @@ def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, region_kind:
         root.add_module(name, mod)
     for name, loop in loops.items():
         root.add_module(name, loop)
-    out = GraphModule(root, new_graph)  # generates the code; the compile driver lints after each step
+    out = lazy_module(root, new_graph)  # code made when first run; the compile driver lints after each step
     # values downstream of a region view its fresh output buffers now, not the interior values they came from
     refresh_values(out.graph, before, mode)
     return out
