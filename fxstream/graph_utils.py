@@ -13,8 +13,8 @@ from torch.utils._pytree import tree_leaves
 
 from .meta import KEPT
 
-__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs", "copy_module",
-           "refresh_values", "lazy_module"]
+__all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "strip_asserts", "storage_refs",
+           "copy_module", "refresh_values", "lazy_module", "graph_key", "value_key"]
 
 _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn") + KEPT
 
@@ -71,6 +71,56 @@ def refresh_values(graph: Graph, before: dict, mode) -> None:
                     _layout(new) != _layout(old):
                 before[n] = old
                 n.meta["val"] = new
+
+
+def _arg_key(a, index: dict):
+    if isinstance(a, Node):
+        return index[a]
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_arg_key(x, index) for x in a))
+    if isinstance(a, dict):
+        return ("dict", tuple((k, _arg_key(v, index)) for k, v in a.items()))
+    if isinstance(a, torch.Tensor):
+        raise _Unkeyed
+    return (type(a).__name__, repr(a))
+
+
+class _Unkeyed(Exception):
+    """A graph holds a value that ``graph_key`` does not describe (a tensor constant in an argument)."""
+
+
+def graph_key(graph: Graph) -> tuple | None:
+    """The graph as a hashable value, equal for graphs with the same nodes in the same order (kind, target,
+    arguments with nodes named by position and constants by type and repr), whatever the node names; None for
+    a graph with a tensor constant in an argument."""
+    index: dict = {}
+    out = []
+    try:
+        for i, n in enumerate(graph.nodes):
+            index[n] = i
+            target = n.target if n.op == "call_function" else None if n.op == "placeholder" else str(n.target)
+            out.append((n.op, target, _arg_key(n.args, index), _arg_key(n.kwargs, index)))
+    except _Unkeyed:
+        return None
+    return tuple(out)
+
+
+def value_key(vals) -> tuple:
+    """Fake values as a hashable value: each tensor's shape, strides, storage offset, dtype, device,
+    ``requires_grad``, whether it is a view, its storage size, and which earlier value of ``vals`` shares its
+    storage; other values by type and repr. Ops on values with equal keys give values with equal keys (fake
+    propagation reads nothing else)."""
+    first: dict = {}
+    out = []
+    for i, v in enumerate(vals):
+        if isinstance(v, torch.Tensor):
+            st = v.untyped_storage()
+            ref = first.setdefault(StorageWeakRef(st), i)
+            out.append((tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype, v.device, v.requires_grad,
+                        v._is_view(), st.nbytes(), ref))
+        else:
+            out.append((type(v).__name__, repr(v)))
+    return tuple(out)
 
 
 def storage_refs(val) -> list:

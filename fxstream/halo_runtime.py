@@ -9,6 +9,7 @@ A band is dropped after its last use in the slice; output rows are copied into f
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 
@@ -17,6 +18,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx import GraphModule, Node
 
 from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, norm_chunks, passes, plan_halo
+from .graph_utils import graph_key
 from .runtime import buffer_layout
 
 aten = torch.ops.aten
@@ -73,34 +75,15 @@ _PLANS: OrderedDict = OrderedDict()  # structure key (+ FLOPs) -> HaloPlan; see 
 _PLANS_KEPT = 4096
 
 
-def _arg_key(a, index: dict):
-    """An argument of a body node as a hashable value: nodes by position, constants by type and repr."""
-    if isinstance(a, Node):
-        return index[a]
-    if isinstance(a, (list, tuple)):
-        return (type(a).__name__, tuple(_arg_key(x, index) for x in a))
-    if isinstance(a, dict):
-        return ("dict", tuple((k, _arg_key(v, index)) for k, v in a.items()))
-    return (type(a).__name__, repr(a))
-
-
-def _graph_key(body: GraphModule) -> tuple:
-    """The body's graph as a hashable value: each node's kind, target and arguments (nodes named by position)."""
-    index: dict = {}
-    out = []
-    for i, n in enumerate(body.graph.nodes):
-        index[n] = i
-        target = n.target if n.op == "call_function" else str(n.target) if n.op != "placeholder" else None
-        out.append((n.op, target, _arg_key(n.args, index), _arg_key(n.kwargs, index)))
-    return tuple(out)
-
-
 def _structure_key(body: GraphModule, dims: list, count: int, wdims: list, cols: int, along: str) -> tuple:
     """What a halo region's plan depends on: the body's graph (ops and arguments; not its node names, which the
     plan never reads), its inputs' metadata and the slicing."""
     inputs = tuple((tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype) if isinstance(v, torch.Tensor)
                    else repr(v) for v in (n.meta.get("val") for n in body.graph.nodes if n.op == "placeholder"))
-    return _graph_key(body), inputs, tuple(dims), count, tuple(wdims), cols, along
+    graph = graph_key(body.graph)
+    if graph is None:  # a tensor constant in an argument: the code names it
+        graph = hashlib.sha256(body.code.encode()).hexdigest()
+    return graph, inputs, tuple(dims), count, tuple(wdims), cols, along
 
 
 class HaloLoop(torch.nn.Module):
