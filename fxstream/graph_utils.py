@@ -46,7 +46,7 @@ def _layout(v) -> list:
             else t for t in tree_leaves(v)]
 
 
-def refresh_values(graph: Graph, before: dict, mode) -> None:
+def refresh_values(graph: Graph, before: dict, mode, owner: GraphModule | None = None, recompute=()) -> None:
     """Recompute ``meta["val"]`` of the nodes whose value depends on a replaced one, in place, as whole-graph fake
     propagation would (same layouts, same storages shared), given a graph whose other values are propagated:
     ``before`` maps each node whose value was replaced (a region's output, now a fresh buffer) to its old value.
@@ -54,17 +54,23 @@ def refresh_values(graph: Graph, before: dict, mode) -> None:
     Each ``call_function`` node with a replaced input is computed again (one fake kernel, under ``mode``). If it
     is a fresh tensor now and was one before, with the same layout, the old value stays (its users need nothing
     new); otherwise (a view, or a changed layout) it takes the new value and counts as replaced for its users. A
-    region's ``call_module`` allocates its outputs itself, whatever its inputs' layout: it is not computed."""
+    region's ``call_module`` allocates its outputs itself, whatever its inputs' layout: it is not computed,
+    except the ``call_module`` nodes in ``recompute`` (submodules of ``owner``; a region whose outputs now take
+    over its inputs' storage: ``passes/reuse_buffers.py``), which are computed the same way."""
     before = dict(before)
     with mode:
         for n in graph.nodes:
             if n.op == "output":  # the values returned, as whole-graph propagation leaves them
                 n.meta["val"] = torch.fx.map_arg(n.args[0], lambda a: a.meta.get("val"))
-            if n.op != "call_function" or n in before or not any(a in before for a in n.all_input_nodes):
+            if n in recompute:
+                target = owner.get_submodule(n.target)
+            elif n.op != "call_function" or n in before or not any(a in before for a in n.all_input_nodes):
                 continue
+            else:
+                target = n.target
             old = n.meta.get("val")
             args, kwargs = torch.fx.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
-            new = n.target(*args, **kwargs)
+            new = target(*args, **kwargs)
             ins_now = {r for a in n.all_input_nodes for r in storage_refs(a.meta.get("val"))}
             ins_before = {r for a in n.all_input_nodes for r in storage_refs(before.get(a, a.meta.get("val")))}
             if (ins_now & set(storage_refs(new))) or (ins_before & set(storage_refs(old))) or \
