@@ -86,19 +86,20 @@ def _arg_key(a, index: dict):
         return (type(a).__name__, tuple(_arg_key(x, index) for x in a))
     if isinstance(a, dict):
         return ("dict", tuple((k, _arg_key(v, index)) for k, v in a.items()))
-    if isinstance(a, torch.Tensor):
+    if isinstance(a, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
         raise _Unkeyed
     return (type(a).__name__, repr(a))
 
 
 class _Unkeyed(Exception):
-    """A graph holds a value that ``graph_key`` does not describe (a tensor constant in an argument)."""
+    """A value ``graph_key`` or ``value_key`` does not describe (a tensor constant in an argument, a symbolic
+    size)."""
 
 
 def graph_key(graph: Graph) -> tuple | None:
     """The graph as a hashable value, equal for graphs with the same nodes in the same order (kind, target,
     arguments with nodes named by position and constants by type and repr), whatever the node names; None for
-    a graph with a tensor constant in an argument."""
+    a graph with a tensor constant or a symbolic value in an argument."""
     index: dict = {}
     out = []
     try:
@@ -111,19 +112,24 @@ def graph_key(graph: Graph) -> tuple | None:
     return tuple(out)
 
 
-def value_key(vals) -> tuple:
+def value_key(vals) -> tuple | None:
     """Fake values as a hashable value: each tensor's shape, strides, storage offset, dtype, device,
     ``requires_grad``, whether it is a view, its storage size, and which earlier value of ``vals`` shares its
     storage; other values by type and repr. Ops on values with equal keys give values with equal keys (fake
-    propagation reads nothing else)."""
+    propagation reads nothing else). None if a size, stride or value is symbolic (dynamic shapes)."""
     first: dict = {}
     out = []
     for i, v in enumerate(vals):
         if isinstance(v, torch.Tensor):
             st = v.untyped_storage()
             ref = first.setdefault(StorageWeakRef(st), i)
+            sizes = (*v.shape, *v.stride(), v.storage_offset(), st.nbytes())
+            if not all(type(x) is int for x in sizes):
+                return None
             out.append((tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype, v.device, v.requires_grad,
                         v._is_view(), st.nbytes(), ref))
+        elif isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return None
         else:
             out.append((type(v).__name__, repr(v)))
     return tuple(out)

@@ -65,8 +65,8 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
     phs = [x for x in g.nodes if x.op == "placeholder"]
     ops = [x for x in g.nodes if x.op == "call_function"]
     known = _body_values(mode)
-    key = graph_key(g)
-    key = None if key is None else (key, value_key(fake_inputs), _propagation_state())
+    key, values = graph_key(g), value_key(fake_inputs)
+    key = None if key is None or values is None else (key, values, _propagation_state())
     if key in known:  # see NOTE [Values of equal bodies]
         for x, v in zip(phs + ops, known[key]):
             x.meta["val"] = v

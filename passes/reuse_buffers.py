@@ -63,12 +63,13 @@ def _fits(val: torch.Tensor, in_cut: Cut, layout, out_cut: Cut, loop: LoopRegion
     shape, stride, dtype = layout
     if val.dtype != dtype or val.untyped_storage().nbytes() != math.prod(shape) * val.element_size():
         return False
-    if 0 in val.shape or 0 in shape:  # empty views: ask the fake tensors
+    vshape, vstride, voffset = tuple(val.shape), tuple(val.stride()), val.storage_offset()
+    if not all(type(x) is int for x in (*vshape, *vstride, voffset, *shape, *stride)) or 0 in vshape \
+            or 0 in shape:  # symbolic sizes, empty views: ask the fake tensors
         with mode:
             buf = val.as_strided(shape, stride, 0)
             return all(canonical_layout(slice_view(val, in_cut, s, n, loop.length))
                        == canonical_layout(slice_view(buf, out_cut, s, n, loop.length)) for s, n in loop.bounds)
-    vshape, vstride, voffset = tuple(val.shape), tuple(val.stride()), val.storage_offset()
     return all(_slice_layout(vshape, vstride, voffset, in_cut, s, n, loop.length)
                == _slice_layout(shape, stride, 0, out_cut, s, n, loop.length) for s, n in loop.bounds)
 
