@@ -265,6 +265,25 @@ class HaloRegion:
 
 
 def _name_heights(gm: GraphModule, axis: int = -2) -> tuple[dict, dict]:
+    """:func:`_flood_heights`, kept per graph and axis while the graph has the same nodes holding the same values.
+
+    NOTE [Heights named once per graph]: a decoder under a budget is planned for halos many times on one graph
+    (the stripped graph every compile of a capture shares: ``NOTE [One stripped graph per capture]``), and the
+    flood reads only the graph's nodes, their names, arguments and values. A graph where any of those changed
+    (another node list; a name, ``args``, ``kwargs`` or ``meta["val"]`` not the same object) is flooded again.
+    The floods are kept on the Graph object (they die with it; a copy of the graph starts without them). Copies
+    are returned: the callers add reasons."""
+    state = [(n, n.name, n.args, n.kwargs, n.meta.get("val")) for n in gm.graph.nodes]
+    kept = gm.graph.__dict__.setdefault("_fxstream_heights", {})  # axis -> (state, (dims, reasons))
+    hit = kept.get(axis)
+    if hit is None or len(hit[0]) != len(state) or \
+            any(a is not b for old, now in zip(hit[0], state) for a, b in zip(old, now)):
+        hit = kept[axis] = (state, _flood_heights(gm, axis))
+    dims, reasons = hit[1]
+    return dict(dims), dict(reasons)
+
+
+def _flood_heights(gm: GraphModule, axis: int = -2) -> tuple[dict, dict]:
     """Flood height (``axis=-1``: width, 0: the batch of frames) from the first user input of 4 or more dims
     (height is its second-to-last dim, width its last): forwards
     through every op a rule accepts, and backwards into inputs a rule needs in rows (an attention's output that
