@@ -17,7 +17,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx import GraphModule, Node
 
-from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, norm_chunks, passes, plan_halo
+from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, norm_chunks, passes, simulate_halo
+from .graph_utils import graph_key
 from .runtime import buffer_layout
 
 aten = torch.ops.aten
@@ -70,17 +71,19 @@ def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
     return x.unflatten(1, (g, x.shape[1] // g))
 
 
-_PLANS: OrderedDict = OrderedDict()  # structure key (+ FLOPs) -> HaloPlan; see NOTE [Halo plans of equal regions]
+_PLANS: OrderedDict = OrderedDict()  # structure key -> HaloSimulation; see NOTE [Halo plans of equal regions]
 _PLANS_KEPT = 4096
 
 
 def _structure_key(body: GraphModule, dims: list, count: int, wdims: list, cols: int, along: str) -> tuple:
-    """What a halo region's plan depends on: the body's code (ops, arguments, node names), its inputs' metadata
-    and the slicing."""
+    """What a halo region's plan depends on: the body's graph (ops and arguments; not its node names, which the
+    plan never reads), its inputs' metadata and the slicing."""
     inputs = tuple((tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype) if isinstance(v, torch.Tensor)
                    else repr(v) for v in (n.meta.get("val") for n in body.graph.nodes if n.op == "placeholder"))
-    code = hashlib.sha256(body.code.encode()).hexdigest()
-    return code, inputs, tuple(dims), count, tuple(wdims), cols, along
+    graph = graph_key(body.graph)
+    if graph is None:  # a tensor constant in an argument: the code names it
+        graph = hashlib.sha256(body.code.encode()).hexdigest()
+    return graph, inputs, tuple(dims), count, tuple(wdims), cols, along
 
 
 class HaloLoop(torch.nn.Module):
@@ -114,18 +117,20 @@ class HaloLoop(torch.nn.Module):
         """The region's :class:`~fxstream.analysis.halo.HaloPlan` (with planned compute when given FLOPs).
 
         NOTE [Halo plans of equal regions]: a memory budget compiles a decoder many times (every grid and
-        checkpoint size it tries), and most regions come out the same in several compiles. A plan depends only
-        on the body's code, its inputs' shapes, strides and dtypes, and the slicing (dims, count, grid), so it is
-        kept under that key and made once per distinct region (and per FLOPs of its ops, when given)."""
-        key = (self._key, None if flops is None else tuple(flops.get(n.name, 0) for n in self.region.nodes))
-        hit = _PLANS.get(key)
-        if hit is None:
-            hit = _PLANS[key] = plan_halo(self.region, flops, self.passes)
+        checkpoint size it tries), and most regions come out the same in several compiles; a decoder also repeats
+        equal blocks under other names. A plan depends only on the body's ops and arguments (not on node names:
+        it reads shapes, dtypes and storages), its inputs' shapes, strides and dtypes, the slicing (dims, count,
+        grid) and, for its planned compute, its ops' FLOPs, so its simulation (``simulate_halo``: every pass and slice)
+        is kept under that key (``_structure_key``; no code is generated for it) and made once per distinct
+        region; FLOPs, when given, only weigh the simulated rows (``HaloSimulation.plan``)."""
+        sim = _PLANS.get(self._key)
+        if sim is None:
+            sim = _PLANS[self._key] = simulate_halo(self.region, self.passes)
             while len(_PLANS) > _PLANS_KEPT:
                 _PLANS.popitem(last=False)
         else:
-            _PLANS.move_to_end(key)
-        return hit
+            _PLANS.move_to_end(self._key)
+        return sim.plan(self.region, flops)
 
     def extra_repr(self) -> str:
         axis = self.along if self.cols == 1 else f"height x width, grid={self.count // self.cols}x{self.cols}"

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .analysis.cuts import PARTIAL, Cut
@@ -404,11 +405,18 @@ class LoopRegion(torch.nn.Module):
             a[i] = ins[i].narrow(d, s, n)
         return self.bodies[step.body](*a)
 
+    def _code_ready(self) -> None:
+        """Generate every body's code now, on this thread, before workers call the bodies (their code is made
+        when first needed: NOTE [Lazy code of compiled graphs] in ``graph_utils``)."""
+        for body in self.bodies.values():
+            _LazyGraphModule.force_recompile(body)
+
     def _measure_cpu(self, ins, k: int) -> str:
         """Time the first ``k`` slices' bodies one after another and on ``k`` workers (after a warm-up run of
         each: kernel selection, the pool's start) and return the faster mode. Bodies are pure functions of their
         arguments, so running them here changes nothing; the loop that follows computes the region's outputs."""
         steps = self._steps[:k]
+        self._code_ready()
         pool = cpu_pool(k)
         run = _in_callers_state(lambda step: self._body(step, ins))  # for the workers only
         times = {}
@@ -445,6 +453,7 @@ class LoopRegion(torch.nn.Module):
             del results
 
     def _run_workers(self, ins, dsts, outs, k: int) -> None:
+        self._code_ready()
         pool = cpu_pool(k)
         pending: deque = deque()
         partial = self.partial

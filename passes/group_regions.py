@@ -17,7 +17,8 @@ from fxstream.analysis.effects import find_effects
 from fxstream.analysis.rules import rule_for
 from fxstream.analysis.slicer import Region, SlicePlan
 from fxstream.meta import BodyInput, Grouped, set_meta
-from fxstream.graph_utils import copy_meta, fake_mode_of, propagate_nodes, refresh_values
+from fxstream.graph_utils import (copy_meta, fake_mode_of, graph_key, lazy_module, propagate_nodes, refresh_values,
+                                  value_key)
 from fxstream.runtime import LoopRegion, buffer_layout, slice_view
 
 aten = torch.ops.aten
@@ -60,11 +61,46 @@ def build_body(region: Region, n: int, mode) -> GraphModule:
         copy_meta(node, new)
         env[node] = new
     g.output(tuple(env[o] for o, _ in region.outputs))
-    body = GraphModule(torch.nn.Module(), g)
-    for ph, v in zip([x for x in g.nodes if x.op == "placeholder"], fake_inputs):
+    body = lazy_module(torch.nn.Module(), g)
+    phs = [x for x in g.nodes if x.op == "placeholder"]
+    ops = [x for x in g.nodes if x.op == "call_function"]
+    known = _body_values(mode)
+    key, values = graph_key(g), value_key(fake_inputs)
+    key = None if key is None or values is None else (key, values, _propagation_state())
+    if key in known:  # see NOTE [Values of equal bodies]
+        for x, v in zip(phs + ops, known[key]):
+            x.meta["val"] = v
+        return body
+    for ph, v in zip(phs, fake_inputs):
         ph.meta["val"] = v
-    propagate_nodes([x for x in g.nodes if x.op == "call_function"], mode)
+    propagate_nodes(ops, mode)
+    if key is not None:
+        known[key] = [x.meta["val"] for x in phs + ops]
     return body
+
+
+def _propagation_state() -> tuple:
+    """The global state fake propagation reads besides the values: grad and inference mode, the default dtype,
+    autocast."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_default_dtype(),
+            torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+
+
+def _body_values(mode) -> dict:
+    """The fake values of the bodies built under ``mode``, by body key (kept on the mode: they die with it).
+
+    NOTE [Values of equal bodies]: a model repeats blocks, and a memory budget compiles one captured graph many
+    times, so many bodies are the same graph (ops and arguments, names aside: ``graph_key``) on inputs with the
+    same metadata and the same storages shared (``value_key``), under the same global state. Fake propagation
+    gives such bodies values with equal metadata and the same storage sharing, so a body like one built before
+    takes that body's values, placeholders included (its views then share its placeholders' storages as
+    propagation would make them), instead of propagating again. Nothing reads a body's values against values
+    outside it (the body's shape check, its memory plan, the reuse checks and a batch split's compile of it read
+    only its own), and nothing changes a fake value in place."""
+    known = getattr(mode, "_fxstream_body_values", None)
+    if known is None:
+        known = mode._fxstream_body_values = {}
+    return known
 
 
 def _check_body(region: Region, body: GraphModule, n: int) -> None:
@@ -171,7 +207,7 @@ def emit_grouped(gm: GraphModule, regions: list, prefix: str, make, region_kind:
         root.add_module(name, mod)
     for name, loop in loops.items():
         root.add_module(name, loop)
-    out = GraphModule(root, new_graph)  # generates the code; the compile driver lints after each step
+    out = lazy_module(root, new_graph)  # code made when first run; the compile driver lints after each step
     # values downstream of a region view its fresh output buffers now, not the interior values they came from
     refresh_values(out.graph, before, mode)
     return out

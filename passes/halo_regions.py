@@ -11,6 +11,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from fxstream.analysis.halo import HaloRegion
+from fxstream.graph_utils import lazy_module
 from fxstream.halo_runtime import HaloLoop
 from fxstream.runtime import buffer_layout
 
@@ -36,7 +37,7 @@ def build_halo_body(region: HaloRegion) -> tuple[GraphModule, list, list]:
         dims.append(region.dims[n])
     g.output(tuple(env[o] for o in region.outputs))
     wdims = [region.wdims.get(n) for n in [*region.inputs, *region.nodes]] if region.cols > 1 else []
-    return GraphModule(torch.nn.Module(), g), dims, wdims
+    return lazy_module(torch.nn.Module(), g), dims, wdims
 
 
 def make_halo_loop(region: HaloRegion) -> HaloLoop:

@@ -3,10 +3,11 @@
 A region boundary costs two full-size tensors while the region runs: the input it reads and the output it
 writes. When the input's storage has no use after the region (no later reader, no alias, not the caller's, not
 a graph output), no body returns a view of it, and slice ``i`` of the output occupies exactly the bytes slice
-``i`` of the input occupies (checked on the fake tensors, slice by slice, as canonical strided layouts), the
-output takes the input's storage over: each slice overwrites only bytes it has already read, and slices are disjoint, so the result is
-the same. The boundary then costs one tensor. ``LoopRegion.reuse`` records the choice; metadata is propagated
-again so the planner sees the shared storage.
+``i`` of the input occupies (checked on the fake tensors' layouts, slice by slice, as canonical strided
+layouts), the output takes the input's storage over: each slice overwrites only bytes it has already read, and
+slices are disjoint, so the result is the same. The boundary then costs one tensor. ``LoopRegion.reuse``
+records the choice; the values of those regions' outputs, and of what depends on them, are computed again
+(``graph_utils.refresh_values``) so the planner sees the shared storage.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxstream.analysis.cuts import Cut
-from fxstream.graph_utils import fake_mode_of, propagate_meta, storage_refs
+from fxstream.graph_utils import fake_mode_of, refresh_values, storage_refs
 from fxstream.runtime import LoopRegion, slice_view
 
 __all__ = ["reuse_region_buffers", "canonical_layout"]
@@ -35,14 +36,42 @@ def canonical_layout(t: torch.Tensor) -> tuple:
     return int(t.storage_offset()), tuple(merged)
 
 
+def _slice_layout(shape, stride, offset: int, cut: Cut, start: int, n: int, length: int) -> tuple:
+    """(storage offset, ((size, stride), ...)) of ``slice_view(x, cut, start, n, length)`` for ``x`` of this
+    layout, computed from the layout (``unflatten`` splits the dim's stride, ``narrow`` moves the offset) rather
+    than by making the fake view: :func:`canonical_layout` of it."""
+    shape, stride = [int(s) for s in shape], [int(s) for s in stride]
+    d = cut.dim
+    if cut.outer > 1:
+        st = stride[d]
+        shape[d:d + 1] = [cut.outer, length * cut.inner]
+        stride[d:d + 1] = [st * length * cut.inner, st]
+        d += 1
+    offset += start * cut.inner * stride[d]
+    shape[d] = n * cut.inner
+    dims = sorted(((s, st) for s, st in zip(shape, stride) if s != 1), key=lambda x: -x[1])
+    merged: list = []
+    for size, st in dims:
+        if merged and merged[-1][1] == size * st:
+            merged[-1] = (merged[-1][0] * size, st)
+        else:
+            merged.append((size, st))
+    return offset, tuple(merged)
+
+
 def _fits(val: torch.Tensor, in_cut: Cut, layout, out_cut: Cut, loop: LoopRegion, mode) -> bool:
     shape, stride, dtype = layout
     if val.dtype != dtype or val.untyped_storage().nbytes() != math.prod(shape) * val.element_size():
         return False
-    with mode:
-        buf = val.as_strided(shape, stride, 0)
-        return all(canonical_layout(slice_view(val, in_cut, s, n, loop.length))
-                   == canonical_layout(slice_view(buf, out_cut, s, n, loop.length)) for s, n in loop.bounds)
+    vshape, vstride, voffset = tuple(val.shape), tuple(val.stride()), val.storage_offset()
+    if not all(type(x) is int for x in (*vshape, *vstride, voffset, *shape, *stride)) or 0 in vshape \
+            or 0 in shape:  # symbolic sizes, empty views: ask the fake tensors
+        with mode:
+            buf = val.as_strided(shape, stride, 0)
+            return all(canonical_layout(slice_view(val, in_cut, s, n, loop.length))
+                       == canonical_layout(slice_view(buf, out_cut, s, n, loop.length)) for s, n in loop.bounds)
+    return all(_slice_layout(vshape, vstride, voffset, in_cut, s, n, loop.length)
+               == _slice_layout(shape, stride, 0, out_cut, s, n, loop.length) for s, n in loop.bounds)
 
 
 def _passed_through(loop: LoopRegion, i: int) -> bool:
@@ -76,7 +105,7 @@ def reuse_region_buffers(gm: GraphModule) -> GraphModule:
             s = moved[s]
         return s
 
-    changed = False
+    changed = set()  # the region nodes whose outputs take over an input's storage now
     for n in nodes:
         loop = gm.get_submodule(n.target) if n.op == "call_module" else None
         if not isinstance(loop, LoopRegion):
@@ -103,8 +132,9 @@ def reuse_region_buffers(gm: GraphModule) -> GraphModule:
                 last[s] = max(last[s], last.get(fresh, index[n]))
                 if fresh in pinned:
                     pinned.add(s)
-                changed = True
+                changed.add(n)
                 break
     if changed:
-        propagate_meta(gm, [n.meta["val"] for n in nodes if n.op == "placeholder"], mode)
+        # those regions' outputs, and what depends on them, as whole-graph propagation would give them
+        refresh_values(gm.graph, {}, mode, gm, changed)
     return gm

@@ -35,7 +35,7 @@ aten = torch.ops.aten
 WHOLE = None
 
 __all__ = ["HALO_RULES", "HaloRule", "HaloRegion", "HaloPlan", "find_halo_regions", "conv_band", "needs",
-           "plan_halo", "upsample_factor", "WHOLE"]
+           "plan_halo", "simulate_halo", "HaloSimulation", "upsample_factor", "WHOLE"]
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,25 @@ class HaloRegion:
 
 
 def _name_heights(gm: GraphModule, axis: int = -2) -> tuple[dict, dict]:
+    """:func:`_flood_heights`, kept per graph and axis while the graph has the same nodes holding the same values.
+
+    NOTE [Heights named once per graph]: a decoder under a budget is planned for halos many times on one graph
+    (the stripped graph every compile of a capture shares: ``NOTE [One stripped graph per capture]``), and the
+    flood reads only the graph's nodes, their names, arguments and values. A graph where any of those changed
+    (another node list; a name, ``args``, ``kwargs`` or ``meta["val"]`` not the same object) is flooded again.
+    The floods are kept on the Graph object (they die with it; a copy of the graph starts without them). Copies
+    are returned: the callers add reasons."""
+    state = [(n, n.name, n.args, n.kwargs, n.meta.get("val")) for n in gm.graph.nodes]
+    kept = gm.graph.__dict__.setdefault("_fxstream_heights", {})  # axis -> (state, (dims, reasons))
+    hit = kept.get(axis)
+    if hit is None or len(hit[0]) != len(state) or \
+            any(a is not b for old, now in zip(hit[0], state) for a, b in zip(old, now)):
+        hit = kept[axis] = (state, _flood_heights(gm, axis))
+    dims, reasons = hit[1]
+    return dict(dims), dict(reasons)
+
+
+def _flood_heights(gm: GraphModule, axis: int = -2) -> tuple[dict, dict]:
     """Flood height (``axis=-1``: width, 0: the batch of frames) from the first user input of 4 or more dims
     (height is its second-to-last dim, width its last): forwards
     through every op a rule accepts, and backwards into inputs a rule needs in rows (an attention's output that
@@ -703,6 +722,31 @@ def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = N
     the same values. So the slices are grouped by that set, the schedule is made once per group, and the bytes of
     every slice of the group are computed at once (integer arrays, slices x values): live bytes at each op are
     the running sum of what was made minus what was freed before it; the op's transients add on top."""
+    return simulate_halo(region, ps).plan(region, flops)
+
+
+@dataclass(frozen=True)
+class HaloSimulation:
+    """What :func:`plan_halo` simulates, before FLOPs weigh it: the peak, the passes, the pass of the peak, and
+    per region op (in order) the rows (cells) computed over all slices and passes and its rows whole."""
+
+    working_bytes: int
+    passes: int
+    peak_pass: int
+    cells: tuple
+    whole_cells: tuple
+
+    def plan(self, region: HaloRegion, flops: dict | None = None) -> HaloPlan:
+        """The :class:`HaloPlan` of ``region`` (the region simulated, or one with the same ops in the same order)
+        with planned compute from ``flops`` (by node name)."""
+        total = sum((flops or {}).get(n.name, 0) for n in region.nodes)
+        work = sum(flops.get(n.name, 0) / max(w, 1) * c
+                   for n, w, c in zip(region.nodes, self.whole_cells, self.cells)) if flops else 0.0
+        return HaloPlan(self.working_bytes, self.passes, work / total if total else 1.0, self.peak_pass)
+
+
+def simulate_halo(region: HaloRegion, ps: list | None = None) -> HaloSimulation:
+    """:func:`plan_halo`'s simulation of every pass and slice, which FLOPs do not change."""
     ps = passes(region) if ps is None else ps
     static = _static(region)
     peaks = []
@@ -724,9 +768,8 @@ def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = N
         peaks.append(peak)
     best = max(peaks, default=0)
     best_pass = peaks.index(best) if best > 0 else 0
-    total = sum((flops or {}).get(n.name, 0) for n in region.nodes)
-    work = sum(flops.get(n.name, 0) / max(static[n][1], 1) * cells_made[n] for n in region.nodes) if flops else 0.0
-    return HaloPlan(best, len(ps), work / total if total else 1.0, best_pass)
+    return HaloSimulation(best, len(ps), best_pass, tuple(cells_made[n] for n in region.nodes),
+                          tuple(static[n][1] for n in region.nodes))
 
 
 def _schedule(region: HaloRegion, need) -> tuple[list, list, list]:
