@@ -26,14 +26,18 @@ __all__ = ["reuse_region_buffers", "canonical_layout"]
 def canonical_layout(t: torch.Tensor) -> tuple:
     """(storage offset, ((size, stride), ...)) with size-1 dims dropped, dims ordered by stride and mergeable
     dims merged: two non-overlapping views of one storage cover the same bytes in the same order iff equal."""
-    dims = sorted(((int(s), int(st)) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda d: -d[1])
+    return _canonical(t.shape, t.stride(), t.storage_offset())
+
+
+def _canonical(shape, stride, offset) -> tuple:
+    dims = sorted(((int(s), int(st)) for s, st in zip(shape, stride) if s != 1), key=lambda d: -d[1])
     merged: list = []
-    for size, stride in dims:
-        if merged and merged[-1][1] == size * stride:
-            merged[-1] = (merged[-1][0] * size, stride)
+    for size, st in dims:
+        if merged and merged[-1][1] == size * st:
+            merged[-1] = (merged[-1][0] * size, st)
         else:
-            merged.append((size, stride))
-    return int(t.storage_offset()), tuple(merged)
+            merged.append((size, st))
+    return int(offset), tuple(merged)
 
 
 def _slice_layout(shape, stride, offset: int, cut: Cut, start: int, n: int, length: int) -> tuple:
@@ -49,14 +53,7 @@ def _slice_layout(shape, stride, offset: int, cut: Cut, start: int, n: int, leng
         d += 1
     offset += start * cut.inner * stride[d]
     shape[d] = n * cut.inner
-    dims = sorted(((s, st) for s, st in zip(shape, stride) if s != 1), key=lambda x: -x[1])
-    merged: list = []
-    for size, st in dims:
-        if merged and merged[-1][1] == size * st:
-            merged[-1] = (merged[-1][0] * size, st)
-        else:
-            merged.append((size, st))
-    return offset, tuple(merged)
+    return _canonical(shape, stride, offset)
 
 
 def _fits(val: torch.Tensor, in_cut: Cut, layout, out_cut: Cut, loop: LoopRegion, mode) -> bool:

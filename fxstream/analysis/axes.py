@@ -66,7 +66,7 @@ class Axis:
 
     @property
     def place(self) -> str:
-        """Where the axis is in its input: ``sample[1]``, or ``sample[0] = 2 x 4 (the 4)`` for a factor."""
+        """Where the axis is in its input: ``sample[1]``, or ``x[0] (factor 4 of 8)`` for a factor of a dim."""
         if self.outer == 1 and self.inner == 1:
             return f"{self.source}[{self.dim}]"
         return f"{self.source}[{self.dim}] (factor {self.length} of {self.outer * self.length * self.inner})"
@@ -98,13 +98,12 @@ def _norm_position(node: Node, d: int, nd: int):
 
 POSITIONS = {"conv": _conv_position, "attention": _attention_position, "linear": _linear_position,
              "norm": _norm_position}
-_WHY = {"conv-batch": "a convolution's batch", "mixed": "mixed along", "sequence": "an attention's sequence",
-        "rows": "a linear's rows", "batch": "an op's batch", "channels": "channels or features"}
+_WHY = {"conv-batch": "a convolution's batch", "rows": "a linear's rows", "batch": "an op's batch"}
 
 
-def _positions(flood: Flood) -> dict:
-    """Which kinds of position the flood reached: {"conv-batch", "kernel", "sequence", ...} -> example node."""
-    seen: dict = {}
+def _positions(flood: Flood) -> set:
+    """Which kinds of position the flood reached: "conv-batch", ("kernel", k), "sequence", "mixed", ..."""
+    seen: set = set()
     for n, c in flood.cut.items():
         rule = rule_for(n)
         if rule is None or rule.kind not in POSITIONS or not isinstance(c, Cut):
@@ -115,18 +114,17 @@ def _positions(flood: Flood) -> dict:
             continue
         pos = POSITIONS[rule.kind](n, c.dim, nd)
         if isinstance(pos, tuple):
-            seen.setdefault(("kernel", pos[1]), n)
-            seen.setdefault("mixed", n)
+            seen |= {pos, "mixed"}
         elif pos == "batch" and rule.kind == "conv":
-            seen.setdefault("conv-batch", n)
+            seen.add("conv-batch")
         else:
-            seen.setdefault(pos, n)
+            seen.add(pos)
             if pos in ("sequence", "statistics"):
-                seen.setdefault("mixed", n)
+                seen.add("mixed")
     return seen
 
 
-def _name(axis: Axis, seen: dict) -> tuple[str, str]:
+def _name(axis: Axis, seen: set) -> tuple[str, str]:
     """(name, why) by NOTE [Axis names from the ops]."""
     kernels = sorted(k for p in seen if isinstance(p, tuple) for k in [p[1]])
     if kernels and "conv-batch" not in seen:
@@ -141,11 +139,11 @@ def _name(axis: Axis, seen: dict) -> tuple[str, str]:
             "mixed in a norm's statistics" if "mixed" in seen else "merged with an outer batch"
         return "frames", f"a convolution's batch; {how}"
     batchlike = {"conv-batch", "batch", "rows"}
-    if seen and batchlike & set(seen) and set(seen) <= batchlike | {"channels", "features"} and outermost:
-        return "batch", "only ever a batch (" + ", ".join(_WHY[p] for p in sorted(batchlike & set(seen))) + ")"
+    if batchlike & seen and seen <= batchlike | {"channels", "features"} and outermost:
+        return "batch", "only ever a batch (" + ", ".join(_WHY[p] for p in sorted(batchlike & seen)) + ")"
     if "sequence" in seen or "rows" in seen:
         return "tokens", "an attention's sequence" if "sequence" in seen else "a linear's rows"
-    if seen and set(seen) <= {"channels", "features"}:
+    if seen and seen <= {"channels", "features"}:
         return "channels", "a convolution's channels or a linear's features"
     return axis.place, "reaches no convolution's batch or kernel dim and no attention's sequence"
 
@@ -234,8 +232,8 @@ def axis_floods(gm: GraphModule) -> _Found:
     effects = find_effects(gm)
     axes, floods, covered = [], {}, set()
 
-    def add(a: Axis, flood: Flood) -> None:
-        name, why = _name(a, _positions(flood))
+    def add(a: Axis, flood: Flood, named: tuple | None = None) -> None:
+        name, why = named or _name(a, _positions(flood))
         a = Axis(name, a.source, a.dim, a.length, a.outer, a.inner, why)
         covered.update(_reached_inputs(flood, a.length))
         axes.append(a)
@@ -249,9 +247,10 @@ def axis_floods(gm: GraphModule) -> _Found:
                 continue  # an earlier axis reaches this dim (or a factor of it): the same axis in another input
             whole = Axis("", p.name, d, size)
             flood = Flood(gm, whole, set(), effects.pinned)
-            parts = [] if _name(whole, _positions(flood))[0] == "channels" else _split_by_reshape(flood, whole)
+            named = _name(whole, _positions(flood))
+            parts = [] if named[0] == "channels" else _split_by_reshape(flood, whole)
             if not parts:
-                add(whole, flood)
+                add(whole, flood, named)
             for a in parts:
                 if a.key not in covered:
                     add(a, Flood(gm, a, set(), effects.pinned))

@@ -245,8 +245,10 @@ def _anchor_bans(axes, floods: dict) -> dict:
 
 def plan_slicing(gm: GraphModule, counts: dict, min_fraction: float, axes: list | None = None) -> SlicePlan:
     """Choose the regions for ``gm``: ``counts`` gives each axis name (``"frames"``, ``"height"``, ``"width"``,
-    ``"batch"``) its slice count (1 or missing: not sliced); a region is kept if its largest interior value is at
-    least ``min_fraction`` of the graph's largest activation. ``gm`` must carry ``meta["val"]`` on every node."""
+    ``"batch"``, ``"tokens"``) its slice count (1 or missing: not sliced); a region is kept if its largest interior
+    value is at least ``min_fraction`` of the graph's largest activation. ``axes``: the graph's axes if already
+    found on another copy of the same capture (``compiler.axes_of``), else they are found here. ``gm`` must carry
+    ``meta["val"]`` on every node."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     output_nodes = set(out_node.all_input_nodes)
