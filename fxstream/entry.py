@@ -7,11 +7,14 @@ decision stored by an earlier process is compiled once instead of the search).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
 from .compiler import capture, describe_inputs
+from .distributed import inputs_digest, plan_digest, shard_regions, shards_for
 from .errors import ExecutionError
 from .guard import touched
 from .memory import weight_bytes
@@ -48,6 +51,9 @@ class Entry:
                 touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): guards walk again
         gm = self.program.graph_module
         weights = weight_bytes(self.program)
+        # Policy(distributed=...) changes no compile: the regions compiled for one process run their slices spread
+        self.shards = shards_for(policy.distributed)
+        policy = replace(policy, distributed=None)
         self.rehash = None
         if policy.rehash is not None:
             self.rehash = RehashState(module, gm, policy.rehash)
@@ -66,6 +72,17 @@ class Entry:
             with progress.step(f"fxstream: compiling {name}'s rehash step"):
                 r.compiled, _ = compile_cached(r.graphs.rehash, policy, weights + r.resident_bytes)
             self.report.rehash = r.info(r.compiled)
+        if self.shards is not None:
+            for graph in self._graphs():
+                shard_regions(graph, self.shards)
+            self._plan = tuple(plan_digest(g) for g in self._graphs())
+
+    def _graphs(self) -> list:
+        """Every graph this signature runs (the rehash step's and probe's too)."""
+        gms = [self.compiled.graph_module]
+        if self.rehash is not None:
+            gms += [g for g in (self.rehash.compiled.graph_module, self.rehash.graphs.probe) if g is not None]
+        return gms
 
     def weights(self, module: torch.nn.Module, stamp=None) -> list:
         """The lifted inputs' live values: weights from the module, constants from the program. With ``stamp``
@@ -82,6 +99,8 @@ class Entry:
         """Run one of this signature's graphs on the live weights and these inputs (plus ``extra`` inputs)."""
         flat, _ = pytree.tree_flatten(((), kwargs))
         state = self.weights(module, stamp)
+        if self.shards is not None:
+            return self._call_sharded(graph, module, kwargs, state, flat, extra)
         try:
             return list(graph(*state, *flat, *extra))
         except torch.OutOfMemoryError:
@@ -91,6 +110,18 @@ class Entry:
                 f"{type(module).__name__} compiled by fxstream failed on these inputs: {e}\n"
                 f"called with {describe_inputs(module, kwargs)}\nCheck that the inputs fit the module (it fails the "
                 "same way when called directly); if the module runs them, this is a bug in fxstream.") from e
+
+    def _call_sharded(self, graph, module, kwargs, state, flat, extra) -> list:
+        """A call on every rank (``fxstream.distributed``): the ranks' inputs and plans checked alike first; an
+        error raised here is told to the other ranks (they raise too, instead of waiting)."""
+        sh = self.shards
+        sh.check_same(inputs_digest(list(flat) + list(extra), self._plan),
+                      lambda: describe_inputs(module, kwargs))
+        try:
+            return list(graph(*state, *flat, *extra))
+        except Exception as e:
+            sh.fail(e)
+            raise
 
     def unflatten(self, out: list):
         return pytree.tree_unflatten(out, self.program.call_spec.out_spec)

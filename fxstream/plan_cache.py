@@ -58,7 +58,7 @@ __all__ = ["ENV", "FORMAT", "compile_cached", "cache_folder", "plan_key", "repla
 
 ENV = "FXSTREAM_CACHE_DIR"
 FORMAT = 2  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
-_NOT_KEYED = ("cache_dir", "cache_size", "verify")  # Policy fields that do not change a compile
+_NOT_KEYED = ("cache_dir", "cache_size", "verify", "distributed")  # Policy fields that do not change a compile
 _unwritable: set = set()  # folders warned about (once per process)
 
 
@@ -127,7 +127,7 @@ def _policy_json(policy: Policy) -> dict:
     out = {}
     for f in fields(policy):
         v = getattr(policy, f.name)
-        if f.name == "cache_dir":
+        if f.name in ("cache_dir", "distributed"):  # a folder of this process, a process group
             continue
         if isinstance(v, StepRehash):
             v = {g.name: list(x) if isinstance(x := getattr(v, g.name), tuple) else x for g in fields(v)}

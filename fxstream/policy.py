@@ -7,6 +7,7 @@
     >>> Policy(slices=8, pipeline=2)      # up to 2 slices of a region in flight (CUDA streams / CPU workers)
     >>> Policy(slices=8, rehash=StepRehash(full_every=3, steps=25))  # and reuse a cached feature on 2 steps in 3
     >>> Policy(halo=16)                   # convolution chains (a VAE decoder) in 16 bands of rows, with halos
+    >>> Policy(slices=8, distributed=True)  # each region's slices spread over the ranks of the process group
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
+from .distributed import Distributed
 from .rehash import StepRehash
 
 __all__ = ["Policy", "AXIS_KIND", "parse_bytes", "format_bytes", "check_policy"]
@@ -95,6 +97,11 @@ class Policy:
             there, so another process compiling the same graph under the same policy makes one compile instead
             of the search. ``None`` (default): the folder the environment variable ``FXSTREAM_CACHE_DIR`` names,
             no cache where it is unset; ``""`` or ``False``: no cache. It does not change what is compiled.
+        distributed: spread each region's slices over the ranks of a ``torch.distributed`` process group
+            (:mod:`fxstream.distributed`): ``True`` (the default group), a ProcessGroup, a 1-D DeviceMesh, or
+            :class:`~fxstream.Distributed` (with a timeout). Every rank calls the module with the same inputs and
+            returns the one-process result. ``None`` (default): this process alone. It does not change what is
+            compiled (the other fields keep their meaning per rank).
     """
 
     slices: int | None = None
@@ -110,6 +117,7 @@ class Policy:
     cache_size: int = 8
     verify: bool = False
     cache_dir: str | bool | None = None
+    distributed: Distributed | bool | None = None
 
     def __post_init__(self):
         for name in ("slices", "spatial", "temporal", "batch"):
@@ -146,6 +154,7 @@ class Policy:
         if not (d is None or d is False or isinstance(d, str)):
             raise ValueError(f"Policy.cache_dir: expected None (the environment variable FXSTREAM_CACHE_DIR), a "
                              f"folder (a str or a path) or '' / False (no plan cache), got {d!r}")
+        object.__setattr__(self, "distributed", Distributed.of(self.distributed))
         f = self.min_region_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ValueError(f"Policy.min_region_fraction: expected a number in [0, 1], got {f!r}")
@@ -182,7 +191,7 @@ class Policy:
             v = getattr(self, f.name)
             if v != f.default:
                 parts.append(f"{f.name}={format_bytes(v)!r}" if f.name == "max_memory" else
-                             f"rehash={v.describe()}" if f.name == "rehash" else f"{f.name}={v!r}")
+                             f"{f.name}={v.describe()}" if f.name in ("rehash", "distributed") else f"{f.name}={v!r}")
         return "Policy(" + ", ".join(parts) + ")"
 
 

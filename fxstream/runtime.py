@@ -328,6 +328,7 @@ class LoopRegion(torch.nn.Module):
         self.axis = axis
         self.pipeline = pipeline
         self.cpu_mode = None  # "serial" or "workers"; None: measured on the first call (see _measure_cpu)
+        self.shards = None  # a fxstream.distributed.Shards: this rank runs its block of slices (_run_sharded)
         self.cpu_timing = None  # (seconds per slice serial, with workers) where measured
         # base views, made once per call: an argument or output cut with outer > 1 is unflattened first
         self._unflat_in = [(i, c.dim, (c.outer, length * c.inner)) for i, c in enumerate(self.in_cuts)
@@ -386,7 +387,9 @@ class LoopRegion(torch.nn.Module):
         if device.type == "cpu":
             SHORT_WAITS.hold(torch.get_num_threads())
         k = self.in_flight
-        if k == 1:
+        if self.shards is not None:
+            self._run_sharded(ins, dsts, outs, device)
+        elif k == 1:
             self._run_serial(ins, dsts, outs)
         elif device.type == "cuda":
             self._run_streams(ins, dsts, outs, k, device)
@@ -473,6 +476,39 @@ class LoopRegion(torch.nn.Module):
         finally:  # on an error, let every started slice finish before the buffers are given up
             for f in pending:
                 f.cancel() or f.exception()
+
+    def _run_sharded(self, ins, dsts, outs, device) -> None:
+        """This rank's block of slices, then every block's part of each output from the rank that made it
+        (NOTE [Sharded regions] in ``fxstream.distributed``)."""
+        from .distributed import block
+        sh = self.shards
+        n = len(self._steps)
+        partials = {}  # slice index -> this rank's partial results (those outputs' order)
+        for i in block(n, sh.size, sh.rank):
+            results = self._slice(self._steps[i], ins, dsts)
+            if self.partial:
+                partials[i] = [results[j] for j in self.partial]
+            del results
+        what = f"a {self.axis} region's outputs"
+        for q in range(sh.size):  # cut outputs: rank q's run of slices, from rank q
+            mine = block(n, sh.size, q)
+            if not mine:
+                continue
+            first, last = self._steps[mine[0]], self._steps[mine[-1]]
+            for (j, d, s, _, _, _), (_, _, s2, n2, _, _) in zip(first.outs, last.outs):
+                sh.broadcast_view(dsts[j].narrow(d, s, s2 + n2 - s), q, what)
+        owner = [q for q in range(sh.size) for _ in block(n, sh.size, q)]
+        for k, j in enumerate(self.partial):  # partial sums: every slice's, added in slice order as _run_serial does
+            shape, stride, dtype = self.out_meta[j]
+            acc = None
+            for i, q in enumerate(owner):
+                p = partials[i][k].contiguous() if q == sh.rank else torch.empty(shape, dtype=dtype, device=device)
+                sh.broadcast(p, q, f"a {self.axis} region's partial sums")
+                if acc is None:  # one layout on every rank, whichever made the first slice
+                    acc = torch.empty_strided(shape, stride, dtype=dtype, device=p.device).copy_(p)
+                else:
+                    acc.add_(p)
+            outs[j] = acc
 
     def _run_streams(self, ins, dsts, outs, k: int, device) -> None:
         main = torch.cuda.current_stream(device)

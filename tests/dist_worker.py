@@ -1,0 +1,140 @@
+"""One rank of tests/test_distributed.py: ``python tests/dist_worker.py SCENARIO OUT_DIR`` with RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set (gloo on 127.0.0.1). Writes ``OUT_DIR/rank{r}.pt``: a dict of what it computed and
+what it raised, for the test to check.
+
+Scenarios:
+- ``equal``: the tiny SVD, AnimateDiff and UNet3D UNets and SVD's temporal decoder (tests/test_halo.py's, two
+  layers per block) compiled with ``Policy(slices=4, distributed=True)``, and tiny SVD under Step Rehash over 4
+  steps: their outputs, the measured activation peaks and the compiled reports' planned peaks;
+- ``equal-small``: the tiny SVD UNet and the temporal decoder only (for 3 ranks);
+- ``mismatch-raise``: rank 1 is called with other noise (every rank must raise naming it), then rank 1's region
+  raises mid-call (rank 0 must raise quoting it);
+- ``die``: rank 1 exits inside a region mid-call (rank 0 must raise, not hang).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fxstream  # noqa: E402
+from fxstream.memory import measure_peak  # noqa: E402
+from fxstream.models import build_unet, example_inputs  # noqa: E402
+from fxstream.runtime import LoopRegion  # noqa: E402
+
+TIMEOUT = 20.0  # seconds a rank waits for another in the failure scenarios
+
+
+def _models(names):
+    for name in names:
+        if name == "temporal-decoder":
+            from test_halo import tiny_svd_attention
+            m, kw = tiny_svd_attention()
+        else:
+            m = build_unet(name)
+            kw = example_inputs(name, m)
+        yield name, m, kw
+
+
+def equal(out: dict, names) -> None:
+    policy = fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=120))
+    for name, m, kw in _models(names):
+        with torch.no_grad():
+            compiled = fxstream.compile(m, policy)
+            compiled(**kw)  # compiles
+            got, peak = measure_peak(compiled, **kw)
+        got = got[0] if isinstance(got, (tuple, list)) else getattr(got, "sample", got)
+        rep = compiled.explain()
+        out[name] = dict(out=got, peak=peak, planned=rep.peak_bytes, regions=len(rep.regions))
+    if "svd-tiny" in names:  # Step Rehash: the full and the rehash steps' graphs are spread alike
+        m = build_unet("svd-tiny")
+        kw = example_inputs("svd-tiny", m)
+        compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=True,
+                                                       rehash=fxstream.StepRehash(full_every=2, steps=4)))
+        outs = []
+        with torch.no_grad():
+            for t in (900.0, 600.0, 300.0, 100.0):
+                outs.append(compiled(**dict(kw, timestep=torch.tensor([t])))[0])
+        out["rehash"] = dict(outs=outs, log=list(compiled.step_log))
+
+
+def mismatch_raise(out: dict, rank: int) -> None:
+    m = build_unet("svd-tiny")
+    kw = example_inputs("svd-tiny", m)
+    compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=TIMEOUT)))
+    other = dict(kw, sample=kw["sample"] + (1.0 if rank == 1 else 0.0))
+    with torch.no_grad():
+        try:
+            compiled(**other)
+            out["mismatch"] = None
+        except fxstream.DistributedError as e:
+            out["mismatch"] = str(e)
+        compiled(**kw)  # the group is still usable: a mismatch is found before any region runs
+        if rank == 1:
+            loop = next(m for m in compiled._last.compiled.graph_module.modules() if isinstance(m, LoopRegion))
+
+            def broken(*args, **kwargs):
+                raise ValueError("injected failure")
+            loop._slice = broken
+        t = time.monotonic()
+        try:
+            compiled(**kw)
+            out["raise"] = None
+        except Exception as e:  # rank 1: the ValueError; rank 0: a DistributedError quoting it
+            out["raise"] = f"{type(e).__name__}: {e}"
+        out["raise_s"] = time.monotonic() - t
+
+
+def die(out: dict, rank: int) -> None:
+    m = build_unet("svd-tiny")
+    kw = example_inputs("svd-tiny", m)
+    compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=TIMEOUT)))
+    with torch.no_grad():
+        compiled(**kw)
+        if rank == 1:
+            loop = next(m for m in compiled._last.compiled.graph_module.modules() if isinstance(m, LoopRegion))
+
+            def dead(*args, **kwargs):
+                os._exit(3)
+            loop._slice = dead
+        t = time.monotonic()
+        try:
+            compiled(**kw)
+            out["die"] = None
+        except fxstream.DistributedError as e:
+            out["die"] = str(e)
+        out["die_s"] = time.monotonic() - t
+
+
+def main() -> int:
+    scenario, folder = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out: dict = {}
+    try:
+        if scenario == "equal":
+            equal(out, ["svd-tiny", "animatediff-tiny", "unet3d-tiny", "temporal-decoder"])
+        elif scenario == "equal-small":
+            equal(out, ["svd-tiny", "temporal-decoder"])
+        elif scenario == "mismatch-raise":
+            mismatch_raise(out, rank)
+        elif scenario == "die":
+            die(out, rank)
+        else:
+            raise SystemExit(f"unknown scenario {scenario!r}")
+    except BaseException:
+        out["error"] = traceback.format_exc()
+    torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    # no destroy_process_group after a failure scenario: a collective was abandoned on purpose
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
