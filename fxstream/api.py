@@ -13,7 +13,9 @@ from collections import OrderedDict
 import torch
 import torch.utils._pytree as pytree
 
+from .analysis.cost import node_flops
 from .catalog import TIMESTEP_ARG
+from .distributed import LINKS, compile_policy, rank_plan
 from .entry import Entry, first_differing_region
 from .errors import CaptureError, FxstreamError, VerificationError
 from .guard import StructureGuard
@@ -357,8 +359,14 @@ def compile(module: torch.nn.Module, policy: Policy | None = None) -> CompiledMo
     return CompiledModule(module, policy)
 
 
-def explain(module: torch.nn.Module, example_kwargs: dict, policy: Policy | None = None) -> Report:
-    """Capture and plan ``module`` for these inputs without running it (a meta-device module works)."""
+def explain(module: torch.nn.Module, example_kwargs: dict, policy: Policy | None = None, ranks=None,
+            link: str = "nvlink") -> Report:
+    """Capture and plan ``module`` for these inputs without running it (a meta-device module works).
+
+    ``ranks`` (an int or several): also plan ``Policy(distributed=...)`` on that many devices, without any process
+    group (:func:`fxstream.distributed.rank_plan`: per-rank peak, bytes moved, predicted speedup over ``link``:
+    ``"nvlink"``, ``"pcie5"`` or ``"pcie4"``); the compile is then the one spread regions use (NOTE [No region
+    floor across devices])."""
     if isinstance(module, CompiledModule):
         module = module.module
     if not isinstance(module, torch.nn.Module):
@@ -366,4 +374,15 @@ def explain(module: torch.nn.Module, example_kwargs: dict, policy: Policy | None
     if not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs: expected a dict of the module's keyword arguments, "
                         f"got {type(example_kwargs).__name__}")
-    return Entry(module, example_kwargs, check_policy(policy)).report
+    policy = check_policy(policy)
+    if ranks is None:
+        return Entry(module, example_kwargs, policy).report
+    counts = [ranks] if isinstance(ranks, int) and not isinstance(ranks, bool) else list(ranks)
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ValueError(f"ranks: expected an int >= 1 or a list of them (devices to plan for), got {ranks!r}")
+    if link not in LINKS:
+        raise ValueError(f"link: expected one of {', '.join(repr(k) for k in LINKS)}, got {link!r}")
+    entry = Entry(module, example_kwargs, compile_policy(policy))
+    flops = node_flops(entry.compiled.prepared)
+    entry.report.ranks = [rank_plan(entry.compiled, n, link, flops=flops) for n in counts]
+    return entry.report

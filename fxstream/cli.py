@@ -36,6 +36,7 @@ _EXAMPLES = {
   fxstream explain --model svd --slices 8
   fxstream explain --model svd-xt --slices 8 --batch-split 2 --lower-bound
   fxstream explain --model animatediff --max-memory 2GiB --json > report.json
+  fxstream explain --model svd-xt --frames 25 --slices 8 --ranks 2 4 8
   fxstream explain --model ./stable-video-diffusion-img2vid/unet --height 320 --width 576 --frames 14""",
     "viz": """examples:
   fxstream viz --model svd --slices 8 --batch-split 2 -o docs/img        # docs/img/svd-viz.svg, .html
@@ -233,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Example: --lower-bound")
     e.add_argument("--top", type=_count, default=10, metavar="N",
                    help="largest unsliced ops listed in the table (default: 10). Example: --top 25")
+    e.add_argument("--ranks", type=_count, nargs="+", metavar="N",
+                   help="also plan Policy(distributed=...) on N devices (several: one row each), without any "
+                        "process group: per-rank peak, bytes moved, predicted speedup. Example: --ranks 2 4 8")
+    e.add_argument("--link", choices=("nvlink", "pcie5", "pcie4"), default="nvlink",
+                   help="the link between devices in the --ranks prediction (default: nvlink). Example: --link pcie4")
     e.set_defaults(func=cmd_explain)
     v = sub.add_parser("viz", parents=common + [_output_options(True)], formatter_class=fmt, epilog=_EXAMPLES["viz"],
                        help="draw the original and the compiled graph (SVG via Graphviz, self-contained HTML)",
@@ -328,6 +334,12 @@ def _policy(args) -> Policy:
 def cmd_explain(args, session: Session, progress: Progress) -> int:
     from .report import explain_table, report_json
     report = session.report
+    if args.ranks:
+        from .analysis.cost import node_flops
+        from .distributed import rank_plan
+        with progress.step(f"planning on {', '.join(map(str, args.ranks))} devices"):
+            flops = node_flops(session.entry.compiled.prepared)
+            report.ranks = [rank_plan(session.entry.compiled, n, args.link, flops=flops) for n in args.ranks]
     known = args.lower_bound or report.policy.max_memory is not None  # a budget computes it anyway
     if args.lower_bound:
         with progress.step("lower bound (the finest slicing the rules allow)"):
@@ -440,6 +452,9 @@ def main(argv=None) -> int:
             if args.command == "viz" and {"svg", "html"} & set(args.format):
                 from .render import require_dot
                 require_dot()  # before the planning, not after
+            if getattr(args, "ranks", None):  # planned for spread regions (NOTE [No region floor across devices])
+                from .distributed import compile_policy
+                policy = compile_policy(policy)
             session = load_session(args, policy, progress)
             code = args.func(args, session, progress)
     except UsageError as e:  # an argument found wrong only once the model is known (--expand)

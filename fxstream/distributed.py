@@ -33,6 +33,8 @@ Checks and failures (:class:`Shards`):
 from __future__ import annotations
 
 import hashlib
+import math
+import operator
 import struct
 import time
 from dataclasses import dataclass
@@ -42,7 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
+from .analysis.cuts import PARTIAL
 from .errors import FxstreamError
+from .runtime import contiguous_strides
 
 __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block"]
 
@@ -220,6 +224,12 @@ class Shards:
         if self.rank != src:
             view.copy_(tmp)
 
+    def all_gather(self, out: torch.Tensor, mine: torch.Tensor, what: str) -> None:
+        """Every rank's ``mine`` (1-D, contiguous, the same size on every rank) into ``out`` (1-D, ``size`` times
+        as long), in rank order; ``mine`` may be this rank's part of ``out`` (in place)."""
+        self._ready()
+        self.wait(dist.all_gather_into_tensor(out, mine, group=self.group, async_op=True), what)
+
     def check_same(self, digest: bytes, describe) -> None:
         """Every rank's ``digest`` (of its inputs and plan) must be rank 0's; else a DistributedError naming the
         ranks that differ and ``describe()`` (this rank's inputs)."""
@@ -238,6 +248,23 @@ class Shards:
                 f"rank must call the compiled module with the same inputs. This rank's: {describe()}")
 
 
+def compile_policy(policy):
+    """The policy a compile for spread regions uses: ``distributed`` dropped (it changes no compile), and the
+    region floor at 0 where it is left at its default (NOTE [No region floor across devices])."""
+    from dataclasses import fields, replace
+    default = next(f.default for f in fields(policy) if f.name == "min_region_fraction")
+    floor = 0.0 if policy.min_region_fraction == default else policy.min_region_fraction
+    return replace(policy, distributed=None, min_region_fraction=floor)
+
+
+# NOTE [No region floor across devices]
+# On one device a region must hold at least ``min_region_fraction`` of the largest activation (a small region
+# saves no memory and costs its loop). Across devices every region divides its work: at full size the regions the
+# floor leaves out hold 6% of SVD's FLOPs, which would run on every rank (planned 2.98x at 4 NVLink GPUs for
+# SVD-XT against 3.40x without the floor). So a compile for spread regions (or planned for them: ``explain(...,
+# ranks=N)``) takes every region the rules allow unless the policy sets the floor itself.
+
+
 def shards_for(value) -> Shards | None:
     """A :class:`Shards` for a ``Policy.distributed`` value (None where it asks for none)."""
     spec = Distributed.of(value)
@@ -246,14 +273,77 @@ def shards_for(value) -> Shards | None:
 
 def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
     """Give every loop region of ``gm`` whose bodies hold no regions of their own ``shards`` (None: run whole on
-    this process); the number of regions spread."""
+    this process), and mark the outputs no rank needs whole (:func:`mark_local`); the number of regions spread."""
+    from torch.fx import GraphModule
+
     from .runtime import LoopRegion
     n = 0
     for m in gm.modules():
         if isinstance(m, LoopRegion):
             m.shards = None if m.nested else shards
+            m.local = [False] * len(m.out_cuts)
             n += m.shards is not None
+    if shards is not None:
+        for m in gm.modules():
+            if isinstance(m, GraphModule):
+                for loop, local in local_outputs(m, shards.size, lambda x: x.shards is not None).items():
+                    loop.local = local
     return n
+
+
+def rank_ranges(loop, ranks: int) -> list:
+    """The elements of the axis each rank computes in ``loop``: ``(start, end)`` per rank (``None``: none)."""
+    out = []
+    for r in range(ranks):
+        run = block(len(loop.bounds), ranks, r)
+        out.append((loop.bounds[run[0]][0], loop.bounds[run[-1]][0] + loop.bounds[run[-1]][1]) if run else None)
+    return out
+
+
+def equal_runs(loop, ranks: int) -> bool:
+    """Whether every rank computes the same number of elements of ``loop``'s axis (then one all-gather moves
+    each output; else one broadcast per rank)."""
+    ranges = rank_ranges(loop, ranks)
+    return all(r is not None for r in ranges) and len({hi - lo for lo, hi in ranges}) == 1
+
+
+def local_outputs(gm, ranks: int, spread) -> dict:
+    """NOTE [Outputs that stay on their rank]
+    A spread region's cut output is sent to every rank so that whatever reads it whole can. Where every reader
+    is another spread region that takes it cut the same way (same dim, same layout of the axis in it) and whose
+    ranks compute the same elements of the axis (the same element ranges: equal slice counts, or bounds that
+    meet at the same places), each rank reads exactly the part it made itself: nothing is sent ("same axis:
+    nothing"). The part a rank did not make stays unwritten in its buffer and is never read: not by a region,
+    whose slices read only their own elements, and not by anything else, since nothing else reads the value (a
+    graph output, a view or any other op keeps it sent).
+
+    ``spread(loop)``: whether a region of ``gm`` is spread. Returns {region: [whether output j stays local]}."""
+    from .runtime import LoopRegion
+    loops = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and spread(m)}
+    out = {}
+    for node, loop in loops.items():
+        mine = rank_ranges(loop, ranks)
+        local = out[loop] = [False] * len(loop.out_cuts)
+        for item in node.users:
+            if item.op != "call_function" or item.target is not operator.getitem:
+                continue
+            j = item.args[1]
+            cut = loop.out_cuts[j]
+            if cut is None or cut is PARTIAL:
+                continue
+            ok = bool(item.users)
+            for user in item.users:
+                reader = loops.get(user)
+                if reader is None or rank_ranges(reader, ranks) != mine or reader.length != loop.length:
+                    ok = False
+                    break
+                cuts = [reader.in_cuts[i] for i, a in enumerate(user.args) if a is item]
+                if not cuts or any(c != cut for c in cuts) or item in user.kwargs.values():
+                    ok = False
+                    break
+            local[j] = ok
+    return out
 
 
 def inputs_digest(flat: list, plan: tuple) -> bytes:
@@ -280,3 +370,142 @@ def plan_digest(gm: torch.nn.Module) -> tuple:
 
 def flat_leaves(kwargs: dict) -> list:
     return pytree.tree_leaves(kwargs)
+
+
+# -- planning: what N ranks would hold, move and compute (no process group needed) ----------------------------------
+@dataclass(frozen=True)
+class Link:
+    """A device-to-device link for the latency model: bytes per second one GPU receives (one direction) and the
+    fixed cost of one collective."""
+
+    name: str
+    bytes_per_s: float
+    latency_s: float
+    source: str
+
+
+# NOTE [Link figures]: nominal one-direction bandwidths (half the bidirectional figures the vendors quote) at 80%
+# efficiency (an assumption: a broadcast reaches about that share of a link in NCCL's own benchmarks), and an
+# assumed 20 us (NVLink) / 30 us (PCIe) per collective.
+LINKS = {
+    "nvlink": Link("NVLink 4 (H100/H200 SXM)", 0.8 * 450e9, 20e-6,
+                   "NVIDIA H100/H200 datasheets: NVLink 900 GB/s per GPU, both directions together"),
+    "pcie5": Link("PCIe 5.0 x16", 0.8 * 64e9, 30e-6, "PCI-SIG: PCIe 5.0 x16 128 GB/s, both directions together"),
+    "pcie4": Link("PCIe 4.0 x16", 0.8 * 32e9, 30e-6, "PCI-SIG: PCIe 4.0 x16 64 GB/s, both directions together"),
+}
+# The compute rate of the model: full-size SVD (fp16, batch 2, 14x576x1024), the exported graph on one H200: the
+# graph's planned FLOPs (fxstream.analysis.cost) over its measured latency, 0.374 s (docs/benchmarks.md, "CUDA").
+H200_SVD_FLOPS_PER_S = 2.40e14  # 89.6 TFLOP / 0.374 s
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """``ranks`` devices running one compiled graph (:func:`rank_plan`): per-rank planned activation peak, what
+    each rank receives per call, and the latency model's prediction against one device.
+
+    ``flops``: the graph's planned FLOPs; ``flops_per_rank``: the busiest rank's (ops outside spread regions run
+    on every rank; a spread region's slices are divided as :func:`block` divides them); ``spread_share``: the share
+    of FLOPs in spread regions. ``bytes_received``: per call, by the rank that receives most; ``collectives``: per
+    call. ``seconds_one`` / ``seconds``: planned time on one device / on ``ranks`` (compute at ``flops_per_s`` plus
+    the bytes over ``link``); ``speedup`` their ratio."""
+
+    ranks: int
+    peak_bytes: int
+    one_device_peak_bytes: int
+    flops: int
+    flops_per_rank: int
+    spread_share: float
+    bytes_received: int
+    collectives: int
+    link: str
+    flops_per_s: float
+    seconds_one: float
+    seconds: float
+
+    @property
+    def speedup(self) -> float:
+        return self.seconds_one / self.seconds if self.seconds else 1.0
+
+
+def _loop_traffic(loop, ranks: int, local=()) -> tuple[int, int, int]:
+    """(bytes each rank receives, collectives, largest copy in transit) for one spread region, as
+    ``LoopRegion._run_sharded`` moves them: one all-gather per output that does not stay local (NOTE [Outputs that
+    stay on their rank]), in place where the parts follow each other in memory, else through chunks of the
+    largest part's size; partial sums: every slice's, in chunks of the longest run."""
+    n = len(loop.bounds)
+    most = max(len(block(n, ranks, r)) for r in range(ranks))
+    in_place = equal_runs(loop, ranks)
+    longest = max(hi - lo for lo, hi in (r for r in rank_ranges(loop, ranks) if r is not None))
+    received = collectives = transit = 0
+    for j, (c, (shape, stride, dtype)) in enumerate(zip(loop.out_cuts, loop.out_meta)):
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if c is None or (j < len(local) and local[j]):
+            continue
+        collectives += 1
+        if c is PARTIAL:
+            moved = ranks * most * size
+        elif in_place and c.outer == 1 and all(s == 1 for s in shape[:c.dim]) and \
+                tuple(stride) == tuple(contiguous_strides(shape)):
+            received += size * (ranks - 1) // ranks
+            continue
+        else:
+            moved = ranks * (size * longest // loop.length)
+        received += moved * (ranks - 1) // ranks
+        transit = max(transit, moved)
+    return received, collectives, transit
+
+
+def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H200_SVD_FLOPS_PER_S,
+              flops: dict | None = None) -> RankPlan:
+    """The plan of ``compiled`` (a :class:`~fxstream.compiler.CompiledGraph`) on ``ranks`` devices under
+    ``Policy(distributed=...)``, made without any process group: see :class:`RankPlan` and NOTE [Sharded regions]
+    (every rank holds one device's plan, plus the largest copy of a region's output in transit)."""
+    from torch.fx import GraphModule
+
+    from .analysis.cost import node_flops
+    from .memory import plan_memory
+    from .runtime import LoopRegion
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks: expected an int >= 1 (devices), got {ranks!r}")
+    if link not in LINKS:
+        raise ValueError(f"link: expected one of {', '.join(LINKS)}, got {link!r}")
+    flops = node_flops(compiled.prepared) if flops is None else flops
+    total = sum(flops.values())
+    gm = compiled.graph_module
+    local = {}  # NOTE [Outputs that stay on their rank], in every graph that holds spread regions
+    for m in gm.modules():
+        if isinstance(m, GraphModule):
+            local.update(local_outputs(m, ranks, lambda x: not x.nested))
+    spread_flops = busiest = received = collectives = transit = 0
+    for i, r in enumerate(compiled.plan.regions):
+        loop = getattr(gm, f"region_{i}", None)
+        if not isinstance(loop, LoopRegion):
+            continue
+        f = sum(flops.get(n.name, 0) for n in r.nodes)
+        if loop.nested:  # a batch split: its parts run one after another, each with its inner regions spread
+            if compiled.inner:
+                body = rank_plan(compiled.inner[0], ranks, link, flops_per_s)
+                spread_flops += f * body.spread_share
+                # the busiest rank's share of the spread part: its share of the body's FLOPs less the unspread part
+                busy = body.flops_per_rank / body.flops if body.flops else 1.0
+                busiest += f * (busy - (1.0 - body.spread_share))
+            for step in loop._steps:
+                for m in loop.bodies[step.body].modules():
+                    if isinstance(m, LoopRegion) and not m.nested:
+                        b, c, t = _loop_traffic(m, ranks, local.get(m, ()))
+                        received, collectives, transit = received + b, collectives + c, max(transit, t)
+            continue
+        n = len(loop.bounds)
+        spread_flops += f
+        busiest += f * len(block(n, ranks, 0)) / n  # rank 0's run is the longest
+        b, c, t = _loop_traffic(loop, ranks, local.get(loop, ()))
+        received, collectives, transit = received + b, collectives + c, max(transit, t)
+    if ranks == 1:
+        received = collectives = transit = 0
+    per_rank = int(total - spread_flops + busiest)
+    peak = plan_memory(gm).peak_bytes
+    lk = LINKS[link]
+    one = total / flops_per_s
+    many = per_rank / flops_per_s + received / lk.bytes_per_s + collectives * lk.latency_s
+    return RankPlan(ranks, peak + transit, peak, int(total), per_rank, spread_flops / total if total else 0.0,
+                    int(received), collectives, lk.name, flops_per_s, one, many if ranks > 1 else one)

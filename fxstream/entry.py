@@ -7,14 +7,12 @@ decision stored by an earlier process is compiled once instead of the search).
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
 from .compiler import capture, describe_inputs
-from .distributed import inputs_digest, plan_digest, shard_regions, shards_for
+from .distributed import compile_policy, inputs_digest, plan_digest, rank_plan, shard_regions, shards_for
 from .errors import ExecutionError
 from .guard import touched
 from .memory import weight_bytes
@@ -51,9 +49,9 @@ class Entry:
                 touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): guards walk again
         gm = self.program.graph_module
         weights = weight_bytes(self.program)
-        # Policy(distributed=...) changes no compile: the regions compiled for one process run their slices spread
+        # Policy(distributed=...): the regions compiled for one process run their slices spread
         self.shards = shards_for(policy.distributed)
-        policy = replace(policy, distributed=None)
+        given, policy = policy, (compile_policy(policy) if self.shards is not None else policy)
         self.rehash = None
         if policy.rehash is not None:
             self.rehash = RehashState(module, gm, policy.rehash)
@@ -65,7 +63,7 @@ class Entry:
         self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
                       for spec in self.program.graph_signature.input_specs if spec.kind != InputKind.USER_INPUT]
         self._held = None  # (stamp, the (dict, key) holding each lifted input): see weights()
-        self.report: Report = build_report(self.compiled, policy, weights, bound)
+        self.report: Report = build_report(self.compiled, given, weights, bound)
         if self.rehash is not None:
             r = self.rehash
             # a rehash step holds the cached feature (and the probe's reference) on top of the weights
@@ -76,6 +74,7 @@ class Entry:
             for graph in self._graphs():
                 shard_regions(graph, self.shards)
             self._plan = tuple(plan_digest(g) for g in self._graphs())
+            self.report.ranks = [rank_plan(self.compiled, self.shards.size)]
 
     def _graphs(self) -> list:
         """Every graph this signature runs (the rehash step's and probe's too)."""

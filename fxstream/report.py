@@ -112,6 +112,7 @@ class Report:
     rehash: RehashInfo | None = None  # with Policy(rehash=...): what a rehash step skips
     axes: list = field(default_factory=list)  # AxisInfo of every axis found (empty when the policy slices nothing)
     _total_flops: int = field(default=0, repr=False)  # planned FLOPs of the original graph (with halo regions)
+    ranks: list = field(default_factory=list)  # fxstream.distributed.RankPlan per device count planned
 
     @property
     def lower_bound_bytes(self) -> int:
@@ -180,7 +181,19 @@ def explain_table(report: Report, top: int = 10, lower_bound: bool = True, missi
         axes = tabulate([(a.name, a.place, a.length, a.why, a.slicing) for a in report.axes],
                         headers=["axis", "input dim", "length", "named from", "slicing"])
         text = f"{head}\n{axes}\n\n{regions}\n\n{unsliced}\n\n{mem}"
+    if report.ranks:
+        text += "\n\n" + ranks_table(report.ranks)
     return text + (f"\n\n{report.rehash.table()}" if report.rehash is not None else "")
+
+
+def ranks_table(plans) -> str:
+    """The plans across devices (:func:`fxstream.distributed.rank_plan`): per-rank planned peak, what a rank
+    receives per call, and the latency model's speedup over one device."""
+    rows = [(p.ranks, p.link, f"{p.peak_bytes / 2**30:.3f}", f"{p.one_device_peak_bytes / 2**30:.3f}",
+             f"{p.spread_share:.1%}", f"{p.bytes_received / 2**30:.2f}", p.collectives,
+             f"{p.seconds * 1e3:.1f}", f"{p.speedup:.2f}x") for p in plans]
+    return tabulate(rows, headers=["ranks", "link", "GiB per rank", "GiB one device", "FLOPs spread",
+                                   "GiB received per call", "collectives", "planned ms", "speedup"])
 
 
 def report_json(report: Report, session=None, lower_bound: bool = False) -> dict:
@@ -189,6 +202,8 @@ def report_json(report: Report, session=None, lower_bound: bool = False) -> dict
     policy = {f.name: getattr(report.policy, f.name) for f in fields(report.policy)}
     if policy.get("rehash") is not None:
         policy["rehash"] = asdict(policy["rehash"])
+    if policy.get("distributed") is not None:  # a process group is not data
+        policy["distributed"] = policy["distributed"].describe()
     return {
         "input": session.input_json() if session is not None else None,
         "policy": {"text": report.policy.describe(), **policy},
@@ -205,6 +220,7 @@ def report_json(report: Report, session=None, lower_bound: bool = False) -> dict
         "unsliced": [asdict(u) for u in report.unsliced],
         "rehash": None if report.rehash is None else {**asdict(report.rehash),
                                                       "skipped_share": report.rehash.skipped_share},
+        "ranks": [{**asdict(p), "speedup": p.speedup} for p in report.ranks],
     }
 
 

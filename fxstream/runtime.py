@@ -329,6 +329,7 @@ class LoopRegion(torch.nn.Module):
         self.pipeline = pipeline
         self.cpu_mode = None  # "serial" or "workers"; None: measured on the first call (see _measure_cpu)
         self.shards = None  # a fxstream.distributed.Shards: this rank runs its block of slices (_run_sharded)
+        self.local = [False] * len(self.out_cuts)  # outputs no rank needs whole (fxstream.distributed.local_outputs)
         self.cpu_timing = None  # (seconds per slice serial, with workers) where measured
         # base views, made once per call: an argument or output cut with outer > 1 is unflattened first
         self._unflat_in = [(i, c.dim, (c.outer, length * c.inner)) for i, c in enumerate(self.in_cuts)
@@ -480,7 +481,7 @@ class LoopRegion(torch.nn.Module):
     def _run_sharded(self, ins, dsts, outs, device) -> None:
         """This rank's block of slices, then every block's part of each output from the rank that made it
         (NOTE [Sharded regions] in ``fxstream.distributed``)."""
-        from .distributed import block
+        from .distributed import block, equal_runs, rank_ranges
         sh = self.shards
         n = len(self._steps)
         partials = {}  # slice index -> this rank's partial results (those outputs' order)
@@ -490,24 +491,49 @@ class LoopRegion(torch.nn.Module):
                 partials[i] = [results[j] for j in self.partial]
             del results
         what = f"a {self.axis} region's outputs"
-        for q in range(sh.size):  # cut outputs: rank q's run of slices, from rank q
-            mine = block(n, sh.size, q)
-            if not mine:
+        ranges = rank_ranges(self, sh.size)
+        even = equal_runs(self, sh.size)
+        for j, d, _, _, _, _ in self._steps[0].outs:
+            if self.local[j]:  # NOTE [Outputs that stay on their rank]
                 continue
-            first, last = self._steps[mine[0]], self._steps[mine[-1]]
-            for (j, d, s, _, _, _), (_, _, s2, n2, _, _) in zip(first.outs, last.outs):
-                sh.broadcast_view(dsts[j].narrow(d, s, s2 + n2 - s), q, what)
-        owner = [q for q in range(sh.size) for _ in block(n, sh.size, q)]
-        for k, j in enumerate(self.partial):  # partial sums: every slice's, added in slice order as _run_serial does
+            inner = self.out_cuts[j].inner
+            parts = [None if r is None else dsts[j].narrow(d, r[0] * inner, (r[1] - r[0]) * inner) for r in ranges]
+            mine = parts[sh.rank]
+            if even and dsts[j].is_contiguous() and mine.is_contiguous():  # the parts follow each other in memory
+                sh.all_gather(dsts[j].view(-1), mine.view(-1), what)
+                continue
+            # through one copy: every rank's part in a chunk of the largest part's size
+            per = max(p.numel() for p in parts if p is not None)
+            chunks = torch.empty(sh.size * per, dtype=dsts[j].dtype, device=device)
+            if mine is not None:
+                chunks[sh.rank * per:sh.rank * per + mine.numel()].view(mine.shape).copy_(mine)
+            sh.all_gather(chunks, chunks[sh.rank * per:(sh.rank + 1) * per], what)
+            for q, p in enumerate(parts):
+                if q != sh.rank and p is not None:
+                    p.copy_(chunks[q * per:q * per + p.numel()].view(p.shape))
+            del chunks
+        if not self.partial:
+            return
+        # partial sums: every slice's, gathered in one collective, added in slice order as _run_serial does
+        runs = [block(n, sh.size, q) for q in range(sh.size)]
+        most = max(len(r) for r in runs)
+        for k, j in enumerate(self.partial):
             shape, stride, dtype = self.out_meta[j]
+            size = math.prod(shape)
+            chunks = torch.zeros(sh.size * most * size, dtype=dtype, device=device)
+            for t, i in enumerate(runs[sh.rank]):
+                at = (sh.rank * most + t) * size
+                chunks[at:at + size].view(shape).copy_(partials[i][k])
+            sh.all_gather(chunks, chunks[sh.rank * most * size:(sh.rank + 1) * most * size],
+                          f"a {self.axis} region's partial sums")
             acc = None
-            for i, q in enumerate(owner):
-                p = partials[i][k].contiguous() if q == sh.rank else torch.empty(shape, dtype=dtype, device=device)
-                sh.broadcast(p, q, f"a {self.axis} region's partial sums")
-                if acc is None:  # one layout on every rank, whichever made the first slice
-                    acc = torch.empty_strided(shape, stride, dtype=dtype, device=p.device).copy_(p)
-                else:
-                    acc.add_(p)
+            for q, run in enumerate(runs):
+                for t, _ in enumerate(run):
+                    p = chunks[(q * most + t) * size:(q * most + t + 1) * size].view(shape)
+                    if acc is None:  # one layout on every rank, whichever made the first slice
+                        acc = torch.empty_strided(shape, stride, dtype=dtype, device=device).copy_(p)
+                    else:
+                        acc.add_(p)
             outs[j] = acc
 
     def _run_streams(self, ins, dsts, outs, k: int, device) -> None:

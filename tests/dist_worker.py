@@ -43,7 +43,7 @@ def _models(names):
 
 
 def equal(out: dict, names) -> None:
-    policy = fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=120))
+    policy = fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=600))
     for name, m, kw in _models(names):
         with torch.no_grad():
             compiled = fxstream.compile(m, policy)
