@@ -134,3 +134,35 @@ def test_a_dying_rank_is_reported_not_waited_for(tmp_path):
     assert "error" not in r0, r0["error"]
     assert r0["die"] and "rank 0 of 2" in r0["die"], r0
     assert r0["die_s"] < 30
+
+
+# -- planning without a process group ----------------------------------------------------------------------------
+def test_explain_plans_ranks_without_a_process_group():
+    m = build_unet("svd-tiny")
+    kw = example_inputs("svd-tiny", m)
+    rep = fxstream.explain(m, kw, fxstream.Policy(slices=4), ranks=[1, 2, 4])
+    one, two, four = rep.ranks
+    assert (one.ranks, two.ranks, four.ranks) == (1, 2, 4)
+    assert one.speedup == 1.0 and one.bytes_received == 0 and one.collectives == 0
+    assert one.peak_bytes == one.one_device_peak_bytes == rep.peak_bytes
+    assert two.spread_share > 0.99  # no region floor across devices: the regions hold nearly every FLOP
+    assert four.flops_per_rank < two.flops_per_rank < one.flops_per_rank
+    assert 0 < two.bytes_received <= four.bytes_received and two.collectives > 0
+    # tiny: the link's fixed costs dominate; the model says so rather than promising a speedup
+    assert four.seconds > one.seconds
+    assert "ranks" in rep.table() and "speedup" in rep.table()
+    with pytest.raises(ValueError, match="ranks"):
+        fxstream.explain(m, kw, fxstream.Policy(slices=4), ranks=0)
+    with pytest.raises(ValueError, match="link"):
+        fxstream.explain(m, kw, fxstream.Policy(slices=4), ranks=2, link="ethernet")
+
+
+def test_full_size_svd_xt_predicted_speedup_on_four_nvlink_gpus():
+    """Issue 22's target for the latency model: SVD-XT 25x576x1024 (fp16, batch 2, planned on meta) at least 3.3x
+    on 4 NVLink GPUs, and more devices never predicted slower."""
+    m = build_unet("svd-xt", device="meta", dtype=torch.float16)
+    kw = example_inputs("svd-xt", m, frames=25)
+    rep = fxstream.explain(m, kw, fxstream.Policy(slices=8), ranks=[2, 4, 8])
+    two, four, eight = rep.ranks
+    assert four.speedup >= 3.3, four
+    assert two.speedup < four.speedup < eight.speedup

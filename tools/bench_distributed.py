@@ -1,0 +1,188 @@
+"""Benchmark: ``Policy(distributed=...)`` (fxstream/distributed.py), measured on the CPU and planned at full size.
+
+    python tools/bench_distributed.py                      # both tables; writes docs/benchmarks.md
+    python tools/bench_distributed.py --no-full --no-write
+    python tools/bench_distributed.py --no-cpu --ranks 2 4 8
+
+Two tables:
+
+- *Measured on the CPU* (gloo on 127.0.0.1, fp32, random weights): a UNet (``--model``, default svd-mid) with
+  ``Policy(slices=N)`` in one process with 2 intra-op threads, against the same policy with ``distributed=True``
+  in 2 processes of 1 thread each (the same 2 cores), and the exported graph (``Policy()``, 2 threads). Median
+  latency of ``--repeats`` calls after one untimed call (each rank's median; the slower rank counts), the
+  activation peak measured by fxstream's tracker (per rank), the bytes each rank received per call as the plan
+  counts them, and the largest difference from the one-process compiled output.
+- *Planned on the meta device* (fp16, batch 2, no weights, no compute): SVD 14x576x1024, SVD-XT 25x576x1024 and
+  AnimateDiff 16x512x512 (frames x pixels) under ``Policy(slices=8)`` on 2, 4 and 8 devices (``--ranks``) over NVLink and PCIe 4.0:
+  the per-rank planned peak against one device's, bytes received and collectives per call, and the latency model's
+  predicted speedup (fxstream.distributed.rank_plan; its link figures and compute rate are in NOTE [Link figures]).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 2 ** 20
+FULL = {"svd": ({}, "14x576x1024"), "svd-xt": ({"frames": 25}, "25x576x1024"), "animatediff": ({"frames": 16}, "16x512x512")}
+
+
+def _calls(compiled, kw, repeats: int) -> list:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        compiled(**kw)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def child(model: str, slices: int, repeats: int, out: str) -> None:
+    """One rank of the distributed row (RANK, WORLD_SIZE, MASTER_* set by the parent)."""
+    import torch.distributed as dist
+
+    import fxstream
+    from fxstream.memory import measure_peak
+    from fxstream.models import build_unet, example_inputs
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    unet = build_unet(model)
+    kw = example_inputs(model, unet)
+    with torch.no_grad():
+        compiled = fxstream.compile(unet, fxstream.Policy(slices=slices, distributed=fxstream.Distributed(timeout=3600)))
+        compiled(**kw)
+        times = _calls(compiled, kw, repeats)
+        (got, *_), peak = measure_peak(compiled, **kw)
+    plan = compiled.explain().ranks[0]
+    torch.save({"times": times, "peak": peak, "out": got, "received": plan.bytes_received,
+                "collectives": plan.collectives, "planned": plan.peak_bytes}, f"{out}/rank{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def cpu_rows(model: str, slices: int, repeats: int) -> list:
+    import fxstream
+    from fxstream.memory import measure_peak
+    from fxstream.models import build_unet, example_inputs
+    torch.set_num_threads(2)
+    unet = build_unet(model)
+    kw = example_inputs(model, unet)
+    rows = []
+    with torch.no_grad():
+        for label, policy in (("exported graph, 1 process x 2 threads", fxstream.Policy()),
+                              (f"Policy(slices={slices}), 1 process x 2 threads", fxstream.Policy(slices=slices))):
+            compiled = fxstream.compile(unet, policy)
+            compiled(**kw)
+            times = _calls(compiled, kw, repeats)
+            (got, *_), peak = measure_peak(compiled, **kw)
+            rows.append({"variant": label, "seconds": statistics.median(times), "peak MiB": peak / MiB,
+                         "received MiB": 0.0, "collectives": 0, "diff": 0.0})
+            if policy.slices:
+                ref = got
+            print(rows[-1], flush=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        procs = [subprocess.Popen([sys.executable, __file__, "--child", model, str(slices), str(repeats), out],
+                                  env=dict(env, RANK=str(r))) for r in range(2)]
+        for p in procs:
+            if p.wait() != 0:
+                raise SystemExit(f"a rank exited with {p.returncode}")
+        ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(2)]
+    rows.append({"variant": f"Policy(slices={slices}, distributed=True), 2 processes x 1 thread",
+                 "seconds": max(statistics.median(r["times"]) for r in ranks),
+                 "peak MiB": max(r["peak"] for r in ranks) / MiB, "received MiB": ranks[0]["received"] / MiB,
+                 "collectives": ranks[0]["collectives"],
+                 "diff": max((r["out"] - ref).abs().max().item() for r in ranks)})
+    print(rows[-1], flush=True)
+    return rows
+
+
+def full_rows(ranks: list) -> list:
+    import fxstream
+    from fxstream.models import build_unet, example_inputs
+    rows = []
+    for name, (extra, size) in FULL.items():
+        unet = build_unet(name, device="meta", dtype=torch.float16)
+        kw = example_inputs(name, unet, **extra)
+        for link in ("nvlink", "pcie4"):
+            rep = fxstream.explain(unet, kw, fxstream.Policy(slices=8), ranks=ranks, link=link)
+            for p in rep.ranks:
+                rows.append({"model": name, "size": size, "ranks": p.ranks, "link": p.link,
+                             "one device GiB": p.one_device_peak_bytes / 2 ** 30, "per rank GiB": p.peak_bytes / 2 ** 30,
+                             "received GiB": p.bytes_received / 2 ** 30, "collectives": p.collectives,
+                             "spread": p.spread_share, "planned ms": p.seconds * 1e3, "speedup": p.speedup})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="svd-mid", help="the UNet measured on the CPU (default svd-mid)")
+    ap.add_argument("--slices", type=int, default=8, help="Policy(slices=N) on the CPU (default 8)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median; default 3)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8], help="device counts planned (default 2 4 8)")
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU measurement")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-size plans on meta")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    ap.add_argument("--not-quiet", metavar="WHAT", help="what else ran meanwhile (timings are then indicative)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        model, slices, repeats, out = args.child
+        child(model, int(slices), int(repeats), out)
+        return
+    from fxstream.bench import provenance, write_section
+    cpu = [] if args.no_cpu else cpu_rows(args.model, args.slices, args.repeats)
+    full = [] if args.no_full else full_rows(args.ranks)
+    doc = "## Across devices (Policy(distributed=...))\n\n" + provenance(
+        "python tools/bench_distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    doc += ("Each spread region runs a contiguous run of its slices on each rank; outputs move by one all-gather "
+            "each, except those every reader takes cut the same way on the same ranks (they stay); partial sums "
+            "are gathered and added in slice order; everything else runs on every rank (fxstream/distributed.py). "
+            "Every rank holds one device's plan today (plus a copy in transit): the division is of work, not yet of "
+            "memory. ")
+    doc += (f"Timings: {args.not_quiet}.\n\n" if args.not_quiet else "Timings on a quiet machine.\n\n")
+    if cpu:
+        doc += (f"Measured on the CPU: {args.model}, fp32, random weights, batch 1; the same 2 cores either as one "
+                f"process of 2 threads or as 2 gloo processes of 1 thread. Latency: median of {args.repeats} calls "
+                f"(the slower rank); peak: the tracker's activation peak (the larger rank's); received: per rank "
+                f"per call, as planned; diff: largest difference from the one-process `Policy(slices="
+                f"{args.slices})` output.\n\n```\n")
+        doc += tabulate([(r["variant"], f"{r['seconds']:.2f}", f"{r['peak MiB']:.1f}", f"{r['received MiB']:.1f}",
+                          r["collectives"], f"{r['diff']:.1e}") for r in cpu],
+                        headers=["variant", "latency s", "peak MiB", "received MiB", "collectives", "max |diff|"])
+        doc += "\n```\n\n"
+    if full:
+        doc += ("Planned on the meta device (fp16, batch 2: classifier-free guidance in one call), `Policy(slices=8)` "
+                "with no region floor (NOTE [No region floor across devices]): per-rank planned activation peak "
+                "against one device's, what a rank receives per call, and the predicted speedup over one device "
+                "(compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links at 80% of their "
+                "nominal one-direction bandwidth, 20/30 us per collective: NOTE [Link figures]). Predictions, not "
+                "measurements: no multi-GPU machine was at hand.\n\n```\n")
+        doc += tabulate([(r["model"], r["size"], r["ranks"], r["link"],
+                          f"{r['one device GiB']:.3f}", f"{r['per rank GiB']:.3f}", f"{r['received GiB']:.2f}",
+                          r["collectives"], f"{r['spread']:.1%}", f"{r['planned ms']:.0f}", f"{r['speedup']:.2f}x")
+                         for r in full],
+                        headers=["model", "frames x pixels", "ranks", "link", "one device GiB", "per rank GiB",
+                                 "received GiB/call", "collectives", "FLOPs spread", "planned ms", "speedup"])
+        doc += "\n```\n"
+    print(doc)
+    if not args.no_write:
+        write_section(ROOT / "docs", "distributed", doc, {"cpu": cpu, "full": full, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
