@@ -4,11 +4,13 @@
 (``torchrun --nproc-per-node N script.py``; NCCL on GPUs, gloo on CPUs): every rank holds the weights and calls
 the module with the same inputs. Each cut region of the compiled graph (:class:`~fxstream.runtime.LoopRegion`)
 runs on each rank only the slices of its block (rank ``r`` of ``N`` takes the ``r``-th of ``N`` contiguous runs
-of slices), then every rank gets the other blocks' parts of the region's outputs by one broadcast per rank and
-output: the same bytes on every rank, the bytes the one-process loop writes. Partial outputs (sums over the axis:
-GroupNorm statistics) are broadcast slice by slice and added in slice order on every rank, so the sum is the one
-the one-process loop makes, bit for bit. Ops outside regions, halo regions and regions whose bodies hold regions
-of their own (a batch split: their inner regions are spread) run whole on every rank.
+of slices), then every rank gets the other blocks' parts of each region output by one all-gather (NOTE [Outputs
+that stay on their rank]: some need none): the same bytes on every rank, the bytes the one-process loop writes. Partial outputs (sums over the axis:
+GroupNorm statistics) are gathered slice by slice and added in slice order on every rank, so the sum is the one
+the one-process loop makes, bit for bit. Halo regions (VAE decoders, ``fxstream.halo_runtime``) spread each pass's
+slices the same way: the statistics passes gather every slice's (count, mean, M2) and merge them in slice order,
+the output pass gathers every slice's rows. Ops outside regions and regions whose bodies hold regions of their own
+(a batch split: their inner regions are spread) run whole on every rank.
 
 NOTE [Sharded regions]
 What each rank computes is what the one-process compiled module computes for those slices (the same bodies on
@@ -276,6 +278,7 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
     this process), and mark the outputs no rank needs whole (:func:`mark_local`); the number of regions spread."""
     from torch.fx import GraphModule
 
+    from .halo_runtime import HaloLoop
     from .runtime import LoopRegion
     n = 0
     for m in gm.modules():
@@ -283,6 +286,9 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
             m.shards = None if m.nested else shards
             m.local = [False] * len(m.out_cuts)
             n += m.shards is not None
+        elif isinstance(m, HaloLoop):  # each pass's slices spread, statistics and rows gathered (halo_runtime)
+            m.shards = shards
+            n += shards is not None
     if shards is not None:
         for m in gm.modules():
             if isinstance(m, GraphModule):
@@ -363,9 +369,10 @@ def inputs_digest(flat: list, plan: tuple) -> bytes:
 
 def plan_digest(gm: torch.nn.Module) -> tuple:
     """What every rank must have compiled alike: each spread region's axis, length and slice bounds, in order."""
+    from .halo_runtime import HaloLoop
     from .runtime import LoopRegion
-    return tuple((m.axis, m.length, tuple(m.bounds)) for m in gm.modules()
-                 if isinstance(m, LoopRegion) and getattr(m, "shards", None) is not None)
+    return tuple((m.axis, m.length, tuple(m.bounds)) if isinstance(m, LoopRegion) else (m.along, m.count, m.cols)
+                 for m in gm.modules() if isinstance(m, (LoopRegion, HaloLoop)) and getattr(m, "shards", None) is not None)
 
 
 def flat_leaves(kwargs: dict) -> list:
@@ -463,6 +470,7 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     from torch.fx import GraphModule
 
     from .analysis.cost import node_flops
+    from .halo_runtime import HaloLoop
     from .memory import plan_memory
     from .runtime import LoopRegion
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
@@ -500,6 +508,18 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
         busiest += f * len(block(n, ranks, 0)) / n  # rank 0's run is the longest
         b, c, t = _loop_traffic(loop, ranks, local.get(loop, ()))
         received, collectives, transit = received + b, collectives + c, max(transit, t)
+    for node in gm.graph.nodes:  # halo regions: each pass's slices spread, rows and statistics gathered
+        loop = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(loop, HaloLoop):
+            continue
+        f = sum(flops.get(n.name, 0) for n in loop.region.nodes)
+        spread_flops += f
+        busiest += f * len(block(loop.count, ranks, 0)) / loop.count
+        for shape, _, dtype in loop.out_meta:
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            received += size * (ranks - 1) // ranks
+            transit = max(transit, size)
+        collectives += len(loop.out_meta) + sum(1 for p in loop.passes if p.stats)
     if ranks == 1:
         received = collectives = transit = 0
     per_rank = int(total - spread_flops + busiest)

@@ -19,6 +19,7 @@ from torch.fx import GraphModule, Node
 
 from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, norm_chunks, passes, simulate_halo
 from .graph_utils import graph_key
+from .distributed import block
 from .runtime import buffer_layout
 
 aten = torch.ops.aten
@@ -46,13 +47,23 @@ class _Stats:
         self.n, self.mean, self.m2 = 0, None, None
 
     def add(self, xg: torch.Tensor) -> None:
+        part = self.part(xg)
+        if part is not None:
+            self.merge(*part)
+
+    @staticmethod
+    def part(xg: torch.Tensor):
+        """(count, mean, M2) of one slice's rows (float64), or None for no rows."""
         dims = list(range(2, xg.dim()))
         k = math.prod(xg.shape[2:])
         if k == 0:
-            return
+            return None
         x = xg if xg.dtype in (torch.float32, torch.float64) else xg.float()
         var, mean = torch.var_mean(x, dim=dims, correction=0)
-        mean, m2 = mean.double(), var.double() * k
+        return k, mean.double(), var.double() * k
+
+    def merge(self, k: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merge a slice's (count, mean, M2) in: slices merged in the same order give the same bits."""
         if self.mean is None:
             self.n, self.mean, self.m2 = k, mean, m2
             return
@@ -65,6 +76,11 @@ class _Stats:
     def finish(self, eps: float, dtype) -> tuple:
         rstd = torch.rsqrt(self.m2 / self.n + eps)
         return self.mean.to(dtype), rstd.to(dtype)
+
+
+def _stat_shape(g: Node) -> tuple:
+    """The (batch, groups) shape of a GroupNorm's statistics (a halo along height or width keeps the batch)."""
+    return int(g.args[0].meta["val"].shape[0]), int(g.args[1])
 
 
 def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
@@ -105,6 +121,7 @@ class HaloLoop(torch.nn.Module):
         self._key = _structure_key(body, self.dims, count, self.wdims, cols, along)
         self.working_bytes = self.plan().working_bytes
         self._plans = None  # the slices' schedules, made on the first real call
+        self.shards = None  # a fxstream.distributed.Shards: this rank runs its run of each pass's slices
 
     @property
     def passes(self) -> list:
@@ -171,29 +188,38 @@ class HaloLoop(torch.nn.Module):
         full = dict(zip(self.region.inputs, args))
         stats: dict = {}
         out_index = {o: j for j, o in enumerate(self.region.outputs)}
+        sh = self.shards
         for p, plans in zip(self.passes, self._plans):
             acc = {g: _Stats() for g in p.stats}
             summed: dict = {}  # GroupNorm input -> the GroupNorms this pass gathers statistics of
             for g in p.stats:
                 summed.setdefault(g.args[0], []).append(g)
-            for need, assign, steps in plans:
+            parts: dict = {}  # spread: slice index -> {GroupNorm: its (count, mean, M2)}, merged in slice order
+            mine = range(len(plans)) if sh is None else block(len(plans), sh.size, sh.rank)
+            for i in mine:
+                need, assign, steps = plans[i]
+                sink = acc if sh is None else parts.setdefault(i, {})
                 env = {}
                 for ph in self.region.inputs:
                     if ph in need and ph in self.region.dims:
                         env[ph] = (self._narrow(full[ph], ph, need[ph]), tuple(lo for lo, _ in need[ph]))
                 for x in summed:
                     if x.op == "placeholder" and x in env:
-                        self._gather(x, summed[x], acc, assign, env)
+                        self._gather(x, summed[x], sink, assign, env)
                 for n, bands, free in steps:
                     env[n] = (self._run(n, bands, env, full, stats), tuple(lo for lo, _ in bands))
                     if n in summed:
-                        self._gather(n, summed[n], acc, assign, env)
+                        self._gather(n, summed[n], sink, assign, env)
                     if not p.stats and n in out_index and n in assign:
                         t, offsets = env[n]
                         self._narrow(outs[out_index[n]], n, assign[n]).copy_(self._narrow(t, n, assign[n], offsets))
                         del t  # else the band outlives its slice
                     for f in free:
                         env.pop(f, None)
+            if sh is not None and p.stats:
+                self._share_stats(p.stats, plans, parts, acc, device)
+            elif sh is not None:
+                self._share_outputs(plans, outs, out_index, device)
             for g, s in acc.items():
                 x = g.args[0].meta["val"]
                 compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -201,14 +227,78 @@ class HaloLoop(torch.nn.Module):
                 stats[g] = s.finish(eps, compute)
         return tuple(outs)
 
+    # -- spread over ranks (NOTE [Sharded regions] in fxstream.distributed) -------------------------------------
+    def _share_stats(self, norms: list, plans: list, parts: dict, acc: dict, device) -> None:
+        """Every slice's (count, mean, M2) of every GroupNorm from the rank that made it, merged in slice order on
+        every rank, as the one-process loop merges them."""
+        sh = self.shards
+        width = {g: math.prod(_stat_shape(g)) for g in norms}
+        row = sum(1 + 2 * width[g] for g in norms)  # per slice: for each GroupNorm its count, mean, M2
+        runs = [block(len(plans), sh.size, q) for q in range(sh.size)]
+        most = max(len(r) for r in runs)
+        chunks = torch.zeros(sh.size * most * row, dtype=torch.float64, device=device)
+        for t, i in enumerate(runs[sh.rank]):
+            at = (sh.rank * most + t) * row
+            for g in norms:
+                part = parts.get(i, {}).get(g)
+                if part is not None:
+                    k, mean, m2 = part
+                    chunks[at] = k
+                    chunks[at + 1:at + 1 + width[g]] = mean.reshape(-1)
+                    chunks[at + 1 + width[g]:at + 1 + 2 * width[g]] = m2.reshape(-1)
+                at += 1 + 2 * width[g]
+        sh.all_gather(chunks, chunks[sh.rank * most * row:(sh.rank + 1) * most * row],
+                      "a halo region's GroupNorm statistics")
+        for q, run in enumerate(runs):
+            for t, _ in enumerate(run):
+                at = (q * most + t) * row
+                for g in norms:
+                    k = int(chunks[at].item())
+                    if k:
+                        shape = _stat_shape(g)
+                        acc[g].merge(k, chunks[at + 1:at + 1 + width[g]].view(shape).clone(),
+                                     chunks[at + 1 + width[g]:at + 1 + 2 * width[g]].view(shape).clone())
+                    at += 1 + 2 * width[g]
+
+    def _share_outputs(self, plans: list, outs: list, out_index: dict, device) -> None:
+        """Every slice's rows of every output from the rank that computed them: one all-gather per output, each
+        rank's slices packed in slice order in a chunk of the largest rank's size."""
+        sh = self.shards
+        runs = [block(len(plans), sh.size, q) for q in range(sh.size)]
+        for n, j in out_index.items():
+            views = [[self._narrow(outs[j], n, plans[i][1][n]) for i in run if n in plans[i][1]] for run in runs]
+            sizes = [sum(v.numel() for v in vs) for vs in views]
+            per = max(sizes)
+            if per == 0:
+                continue
+            chunks = torch.empty(sh.size * per, dtype=outs[j].dtype, device=device)
+            at = sh.rank * per
+            for v in views[sh.rank]:
+                chunks[at:at + v.numel()].view(v.shape).copy_(v)
+                at += v.numel()
+            sh.all_gather(chunks, chunks[sh.rank * per:(sh.rank + 1) * per], "a halo region's outputs")
+            for q, vs in enumerate(views):
+                if q == sh.rank:
+                    continue
+                at = q * per
+                for v in vs:
+                    v.copy_(chunks[at:at + v.numel()].view(v.shape))
+                    at += v.numel()
+
     def _gather(self, x: Node, norms: list, acc: dict, assign: dict, env: dict) -> None:
-        """Add this slice's rows of ``x`` (its assigned share, each row once) to the statistics of ``norms``."""
+        """Add this slice's rows of ``x`` (its assigned share, each row once) to the statistics of ``norms``:
+        merged into ``acc[g]`` (a :class:`_Stats`), or, spread over ranks, kept as the slice's part."""
         if x not in assign:
             return
         t, offsets = env[x]
         band = self._narrow(t, x, assign[x], offsets)
         for g in norms:
-            acc[g].add(_groups(band, g.args[1]))
+            if isinstance(acc.get(g), _Stats):
+                acc[g].add(_groups(band, g.args[1]))
+            else:
+                if g in acc:
+                    raise AssertionError(f"{g.name}: two parts of one slice's statistics")
+                acc[g] = _Stats.part(_groups(band, g.args[1]))
 
     def _arg(self, a, reqs, env, full):
         """Argument ``a`` of an op: whole, or the bands ``reqs`` (one (dim, lo, hi) per axis) out of its band."""

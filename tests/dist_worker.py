@@ -4,9 +4,10 @@ what it raised, for the test to check.
 
 Scenarios:
 - ``equal``: the tiny SVD, AnimateDiff and UNet3D UNets and SVD's temporal decoder (tests/test_halo.py's, two
-  layers per block) compiled with ``Policy(slices=4, distributed=True)``, and tiny SVD under Step Rehash over 4
+  layers per block) compiled with ``Policy(slices=4, distributed=True)``, SVD's temporal decoder and an SD-style
+  VAE decoder with ``Policy(halo=3, distributed=True)`` (halo regions), and tiny SVD under Step Rehash over 4
   steps: their outputs, the measured activation peaks and the compiled reports' planned peaks;
-- ``equal-small``: the tiny SVD UNet and the temporal decoder only (for 3 ranks);
+- ``equal-small``: the tiny SVD UNet and the temporal decoder (cut and halo regions) only (for 3 ranks);
 - ``mismatch-raise``: rank 1 is called with other noise (every rank must raise naming it), then rank 1's region
   raises mid-call (rank 0 must raise quoting it);
 - ``die``: rank 1 exits inside a region mid-call (rank 0 must raise, not hang).
@@ -36,6 +37,13 @@ def _models(names):
         if name == "temporal-decoder":
             from test_halo import tiny_svd_attention
             m, kw = tiny_svd_attention()
+        elif name == "temporal-decoder-halo":  # Policy(halo=...): halo regions with GroupNorm statistics passes
+            from test_halo import tiny_svd
+            m, kw = tiny_svd(frames=2, h=8, w=8)
+        elif name == "sd-vae-decoder-halo":
+            from test_halo import tiny_kl
+            m, kw = tiny_kl()
+            kw = dict(sample=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)))
         else:
             m = build_unet(name)
             kw = example_inputs(name, m)
@@ -43,8 +51,10 @@ def _models(names):
 
 
 def equal(out: dict, names) -> None:
-    policy = fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=600))
     for name, m, kw in _models(names):
+        policy = fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=600))
+        if name.endswith("-halo"):
+            policy = fxstream.Policy(halo=3, distributed=fxstream.Distributed(timeout=600))
         with torch.no_grad():
             compiled = fxstream.compile(m, policy)
             compiled(**kw)  # compiles
@@ -120,9 +130,10 @@ def main() -> int:
     out: dict = {}
     try:
         if scenario == "equal":
-            equal(out, ["svd-tiny", "animatediff-tiny", "unet3d-tiny", "temporal-decoder"])
+            equal(out, ["svd-tiny", "animatediff-tiny", "unet3d-tiny", "temporal-decoder", "temporal-decoder-halo",
+                        "sd-vae-decoder-halo"])
         elif scenario == "equal-small":
-            equal(out, ["svd-tiny", "temporal-decoder"])
+            equal(out, ["svd-tiny", "temporal-decoder", "temporal-decoder-halo"])
         elif scenario == "mismatch-raise":
             mismatch_raise(out, rank)
         elif scenario == "die":
