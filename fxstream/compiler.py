@@ -31,6 +31,7 @@ from .analysis.axes import all_axes, frames_in_batch
 from .analysis.slicer import SlicePlan, plan_slicing, tensor_bytes
 from .errors import CaptureError
 from .graph_utils import copy_module, fake_mode_of, propagate_meta, strip_asserts
+from .passes.fill_views import functionalize_fills
 from .passes.group_regions import group_regions
 from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
@@ -138,7 +139,8 @@ _STRIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # captured g
 
 def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
     """A copy of the graph without ``_assert_tensor_metadata`` checks (they would keep sliced values alive whole),
-    its fake values propagated through the graph (every view shares its input's storage as it does at run time;
+    fresh buffers filled through views written as the values they end up holding (passes/fill_views.py), its fake
+    values propagated through the graph (every view shares its input's storage as it does at run time;
     export's values do not always: an eval-mode dropout).
 
     NOTE [One stripped graph per capture]: a budget compiles the same captured graph many times, so the stripped,
@@ -156,6 +158,7 @@ def stripped_graph(gm: GraphModule) -> GraphModule:
     kept = _STRIPPED.get(gm)
     if kept is None or kept[0] != gm.code:
         stripped = strip_asserts(gm)
+        functionalize_fills(stripped.graph)  # NOTE [Fresh buffers filled through views]
         propagate_meta(stripped, [n.meta["val"] for n in stripped.graph.nodes if n.op == "placeholder"],
                        fake_mode_of(stripped))
         kept = _STRIPPED[gm] = (gm.code, stripped)
