@@ -121,6 +121,7 @@ class Job:
     axes: list | None = None  # every axis of the graph's inputs (named from the ops; step 0 finds them)
     left_whole: dict = field(default_factory=dict)  # region id -> why: regions left whole (they raised the peak)
     check_peak: bool = True  # the compile_graph argument, passed on to the bodies of a batch split
+    split: bool = False  # cut regions where they hold too much (NOTE [Regions split where they hold too much])
     prepared: GraphModule | None = None
     plan: SlicePlan | None = None
     planned: GraphModule | None = None  # the graph the plan was made on (a plan of the same graph is reused)
@@ -332,20 +333,34 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
                          else None, halo_keep, check_peak=check_peak)
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm, made_with=made_with)
-    job = _job(policy, counts, inner_counts, halo_keep)
-    job.check_peak = check_peak
-    out = run_steps(gm, job)
     # a batch split: its bodies check; min_region_fraction=0 keeps every region the rules allow (tests use it)
-    check = check_peak and job.inner is None and policy.min_region_fraction > 0
+    check = check_peak and _job(policy, counts, inner_counts, halo_keep).inner is None and \
+        policy.min_region_fraction > 0
+    out, job, made_with = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with)
+    if check and job.plan.regions:
+        # NOTE [Regions split where they hold too much]: kept only where the planned peak falls
+        tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True)
+        if tried[1].plan.regions != job.plan.regions:
+            from .memory import plan_memory
+            if plan_memory(tried[0]).peak_bytes < plan_memory(out).peak_bytes:
+                out, job, made_with = tried
+    log.info("compiled: %d regions", len(job.plan.regions))
+    return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with)
+
+
+def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=False):
+    """One compile of ``gm``: the steps, then once more with the regions that raise the peak left whole."""
+    job = _job(policy, counts, inner_counts, halo_keep)
+    job.check_peak, job.split = check_peak, split
+    out = run_steps(gm, job)
     raising = _raising_regions(job, out) if check else {}
     if raising:  # NOTE [A region must not raise the peak]: compile once more with those regions left whole
         counts = {**(counts or {}), **{rid: 1 for rid in raising}}
         made_with = replace(made_with, counts=dict(counts))
         job = _job(policy, counts, inner_counts, halo_keep)
-        job.left_whole, job.check_peak = raising, check_peak
+        job.left_whole, job.check_peak, job.split = raising, check_peak, split
         out = run_steps(gm, job)
-    log.info("compiled: %d regions", len(job.plan.regions))
-    return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with)
+    return out, job, made_with
 
 
 def _raising_regions(job: Job, grouped: GraphModule) -> dict:
@@ -391,7 +406,7 @@ def _plan(gm: GraphModule, job: Job) -> SlicePlan:
     counts = job.counts
     if job.halo_grid != (1, 1) and frames_in_batch(gm, job.axes):
         counts = {}  # halos own a graph whose frames ride in its batch (a VAE decoder): see frames_in_batch
-    return plan_slicing(gm, counts, job.min_fraction, job.axes)
+    return plan_slicing(gm, counts, job.min_fraction, job.axes, split=job.split)
 
 
 def _split_copy(gm: GraphModule, split: set) -> GraphModule:
