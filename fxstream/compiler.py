@@ -28,9 +28,10 @@ from torch.fx import GraphModule
 
 from .analysis.halo import find_halo_regions
 from .analysis.axes import all_axes, frames_in_batch
-from .analysis.slicer import SlicePlan, plan_slicing, tensor_bytes
+from .analysis.slicer import SlicePlan, plan_slicing, tensor_bytes, would_split
 from .errors import CaptureError
 from .graph_utils import copy_module, fake_mode_of, propagate_meta, strip_asserts
+from .passes.fill_views import functionalize_fills
 from .passes.group_regions import group_regions
 from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
@@ -119,7 +120,9 @@ class Job:
     # found by the steps
     axes: list | None = None  # every axis of the graph's inputs (named from the ops; step 0 finds them)
     left_whole: dict = field(default_factory=dict)  # region id -> why: regions left whole (they raised the peak)
+    raised: list = field(default_factory=list)  # (graph, region): those regions, as planned on that graph
     check_peak: bool = True  # the compile_graph argument, passed on to the bodies of a batch split
+    split: bool = False  # cut regions where they hold too much (NOTE [Regions split where they hold too much])
     prepared: GraphModule | None = None
     plan: SlicePlan | None = None
     planned: GraphModule | None = None  # the graph the plan was made on (a plan of the same graph is reused)
@@ -138,7 +141,8 @@ _STRIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # captured g
 
 def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
     """A copy of the graph without ``_assert_tensor_metadata`` checks (they would keep sliced values alive whole),
-    its fake values propagated through the graph (every view shares its input's storage as it does at run time;
+    fresh buffers filled through views written as the values they end up holding (passes/fill_views.py), its fake
+    values propagated through the graph (every view shares its input's storage as it does at run time;
     export's values do not always: an eval-mode dropout).
 
     NOTE [One stripped graph per capture]: a budget compiles the same captured graph many times, so the stripped,
@@ -156,6 +160,7 @@ def stripped_graph(gm: GraphModule) -> GraphModule:
     kept = _STRIPPED.get(gm)
     if kept is None or kept[0] != gm.code:
         stripped = strip_asserts(gm)
+        functionalize_fills(stripped.graph)  # NOTE [Fresh buffers filled through views]
         propagate_meta(stripped, [n.meta["val"] for n in stripped.graph.nodes if n.op == "placeholder"],
                        fake_mode_of(stripped))
         kept = _STRIPPED[gm] = (gm.code, stripped)
@@ -329,24 +334,56 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
                          else None, halo_keep, check_peak=check_peak)
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm, made_with=made_with)
-    job = _job(policy, counts, inner_counts, halo_keep)
-    job.check_peak = check_peak
-    out = run_steps(gm, job)
     # a batch split: its bodies check; min_region_fraction=0 keeps every region the rules allow (tests use it)
-    check = check_peak and job.inner is None and policy.min_region_fraction > 0
-    raising = _raising_regions(job, out) if check else {}
-    if raising:  # NOTE [A region must not raise the peak]: compile once more with those regions left whole
-        counts = {**(counts or {}), **{rid: 1 for rid in raising}}
-        made_with = replace(made_with, counts=dict(counts))
-        job = _job(policy, counts, inner_counts, halo_keep)
-        job.left_whole, job.check_peak = raising, check_peak
-        out = run_steps(gm, job)
+    check = check_peak and _job(policy, counts, inner_counts, halo_keep).inner is None and \
+        policy.min_region_fraction > 0
+    out, job, made_with, planned = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check,
+                                            made_with)
+    if check and _split_may_help(job, planned):  # NOTE [Regions split where they hold too much]
+        tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True)
+        if tried[3] is not None and tried[3].peak_bytes < planned.peak_bytes:  # kept where the planned peak falls
+            out, job, made_with, planned = tried
     log.info("compiled: %d regions", len(job.plan.regions))
     return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with)
 
 
-def _raising_regions(job: Job, grouped: GraphModule) -> dict:
-    """{region id: why} for the cut regions whose planned peak is above the unsliced graph's planned peak.
+def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=False):
+    """One compile of ``gm``: the steps, then once more with the regions that raise the peak left whole. Returns
+    the graph, its job, what it was made with and (with ``check``) its memory plan."""
+    job = _job(policy, counts, inner_counts, halo_keep)
+    job.check_peak, job.split = check_peak, split
+    out = run_steps(gm, job)
+    raising, planned = _raising_regions(job, out) if check else ({}, None)
+    if raising:  # NOTE [A region must not raise the peak]: compile once more with those regions left whole
+        counts = {**(counts or {}), **{rid: 1 for rid in raising}}
+        made_with = replace(made_with, counts=dict(counts))
+        raised = [(job.prepared, r) for r in job.plan.regions if region_id(r) in raising]
+        job = _job(policy, counts, inner_counts, halo_keep)
+        job.left_whole, job.check_peak, job.split, job.raised = raising, check_peak, split, raised
+        out = run_steps(gm, job)
+        planned = None
+    if check and planned is None and (job.plan.regions or job.raised):
+        from .memory import plan_memory
+        planned = plan_memory(out)
+    return out, job, made_with, planned
+
+
+def _split_may_help(job: Job, planned) -> bool:
+    """Whether splitting regions may lower the planned peak (NOTE [Regions split where they hold too much]): the
+    split search would cut the cut region where ``planned`` (the memory plan of ``job``'s graph) peaks, or a
+    region left whole because it raised the peak."""
+    if planned is None:
+        return False
+    found = list(job.raised)
+    i = planned.peak_node.split("/")[0].removeprefix("region_")
+    if planned.peak_node.startswith("region_") and i.isdigit() and int(i) < len(job.plan.regions):
+        found.append((job.prepared, job.plan.regions[int(i)]))
+    return any(would_split(gm, r, job.min_fraction) for gm, r in found)
+
+
+def _raising_regions(job: Job, grouped: GraphModule) -> tuple:
+    """({region id: why}, the memory plan of ``grouped``): the cut regions whose planned peak is above the unsliced
+    graph's planned peak.
 
     NOTE [A region must not raise the peak]
     A region allocates all its outputs whole before its first slice and holds its whole inputs until its last.
@@ -360,7 +397,7 @@ def _raising_regions(job: Job, grouped: GraphModule) -> dict:
     region left whole runs the original ops."""
     regions = job.plan.regions if job.plan is not None else []
     if not regions:
-        return {}
+        return {}, None
     from .memory import plan_memory
     compiled, original = plan_memory(grouped), plan_memory(job.prepared)
     out = {}
@@ -369,7 +406,7 @@ def _raising_regions(job: Job, grouped: GraphModule) -> dict:
         if peak is not None and peak > original.peak_bytes:
             out[region_id(r)] = (f"{r.axis.name}: sliced, this region would raise the planned peak "
                                  f"({peak / 2**20:.3f} MiB against {original.peak_bytes / 2**20:.3f} MiB unsliced)")
-    return out
+    return out, compiled
 
 
 def _job(policy: Policy, counts, inner_counts, halo_keep) -> Job:
@@ -388,7 +425,7 @@ def _plan(gm: GraphModule, job: Job) -> SlicePlan:
     counts = job.counts
     if job.halo_grid != (1, 1) and frames_in_batch(gm, job.axes):
         counts = {}  # halos own a graph whose frames ride in its batch (a VAE decoder): see frames_in_batch
-    return plan_slicing(gm, counts, job.min_fraction, job.axes)
+    return plan_slicing(gm, counts, job.min_fraction, job.axes, split=job.split)
 
 
 def _split_copy(gm: GraphModule, split: set) -> GraphModule:

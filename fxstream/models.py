@@ -232,6 +232,12 @@ TRANSFORMERS = {
         "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
         "cross_attention_dim": 16, "num_layers": 2, "qk_norm": "rms_norm_across_heads", "caption_channels": 16},
         4, 24, 24, 16, 1),
+    # CogVideoX-shaped, larger than the tiny one: 4 layers, 4 heads of 16, 4 latent frames of 64x64 (4,096
+    # tokens) and 16 of text, batch 2 (classifier-free guidance): tools/bench_compare.py's transformer row
+    "cogvideox-mid": ("CogVideoXTransformer3DModel", {
+        "num_attention_heads": 4, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4, "time_embed_dim": 32,
+        "text_embed_dim": 32, "num_layers": 4, "sample_width": 64, "sample_height": 64, "sample_frames": 13,
+        "patch_size": 2, "temporal_compression_ratio": 4, "max_text_seq_length": 16}, 4, 64, 64, 16, 2),
     "cogvideox-5b": ("CogVideoXTransformer3DModel", "cogvideox-5b-transformer.json", 13, 60, 90, 226, 2),
     "wan2.1-14b": ("WanTransformer3DModel", "wan2.1-t2v-14b-transformer.json", 21, 90, 160, 512, 1),
 }

@@ -132,3 +132,56 @@ def test_planted_straddling_chunk_rule_is_caught(monkeypatch):
         monkeypatch.setitem(rules.RULES, aten.cat.default, _straddling(1))
         out = fxstream.compile(m, fxstream.Policy(batch=2, min_region_fraction=0.0))(**kw)
     assert (out - ref).abs().max() > 1e-3
+
+
+class _Fills(torch.nn.Module):
+    """Fresh buffers filled through views (NOTE [Fresh buffers filled through views]): ``kind`` picks interleaved
+    halves (Wan's rotary embedding), consecutive ranges, a broadcast write (export makes it an ``expand``), a
+    partial fill, a write that casts, or a read between the writes; the first three fill the buffer as the pass
+    requires."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        a, b = x * 2.0, x - 1.0
+        out = torch.empty_like(torch.cat([x, x], dim=-1))
+        if self.kind == "interleave":
+            out[..., 0::2] = a
+            out[..., 1::2] = b
+        elif self.kind == "ranges":
+            out[..., 4:] = b
+            out[..., :4] = a
+        elif self.kind == "partial":
+            out.zero_()
+            out[..., :4] = a
+        elif self.kind == "broadcast":  # export writes the broadcast as an expand: a value of the view's shape
+            out[..., :4] = a[:, :1]
+            out[..., 4:] = b
+        elif self.kind == "cast":  # copy_ rounds float64 to float32: not a plain copy
+            out[..., :4] = a.double() / 3.0
+            out[..., 4:] = b
+        else:  # a read of the buffer between the writes
+            out[..., :4] = a
+            early = out[..., :4].sum()  # reads the written part only
+            out[..., 4:] = b
+            return out * early
+        return out * 3.0
+
+
+@pytest.mark.parametrize("kind, rewritten", [("interleave", True), ("ranges", True), ("broadcast", True),
+                                             ("partial", False), ("cast", False), ("read_between", False)])
+def test_fresh_buffers_filled_through_views_become_values(kind, rewritten):
+    """A buffer the writes fill is rewritten as a stack or a cat (no write left, nothing pinned, the tokens
+    sliced); any other pattern keeps its writes and pins; results equal eager in both cases (bitwise unsliced)."""
+    from fxstream.compiler import stripped_graph
+    m, x = _Fills(kind), torch.randn(2, 12, 4)
+    gm = stripped_graph(capture(m, {"x": x}).graph_module)
+    writes = [n for n in gm.graph.nodes if written_args(n)]
+    assert (not writes) == rewritten, [n.name for n in writes]
+    with torch.no_grad():
+        want = m(x)
+        assert torch.equal(gm(x)[0] if isinstance(gm(x), (tuple, list)) else gm(x), want)
+        got = fxstream.compile(m, fxstream.Policy(slices=3, min_region_fraction=0))(x=x)
+    assert torch.equal(got, want)

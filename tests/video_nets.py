@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 VIDEO_LAYOUTS = ("BFCHW", "BCFHW", "(BF)CHW")
 VIDEO_BLOCKS = ("resnet", "spatial_attention", "temporal_attention", "temporal_conv", "geglu", "conv1x1",
                 "long_skip")
-TOKEN_BLOCKS = ("attention", "geglu", "norm_mlp")
+TOKEN_BLOCKS = ("attention", "geglu", "norm_mlp", "rotary_attention")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,37 @@ class _Attention(torch.nn.Module):
         return x + self.out(a)
 
 
+class _RotaryAttention(_Attention):
+    """Self-attention whose queries and keys are rotated by position, written as Wan's rotary embedding writes them:
+    into ``empty_like`` buffers through views (interleaved halves for the queries, consecutive ones for the keys),
+    then ``type_as`` (NOTE [Fresh buffers filled through views], passes/fill_views.py)."""
+
+    def forward(self, x):
+        n, s, c = x.shape
+        y = self.norm(x)
+        q, k, v = (p(y).reshape(n, s, 2, c // 2) for p in self.qkv)
+        angle = torch.arange(s, dtype=x.dtype)[:, None, None] * (0.5 ** torch.arange(c // 4, dtype=x.dtype))
+        cos, sin = angle.cos(), angle.sin()
+
+        def interleaved(t):
+            t1, t2 = t.unflatten(-1, (-1, 2)).unbind(-1)
+            out = torch.empty_like(t)
+            out[..., 0::2] = t1 * cos - t2 * sin
+            out[..., 1::2] = t1 * sin + t2 * cos
+            return out.type_as(t)
+
+        def halves(t):
+            t1, t2 = t.chunk(2, dim=-1)
+            out = torch.empty_like(t)
+            out[..., : c // 4] = t1 * cos - t2 * sin
+            out[..., c // 4:] = t1 * sin + t2 * cos
+            return out.type_as(t)
+
+        q, k, v = interleaved(q).transpose(1, 2), halves(k).transpose(1, 2), v.transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, s, c)
+        return x + self.out(a.type_as(q))
+
+
 class _GEGLU(torch.nn.Module):
     def __init__(self, c: int):
         super().__init__()
@@ -86,6 +117,8 @@ class _Block(torch.nn.Module):
             self.merge = torch.nn.Conv2d(2 * c, c, 1)
         if kind in ("spatial_attention", "temporal_attention", "attention"):
             self.attn = _Attention(c)
+        if kind == "rotary_attention":
+            self.attn = _RotaryAttention(c)
         if kind == "temporal_conv":
             self.conv3 = torch.nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0))
         if kind == "geglu":
@@ -99,7 +132,7 @@ class _Block(torch.nn.Module):
     def forward(self, h, b: int, f: int):
         """``h``: ``(B*F, C, H, W)`` for a video (``(B, N, C)`` for tokens)."""
         k = self.kind
-        if k == "attention":
+        if k in ("attention", "rotary_attention"):
             return self.attn(h)
         if k == "norm_mlp":
             return h + self.fc(F.silu(self.norm(h)))

@@ -6,7 +6,9 @@
     python tools/bench_compare.py --partial bench-partial.json   # stoppable: run it again to resume
 
 Models: ``svd-mid``, ``svd-xt-mid`` (svd-mid's architecture with 14 frames: SVD-XT is SVD's architecture at 25
-frames) and ``animatediff-mid`` run for real (batch 2, 64x64 latent, fp32, random weights); ``svd``, ``svd-xt``
+frames) and ``animatediff-mid`` run for real (batch 2, 64x64 latent, fp32, random weights), and ``cogvideox-mid``, a
+CogVideoX-shaped video transformer (4 layers, 4,096 video tokens, batch 2; eager, exported, fxstream slicing, budget,
+pipelining and torch.compile: the UNet-only methods are n/a rows); ``svd``, ``svd-xt``
 and ``animatediff`` (full size, fp16) are built on the meta device and planned, nothing computed; ``--quick``
 runs ``svd-tiny`` and ``animatediff-tiny``.
 
@@ -47,7 +49,7 @@ from tabulate import tabulate
 import fxstream
 from fxstream.bench import allocator_peak, cuda_peak, environment, provenance, timings, write_section
 from fxstream.memory import measure_peak
-from fxstream.models import MODELS, build_unet, example_inputs
+from fxstream.models import MODELS, build_transformer, build_unet, example_inputs, transformer_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB, GiB = 2**20, 2**30
@@ -67,6 +69,7 @@ class Case:
     frames: int | None = None  # None: the model's default
     meta: bool = False  # full size: built on the meta device in fp16 and planned, never run
     note: str = ""
+    transformer: bool = False  # a video transformer of fxstream.models.TRANSFORMERS (not a UNet)
 
 
 CASES = {c.name: c for c in [
@@ -77,10 +80,14 @@ CASES = {c.name: c for c in [
     Case("svd", "svd", "svd", meta=True),
     Case("svd-xt", "svd-xt", "svd-xt", meta=True),
     Case("animatediff", "animatediff", "animatediff", meta=True),
+    Case("cogvideox-mid", "cogvideox-mid", "cogvideox", transformer=True,
+         note="cogvideox-mid: CogVideoXTransformer3DModel, 4 layers, 4 heads of 16, 4 latent frames of 64x64 "
+              "(4,096 tokens) and 16 text tokens, batch 2; the UNet-only methods do not apply (n/a rows)"),
     Case("svd-tiny", "svd-tiny", "svd"),
     Case("animatediff-tiny", "animatediff-tiny", "animatediff"),
 ]}
-DEFAULT_MODELS = ["svd-mid", "svd-xt-mid", "animatediff-mid", "svd", "svd-xt", "animatediff"]
+DEFAULT_MODELS = ["svd-mid", "svd-xt-mid", "animatediff-mid", "cogvideox-mid", "svd", "svd-xt", "animatediff"]
+TRANSFORMER_METHODS = {"eager", "exported", "fxstream-slices", "fxstream-budget", "fxstream-pipeline", "torch-compile"}
 QUICK_MODELS = ["svd-tiny", "animatediff-tiny"]
 
 
@@ -135,9 +142,14 @@ class Bench:
         self.case, self.repeats, self.steps, self.compile_timeout = case, repeats, steps, compile_timeout
         self.device = "meta" if case.meta else device
         dtype = torch.float16 if case.meta else torch.float32
-        self.unet = build_unet(case.model, device=self.device, dtype=dtype)
-        self.kw = example_inputs(case.model, self.unet, frames=case.frames)
-        self.kind = MODELS[case.model].kind
+        if case.transformer:  # the module is still called ``unet`` below: every method only calls it
+            self.unet = build_transformer(case.model, device=self.device, dtype=dtype)
+            self.kw = transformer_inputs(case.model, self.unet, frames=case.frames)
+            self.kind = "transformer"
+        else:
+            self.unet = build_unet(case.model, device=self.device, dtype=dtype)
+            self.kw = example_inputs(case.model, self.unet, frames=case.frames)
+            self.kind = MODELS[case.model].kind
         self._ref = self._ref_loop = self._base = None
 
     @property
@@ -409,12 +421,16 @@ def measure(b: Bench, prep: Prepared, row: Row) -> None:
 
 def run_method(b: Bench, key: str, log=print) -> Row:
     label, make = METHODS[key]
-    x = b.kw["sample"]
+    x = b.kw["hidden_states" if b.kind == "transformer" else "sample"]
     row = Row(b.case.name, b.device, key, label, f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}")
     log(f"{b.case.name} ({b.device}): {key}")
     try:
+        if b.kind == "transformer" and key not in TRANSFORMER_METHODS:
+            raise NotApplicable("a UNet method (its blocks, frames or cache points)")
         prep = make(b)
         row.label, row.note = prep.label or label, prep.note
+        if b.kind == "transformer":
+            row.label = row.label.replace("UNet", "transformer")
         if b.meta:
             t = time.perf_counter()
             row.planned_bytes = prep.planned()

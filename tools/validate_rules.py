@@ -80,7 +80,7 @@ SAMPLES.update({
     aten.to.dtype_layout: [((_X,), {"dtype": torch.float64})],
     aten.to.device: [((_X, torch.device("cpu"), torch.float64), {})],
     aten._to_copy.default: [((_X,), {"dtype": torch.float64})],
-    aten.type_as.default: [((_X, t(1)), {})],
+    aten.type_as.default: [((_X, t(1)), {}), ((_X, t(2, 6, 4)), {}), ((_X, t(3, 5, kind="bool")), {})],
     aten.dropout.default: [((_X, 0.0, False), {})],
     aten.lerp.Scalar: [((_X, t(2, 6, 4), 0.3), {})],
     aten.lerp.Tensor: [((_X, t(6, 4), t(4)), {})],

@@ -6,6 +6,13 @@ axis length and its inputs' requirements (``req``); a node no rule lets through 
 output where the dim keeps its index (``_carry``: a 3x3 convolution keeps the height, a strided one halves it), for
 naming only. The slicer (``slicer.py``) builds regions from ``req``; the axis finder (``axes.py``) names axes from
 the positions the flood reaches.
+
+NOTE [Arguments read for their dtype]
+Some ops read an argument only for its dtype and device (``type_as(x, other)``); their rule leaves it out of the
+requirements, so a slice of it serves as well as the whole. The flood does not pass such an op from that argument
+(nothing says which of the op's dims the axis would be in) and leaves it unnamed, with no reason, until the axis
+reaches it through the argument it does cut; the slicer passes the argument's slice inside a region and the whole
+value from outside one.
 """
 from __future__ import annotations
 
@@ -94,9 +101,12 @@ class Flood:
 
     def _forward(self, n: Node, u: Node) -> bool:
         c, length = self.cut[n], self.length[n]
-        why = {}
+        why, ignored = {}, False
         for cand in _candidate_cuts(u, length):
             req = self._try(u, cand, length)
+            if req is not None and n not in req and n is not u.args[0]:
+                ignored = True  # NOTE [Arguments read for their dtype]
+                continue
             if req is not None and req.get(n, WHOLE) == c:
                 # an excluded node names the axis for its users and inputs but is not sliced itself
                 self._set(u, cand, length, req)
@@ -104,6 +114,8 @@ class Flood:
                 return True
             if u in self.reason:
                 why[cand] = self.reason.pop(u)
+        if ignored:
+            return False
         same_dim = [r for k, r in why.items() if isinstance(k, Cut) and k.dim == getattr(c, "dim", -1)]
         if why:
             self.reason[u] = (same_dim or list(why.values()))[0]

@@ -197,6 +197,7 @@ for _op in POINTWISE:
 for _op in VIEWS:
     HALO_RULES[_op] = HaloRule(view, "view")
 HALO_RULES.update({
+    aten.type_as.default: HaloRule(rows, "rows"),  # a pointwise op for bands (its cut rule is its own: rules.py)
     aten.permute.default: HaloRule(permute, "rows"),
     aten.transpose.int: HaloRule(permute, "rows"),
     aten.linear.default: HaloRule(linear, "rows"),

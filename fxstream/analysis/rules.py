@@ -343,6 +343,13 @@ def _pooled_trailing(n_pooled: int):
     return rule
 
 
+def type_as(node, cut, ctx):
+    """``type_as(x, other)`` is ``x`` cast to ``other``'s dtype: ``x`` keeps the cut; ``other`` gives only its dtype
+    and device, so any slice of it (or the whole) serves, and the rule leaves it out: inside the region the body
+    passes its slice, outside it the whole value (NOTE [Arguments read for their dtype])."""
+    return _broadcast_req(node, _need_cut(cut), [node.args[0]])
+
+
 def like_creation(node, cut, ctx):
     """``new_zeros(x, size)`` and kin: ``x`` gives only dtype and device; each slice makes its own part."""
     _need_cut(cut)
@@ -365,7 +372,7 @@ POINTWISE = [
     aten.exp.default, aten.log.default, aten.sin.default, aten.cos.default, aten.sqrt.default, aten.rsqrt.default,
     aten.erf.default, aten.clamp.default, aten.where.self, aten.masked_fill.Scalar, aten.maximum.default,
     aten.minimum.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
-    aten.type_as.default, aten.clone.default, aten.contiguous.default, aten.dropout.default, aten.alias.default,
+    aten.clone.default, aten.contiguous.default, aten.dropout.default, aten.alias.default,
     aten.detach.default, aten.lerp.Scalar, aten.lerp.Tensor, aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar,
     aten.gt.Scalar, aten.logical_not.default, aten.real.default, aten.imag.default,
     aten.ones_like.default, aten.zeros_like.default,  # each slice makes its own part, the same constant
@@ -386,6 +393,7 @@ RULES.update({
     aten.t.default: Rule(permute, kind="view"),
     aten.expand.default: Rule(expand, expand_to_slice, kind="view"),
     aten.broadcast_to.default: Rule(expand, expand_to_slice, kind="view"),
+    aten.type_as.default: Rule(type_as, kind="pointwise"),
     aten.linear.default: Rule(linear, kind="linear"),
     aten.conv1d.default: Rule(conv, kind="conv"),
     aten.conv2d.default: Rule(conv, kind="conv"),
