@@ -5,9 +5,10 @@ what it raised, for the test to check.
 Scenarios:
 - ``equal``: the tiny SVD, AnimateDiff and UNet3D UNets and SVD's temporal decoder (tests/test_halo.py's, two
   layers per block) compiled with ``Policy(slices=4, distributed=True)``, SVD's temporal decoder and an SD-style
-  VAE decoder with ``Policy(halo=3, distributed=True)`` (halo regions), and tiny SVD under Step Rehash over 4
-  steps: their outputs, the measured activation peaks and the compiled reports' planned peaks;
-- ``equal-small``: the tiny SVD UNet and the temporal decoder (cut and halo regions) only (for 3 ranks);
+  VAE decoder with ``Policy(halo=3, distributed=True)`` (halo regions), the tiny SVD pipeline under
+  ``compile_pipeline`` (3 steps), and tiny SVD under Step Rehash over 4 steps: their outputs, the measured
+  activation peaks and the compiled reports' planned peaks;
+- ``equal-small``: the tiny SVD UNet and the temporal decoder's halo regions only (for 3 ranks);
 - ``mismatch-raise``: rank 1 is called with other noise (every rank must raise naming it), then rank 1's region
   raises mid-call (rank 0 must raise quoting it);
 - ``die``: rank 1 exits inside a region mid-call (rank 0 must raise, not hang).
@@ -51,7 +52,7 @@ def _models(names):
 
 
 def equal(out: dict, names) -> None:
-    for name, m, kw in _models(names):
+    for name, m, kw in _models([n for n in names if n != "pipeline"]):
         policy = fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=600))
         if name.endswith("-halo"):
             policy = fxstream.Policy(halo=3, distributed=fxstream.Distributed(timeout=600))
@@ -62,6 +63,8 @@ def equal(out: dict, names) -> None:
         got = got[0] if isinstance(got, (tuple, list)) else getattr(got, "sample", got)
         rep = compiled.explain()
         out[name] = dict(out=got, peak=peak, planned=rep.peak_bytes, regions=len(rep.regions))
+    if "pipeline" in names:  # compile_pipeline: the UNet's cut regions and the decoder's halo regions spread
+        out["pipeline"] = dict(out=run_pipeline(fxstream.Distributed(timeout=600)))
     if "svd-tiny" in names:  # Step Rehash: the full and the rehash steps' graphs are spread alike
         m = build_unet("svd-tiny")
         kw = example_inputs("svd-tiny", m)
@@ -72,6 +75,15 @@ def equal(out: dict, names) -> None:
             for t in (900.0, 600.0, 300.0, 100.0):
                 outs.append(compiled(**dict(kw, timestep=torch.tensor([t])))[0])
         out["rehash"] = dict(outs=outs, log=list(compiled.step_log))
+
+
+def run_pipeline(distributed=None) -> torch.Tensor:
+    """The tiny SVD pipeline (3 steps) compiled with ``Policy(slices=2, halo=2)``: its frames."""
+    from fxstream.pipelines import pipeline_inputs, tiny_pipeline
+    pipe = tiny_pipeline("svd")
+    fxstream.compile_pipeline(pipe, fxstream.Policy(slices=2, halo=2, distributed=distributed))
+    with torch.no_grad():
+        return pipe(**pipeline_inputs(pipe, steps=3)).frames
 
 
 def mismatch_raise(out: dict, rank: int) -> None:
@@ -131,9 +143,9 @@ def main() -> int:
     try:
         if scenario == "equal":
             equal(out, ["svd-tiny", "animatediff-tiny", "unet3d-tiny", "temporal-decoder", "temporal-decoder-halo",
-                        "sd-vae-decoder-halo"])
+                        "sd-vae-decoder-halo", "pipeline"])
         elif scenario == "equal-small":
-            equal(out, ["svd-tiny", "temporal-decoder", "temporal-decoder-halo"])
+            equal(out, ["svd-tiny", "temporal-decoder-halo"])
         elif scenario == "mismatch-raise":
             mismatch_raise(out, rank)
         elif scenario == "die":

@@ -90,7 +90,11 @@ def test_planned_bytes_scale_with_the_element_size(name):  # svd-tiny (the slowe
     assert r32.weight_bytes == 2 * r16.weight_bytes
     assert r32.original_peak_bytes == 2 * r16.original_peak_bytes
     assert r16.original_peak_bytes == rbf.original_peak_bytes and r16.peak_bytes == rbf.peak_bytes
-    assert r32.peak_bytes / 2 <= r16.peak_bytes <= 0.53 * r32.peak_bytes
+    assert r16.peak_bytes <= 0.53 * r32.peak_bytes
+    # the regions are split where that lowers the planned peak (NOTE [Regions split where they hold too much]),
+    # which the float32 statistics can decide differently per dtype: half or more only for the same regions
+    if [(r.module, r.dim, r.slices) for r in r16.regions] == [(r.module, r.dim, r.slices) for r in r32.regions]:
+        assert r32.peak_bytes / 2 <= r16.peak_bytes
     if name == "svd-tiny":  # its compiled peak is not in a split GroupNorm: exactly half
         assert r32.peak_bytes == 2 * r16.peak_bytes
 

@@ -53,7 +53,7 @@ def _run(gm, unet, ep, kw):
 def test_buffer_reuse_pass_alone(animatediff_tiny):
     unet, kw = animatediff_tiny
     ep = capture(unet, kw)
-    cg = compile_graph(ep.graph_module, fxstream.Policy(slices=4))
+    cg = compile_graph(ep.graph_module, fxstream.Policy(slices=4), check_peak=False)  # no split: regions as planned
     grouped = group_regions(cg.prepared, cg.plan)  # the same regions, no reuse yet
     loops = [m for m in grouped.children() if isinstance(m, LoopRegion)]
     assert all(r is None for m in loops for r in m.reuse)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..api import FallbackWarning
+from ..distributed import compile_policy
 from ..entry import Entry
 from ..errors import CaptureError
 from ..policy import Policy, check_policy
@@ -80,6 +81,8 @@ def plan_on_meta(module, kwargs: dict, policy: Policy, dtype: torch.dtype | None
     meta copy (nothing computed); None with a warning where torch.export cannot capture it. Inside
     :func:`shared_captures` the copy and the capture are made once."""
     shared, key = _CAPTURES.get(), (id(unwrap(module)), dtype, _input_key(kwargs))
+    if policy.distributed is not None:  # planned as spread regions compile, without a process group
+        policy = compile_policy(policy)
     try:
         if shared is not None and key in shared:
             _, clone, kw, program = shared[key]
