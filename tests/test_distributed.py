@@ -52,7 +52,8 @@ def _one_process(name: str):
     sys.path.insert(0, str(HERE))
     from dist_worker import _models
     _, m, kw = next(_models([name]))
-    policy = fxstream.Policy(halo=3) if name.endswith("-halo") else fxstream.Policy(slices=4)
+    from dist_worker import SLICES
+    policy = fxstream.Policy(halo=3) if name.endswith("-halo") else fxstream.Policy(slices=SLICES.get(name, 4))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run: some CPU kernels choose their algorithm by the thread count
     try:
@@ -94,7 +95,7 @@ def test_without_a_process_group_the_error_says_what_to_do():
             fxstream.compile(m, fxstream.Policy(slices=2, distributed=True))(**kw)
 
 
-@pytest.mark.parametrize("ranks,scenario", [(2, "equal"), (3, "equal-small")])
+@pytest.mark.parametrize("ranks,scenario", [(2, "equal"), pytest.param(3, "equal-small", marks=pytest.mark.slow)])
 def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     results = launch(scenario, ranks, tmp_path)
     for r, res in enumerate(results):
