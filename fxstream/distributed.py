@@ -52,8 +52,9 @@ from .runtime import contiguous_strides
 
 __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block"]
 
-_POLL_S = 0.0002  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
-_POLL_MAX_S = 0.005
+_POLL_S = 0.00005  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
+_POLL_MAX_S = 0.002
+_CHECK_S = 0.05  # how often a wait asks the store whether another rank failed, and looks at the clock
 
 
 class DistributedError(FxstreamError, RuntimeError):
@@ -178,8 +179,10 @@ class Shards:
 
     def wait(self, work, what: str) -> None:
         """Wait for an asynchronous collective, at most ``timeout`` seconds, raising a DistributedError where a
-        rank failed, died or is late."""
-        deadline = time.monotonic() + self.spec.timeout
+        rank failed, died or is late. The collective is polled often; the store (a round trip to rank 0's server)
+        and the clock only every ``_CHECK_S``."""
+        start = time.monotonic()
+        deadline, check = start + self.spec.timeout, start + _CHECK_S
         pause = _POLL_S
         while True:
             try:
@@ -192,16 +195,19 @@ class Shards:
                 raise DistributedError(f"fxstream, rank {self.rank} of {self.size}: {what} failed"
                                        + (f" because {other}" if other else f": {e} (a rank has probably died)")) \
                     from e
-            other = self._other_failed()
-            if other is not None:
-                self.failed = other
-                raise DistributedError(f"fxstream, rank {self.rank} of {self.size}: {what} abandoned because {other}")
-            if time.monotonic() > deadline:
-                self.failed = f"{what} timed out"
-                raise DistributedError(
-                    f"fxstream, rank {self.rank} of {self.size}: {what} timed out after {self.spec.timeout:g} s: "
-                    "another rank did not reach it (it died, hangs, or was called a different number of times); "
-                    "Distributed(timeout=...) sets the wait")
+            now = time.monotonic()
+            if now >= check:
+                check = now + _CHECK_S
+                other = self._other_failed()
+                if other is not None:
+                    self.failed = other
+                    raise DistributedError(f"fxstream, rank {self.rank} of {self.size}: {what} abandoned because {other}")
+                if now > deadline:
+                    self.failed = f"{what} timed out"
+                    raise DistributedError(
+                        f"fxstream, rank {self.rank} of {self.size}: {what} timed out after {self.spec.timeout:g} s: "
+                        "another rank did not reach it (it died, hangs, or was called a different number of times); "
+                        "Distributed(timeout=...) sets the wait")
             time.sleep(pause)
             pause = min(2 * pause, _POLL_MAX_S)
 
