@@ -44,13 +44,14 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.utils._pytree as pytree
 
 from .analysis.cuts import PARTIAL
 from .errors import FxstreamError
 from .runtime import contiguous_strides
 
-__all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block"]
+__all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block", "rank_ranges",
+           "equal_runs", "local_outputs", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan",
+           "Link", "LINKS", "H200_SVD_FLOPS_PER_S"]
 
 _POLL_S = 0.00005  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
 _POLL_MAX_S = 0.002
@@ -365,8 +366,8 @@ def inputs_digest(flat: list, plan: tuple) -> bytes:
     for x in flat:
         if isinstance(x, torch.Tensor):
             h.update(repr((tuple(x.shape), str(x.dtype))).encode())
-            if x.numel() and (x.is_floating_point() or x.is_complex() or x.dtype not in (torch.bool,)):
-                v = x.detach().to(torch.float64) if not x.is_complex() else x.detach().abs().to(torch.float64)
+            if x.numel():
+                v = (x.detach().abs() if x.is_complex() else x.detach()).to(torch.float64)
                 h.update(struct.pack("<2d", float(v.sum()), float(v.abs().sum())))
         else:
             h.update(repr(x).encode())
@@ -381,8 +382,6 @@ def plan_digest(gm: torch.nn.Module) -> tuple:
                  for m in gm.modules() if isinstance(m, (LoopRegion, HaloLoop)) and getattr(m, "shards", None) is not None)
 
 
-def flat_leaves(kwargs: dict) -> list:
-    return pytree.tree_leaves(kwargs)
 
 
 # -- planning: what N ranks would hold, move and compute (no process group needed) ----------------------------------
