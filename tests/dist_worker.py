@@ -9,8 +9,8 @@ Scenarios:
   ``compile_pipeline`` (3 steps), and tiny SVD under Step Rehash over 4 steps: their outputs, the measured
   activation peaks and the compiled reports' planned peaks;
 - ``equal-small``: the tiny SVD UNet and the temporal decoder's halo regions only (for 3 ranks);
-- ``mismatch-raise``: rank 1 is called with other noise (every rank must raise naming it), then rank 1's region
-  raises mid-call (rank 0 must raise quoting it);
+- ``mismatch-raise`` (the group given as a DeviceMesh): rank 1 is called with other noise (every rank must raise
+  naming it), then rank 1's region raises mid-call (rank 0 must raise quoting it);
 - ``die``: rank 1 exits inside a region mid-call (rank 0 must raise, not hang).
 """
 from __future__ import annotations
@@ -88,9 +88,11 @@ def run_pipeline(distributed=None) -> torch.Tensor:
 
 
 def mismatch_raise(out: dict, rank: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
     m = build_unet("svd-tiny")
     kw = example_inputs("svd-tiny", m)
-    compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=TIMEOUT)))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # the group given as a DeviceMesh
+    compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=fxstream.Distributed(mesh, TIMEOUT)))
     other = dict(kw, sample=kw["sample"] + (1.0 if rank == 1 else 0.0))
     with torch.no_grad():
         try:
