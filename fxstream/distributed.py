@@ -144,7 +144,6 @@ class Shards:
         self.spec = spec
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        self.globals = [dist.get_global_rank(self.group, q) for q in range(self.size)]
         self.backend = dist.get_backend(self.group)
         self.store = dist.distributed_c10d._get_process_group_store(self.group)
         self._key = f"fxstream/{self.group.group_name}/failed"
@@ -216,22 +215,6 @@ class Shards:
     def _ready(self) -> None:
         if self.failed is not None:
             raise self._given_up()
-
-    def broadcast(self, t: torch.Tensor, src: int, what: str) -> None:
-        """``t`` (contiguous) from rank ``src`` of the group to every rank, in place."""
-        self._ready()
-        self.wait(dist.broadcast(t, self.globals[src], group=self.group, async_op=True), what)
-
-    def broadcast_view(self, view: torch.Tensor, src: int, what: str) -> None:
-        """The bytes of ``view`` (any strided view) from rank ``src`` to the same view on every rank: in place
-        where it is contiguous, else through one contiguous copy."""
-        if view.is_contiguous():
-            self.broadcast(view, src, what)
-            return
-        tmp = view.contiguous() if self.rank == src else torch.empty(view.shape, dtype=view.dtype, device=view.device)
-        self.broadcast(tmp, src, what)
-        if self.rank != src:
-            view.copy_(tmp)
 
     def all_gather(self, out: torch.Tensor, mine: torch.Tensor, what: str) -> None:
         """Every rank's ``mine`` (1-D, contiguous, the same size on every rank) into ``out`` (1-D, ``size`` times
@@ -314,8 +297,8 @@ def rank_ranges(loop, ranks: int) -> list:
 
 
 def equal_runs(loop, ranks: int) -> bool:
-    """Whether every rank computes the same number of elements of ``loop``'s axis (then one all-gather moves
-    each output; else one broadcast per rank)."""
+    """Whether every rank computes the same number of elements of ``loop``'s axis (then an output whose parts
+    follow each other in memory is gathered in place; else through chunks of the largest part)."""
     ranges = rank_ranges(loop, ranks)
     return all(r is not None for r in ranges) and len({hi - lo for lo, hi in ranges}) == 1
 
