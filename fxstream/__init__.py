@@ -9,7 +9,7 @@
 from . import rehash
 from .api import CompiledModule, compile, explain
 from .distributed import Distributed, DistributedError
-from .errors import CaptureError, ExecutionError, FxstreamError, MemoryBudgetError, VerificationError
+from .errors import CaptureError, ExecutionError, FxstreamError, HostMemoryError, MemoryBudgetError, VerificationError
 from .policy import Policy
 from .rehash import StepRehash
 from .report import Report
@@ -17,5 +17,5 @@ from .stages import PipelineBudgetError, PipelineReport, compile_pipeline, expla
 
 __all__ = ["compile", "explain", "compile_pipeline", "explain_pipeline", "PipelineReport", "PipelineBudgetError",
            "Policy", "StepRehash", "rehash", "CompiledModule", "Report", "FxstreamError",
-           "CaptureError", "ExecutionError", "MemoryBudgetError", "VerificationError", "Distributed", "DistributedError"]
+           "CaptureError", "ExecutionError", "HostMemoryError", "MemoryBudgetError", "VerificationError", "Distributed", "DistributedError"]
 __version__ = "0.1.0"

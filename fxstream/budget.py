@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from torch.fx import GraphModule
 
 from .analysis.axes import find_axes, frames_in_batch
 from .compiler import CompiledGraph, axes_of, compile_graph, region_id
-from .errors import MemoryBudgetError
+from .errors import HostMemoryError, MemoryBudgetError
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
 from .runtime import set_in_flight
@@ -238,9 +239,23 @@ def _frame_counts(gm: GraphModule, policy: Policy) -> list[int]:
     return [1] + [c for c in _pow2_upto(cap) if c > 1]
 
 
-def _halo_policy(policy: Policy, grid: tuple[int, int], frames: int = 1) -> Policy:
+def _halo_policy(policy: Policy, grid: tuple[int, int], frames: int = 1, park: bool = False) -> Policy:
     return replace(policy, halo=grid if grid[1] > 1 else grid[0], max_memory=None, slices=None,
-                   spatial=frames if frames > 1 else None)
+                   spatial=frames if frames > 1 else None, host_memory=policy.host_memory if park else None)
+
+
+def _floor(gm: GraphModule, policy: Policy) -> float:
+    """The planned peak of ``gm`` compiled under ``policy`` with nothing kept whole (infinite where the host budget
+    holds no parked value)."""
+    try:
+        return plan_memory(compile_graph(gm, policy, halo_keep=0, check_peak=False).graph_module).peak_bytes
+    except HostMemoryError:
+        return math.inf
+
+
+def _parks(policy: Policy) -> list[bool]:
+    """Whether the budget plans halo regions parking values in host memory: only where the policy gives some."""
+    return [False, True] if policy.host_memory else [False]
 
 
 def _keep_choices(gm: GraphModule, policy: Policy) -> list[int]:
@@ -257,11 +272,14 @@ def _keep_choices(gm: GraphModule, policy: Policy) -> list[int]:
 
 def halo_lower_bound(gm: GraphModule, policy: Policy) -> Floor:
     """The halo floor: the most tiles the policy allows (``HALO_CAP`` when it sets none), as bands and as the
-    squarest grid, nothing kept whole; the lower of the two plans."""
+    squarest grid, nothing kept whole (with ``Policy.host_memory``: also with values parked); the lowest plan."""
     best = None
-    for grid in _halo_grids(policy, *_image_size(gm))[-1]:
-        cg = compile_graph(gm, _halo_policy(policy, grid, _frame_counts(gm, policy)[-1]), halo_keep=0,
-                           check_peak=False)
+    for grid, park in itertools.product(_halo_grids(policy, *_image_size(gm))[-1], _parks(policy)):
+        try:
+            cg = compile_graph(gm, _halo_policy(policy, grid, _frame_counts(gm, policy)[-1], park), halo_keep=0,
+                               check_peak=False)
+        except HostMemoryError:  # nothing fits the host budget: the plan without parking stands
+            continue
         floor = Floor(None, cg, plan_memory(cg.graph_module))
         if best is None or floor.peak_bytes < best.peak_bytes:
             best = floor
@@ -270,21 +288,38 @@ def halo_lower_bound(gm: GraphModule, policy: Policy) -> Floor:
 
 def _halo_flops(cg: CompiledGraph, flops: dict) -> float:
     """Planned FLOPs of a compiled graph with halo regions: each region's ops times its compute factor."""
-    inside, total = set(), 0.0
+    return _halo_cost(cg, flops)[1]
+
+
+# NOTE [Planned time of a decode]: the budget weighs recomputing against parking in host memory by time: the
+# planned FLOPs at the compute rate measured on one H200 (``distributed.H200_SVD_FLOPS_PER_S``: the UNet's rate,
+# taken for the decoder as an assumption), plus the bytes parked and read back over the host link (PCIe 5.0 x16,
+# as an H200 SXM host has: ``distributed.LINKS["pcie5"]``, 80% of one direction; both directions counted in
+# turn, as if no copy overlapped compute). Without host memory the time orders compiles as their FLOPs do.
+def _halo_cost(cg: CompiledGraph, flops: dict) -> tuple[float, float, int]:
+    """(planned seconds, planned FLOPs, host bytes copied per call) of a compiled graph with halo regions (NOTE
+    [Planned time of a decode])."""
+    from .distributed import H200_SVD_FLOPS_PER_S, LINKS
+    inside, total, traffic = set(), 0.0, 0
     for n in cg.graph_module.graph.nodes:
         if n.op == "call_module" and n.name.startswith("halo_"):
             loop = cg.graph_module.get_submodule(n.target)
             names = {m.name for m in loop.region.nodes}
             inside |= names
-            total += loop.plan(flops).compute_factor * sum(flops.get(m, 0) for m in names)
-    return total + sum(v for k, v in flops.items() if k not in inside)
+            hp = loop.plan(flops)
+            total += hp.compute_factor * sum(flops.get(m, 0) for m in names)
+            traffic += hp.host_traffic
+    total += sum(v for k, v in flops.items() if k not in inside)
+    return total / H200_SVD_FLOPS_PER_S + traffic / LINKS["pcie5"].bytes_per_s, total, traffic
 
 
 def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[CompiledGraph, int]:
     """Halo slicing under ``policy.max_memory``: the fewest slices along frames (for what height halos cannot
     take, such as an attention over each frame) whose floor fits; then for each checkpoint size (values up to it
-    kept whole), the fewest tiles (bands of rows, or the squarest grid) whose planned peak plus ``weight_bytes``
-    fits; of those, the one with the fewest planned FLOPs (halo rows and statistics passes recomputed). Returns
+    kept whole; with ``Policy.host_memory`` also: nothing kept whole, GroupNorm inputs parked in host memory), the
+    fewest tiles (bands of rows, or the squarest grid) whose planned peak plus ``weight_bytes`` fits; of those, the
+    one with the least planned time (NOTE [Planned time of a decode]: FLOPs with halo rows and statistics passes
+    recomputed, and host copies). Returns
     the compiled graph and the lower bound (None: not computed); MemoryBudgetError with both figures when nothing
     fits."""
     from .analysis.cost import node_flops
@@ -295,33 +330,37 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
     grids = _halo_grids(policy, *_image_size(gm))
     for frames in _frame_counts(gm, policy):
         # the floor of this frame count (finest grid, nothing kept whole) first: no finer search where it misses
-        floor = plan_memory(compile_graph(gm, _halo_policy(policy, grids[-1][-1], frames),
-                                          halo_keep=0, check_peak=False).graph_module).peak_bytes
+        floor = min(_floor(gm, _halo_policy(policy, grids[-1][-1], frames, park)) for park in _parks(policy))
         best_peak = floor if best_peak is None else min(best_peak, floor)
         if floor > budget:
             continue
-        for keep in _keep_choices(gm, policy):
+        choices = [(0, True)] if policy.host_memory else []
+        for keep, park in choices + [(keep, False) for keep in _keep_choices(gm, policy)]:
             for group in grids:
                 fit = False
                 for grid in group:
-                    cg = compile_graph(gm, _halo_policy(policy, grid, frames), halo_keep=keep, check_peak=False)
+                    try:
+                        cg = compile_graph(gm, _halo_policy(policy, grid, frames, park), halo_keep=keep,
+                                           check_peak=False)
+                    except HostMemoryError:  # nothing fits the host budget: this choice is the one without
+                        continue
                     peak = plan_memory(cg.graph_module).peak_bytes
                     best_peak = min(best_peak, peak)
                     if peak <= budget:
                         fit = True
                         flops = node_flops(cg.prepared) if flops is None else flops
-                        cost = _halo_flops(cg, flops)
-                        if best is None or cost < best[0]:
+                        cost = _halo_cost(cg, flops)
+                        if best is None or cost[0] < best[0][0]:
                             best = (cost, cg, grid, keep, frames)
                 if fit:
                     break
         if best is not None:
             break
     if best is not None:
-        cost, cg, grid, keep, frames = best
+        (seconds, work, traffic), cg, grid, keep, frames = best
         log.info("halo budget %s met: %dx%d tiles, %d slices along frames, values up to %s kept whole, %.2fx "
-                 "planned FLOPs", format_bytes(budget), *grid, frames, format_bytes(keep),
-                 cost / max(sum(flops.values()), 1))
+                 "planned FLOPs, %s copied to and from host memory, %.3f s planned", format_bytes(budget), *grid,
+                 frames, format_bytes(keep), work / max(sum(flops.values()), 1), format_bytes(traffic), seconds)
         return cg, None
     raise MemoryBudgetError(
         f"Policy.max_memory={format_bytes(policy.max_memory)} cannot be met: the weights take "

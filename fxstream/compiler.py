@@ -26,10 +26,10 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule
 
-from .analysis.halo import find_halo_regions
+from .analysis.halo import choose_parked, find_halo_regions, parkable
 from .analysis.axes import all_axes, frames_in_batch
 from .analysis.slicer import SlicePlan, plan_slicing, tensor_bytes, would_split
-from .errors import CaptureError
+from .errors import CaptureError, HostMemoryError
 from .graph_utils import copy_module, fake_mode_of, propagate_meta, strip_asserts
 from .passes.fill_views import functionalize_fills
 from .passes.group_regions import group_regions
@@ -37,7 +37,7 @@ from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
 from .meta import SplitNorm, get_meta
 from .passes.split_group_norm import split_group_norm, splittable_group_norms
-from .policy import AXIS_KIND, Policy
+from .policy import AXIS_KIND, Policy, format_bytes
 from .runtime import LoopRegion, set_in_flight
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class Job:
     halo_grid: tuple = (1, 1)  # (rows, columns) of halo tiles
     halo_frames: int = 1  # halo regions along frames for what height halos cannot take (a decoder's attention)
     halo_keep: int | None = None
+    host_memory: int | None = None  # Policy.host_memory: halo regions park GroupNorm inputs within it
     # found by the steps
     axes: list | None = None  # every axis of the graph's inputs (named from the ops; step 0 finds them)
     left_whole: dict = field(default_factory=dict)  # region id -> why: regions left whole (they raised the peak)
@@ -256,6 +257,16 @@ def step_plan_halos(gm: GraphModule, job: Job) -> GraphModule:
         for n in (n for r in more for n in r.nodes):
             job.halo_reasons.pop(n.name, None)
         job.halo += more
+    if job.host_memory:
+        for r in job.halo:  # NOTE [Host checkpoints]
+            r.parked = choose_parked(r, job.host_memory)
+        sizes = [tensor_bytes(v) for r in job.halo for v in parkable(r)]
+        if sizes and not any(r.parked for r in job.halo):
+            raise HostMemoryError(
+                f"Policy.host_memory={format_bytes(job.host_memory)} cannot hold one value a halo region would "
+                f"park: the smallest GroupNorm input takes {format_bytes(min(sizes))} whole in host memory. Raise "
+                f"host_memory to at least that, or leave it None (the statistics passes recompute instead).",
+                host_memory=job.host_memory, smallest_bytes=min(sizes))
     return gm
 
 
@@ -418,7 +429,7 @@ def _job(policy: Policy, counts, inner_counts, halo_keep) -> Job:
                min_fraction=policy.min_region_fraction, in_flight=policy.pipeline, cpu_workers=policy.cpu_workers,
                region_counts=None if batch_split else counts, inner=rest if batch_split else None,
                inner_counts=inner_counts, halo_grid=policy.halo_grid if policy.halo_tiles > 1 else (1, 1),
-               halo_frames=policy.count_for("spatial"), halo_keep=halo_keep)
+               halo_frames=policy.count_for("spatial"), halo_keep=halo_keep, host_memory=policy.host_memory)
 
 
 def _plan(gm: GraphModule, job: Job) -> SlicePlan:

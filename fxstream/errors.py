@@ -27,6 +27,16 @@ class MemoryBudgetError(FxstreamError):
         self.lower_bound_bytes = lower_bound_bytes
 
 
+class HostMemoryError(FxstreamError):
+    """``Policy(host_memory=...)`` cannot hold even one value a halo region would park (NOTE [Host checkpoints]):
+    raised at compile, before any compute, with the host budget and the smallest value's bytes."""
+
+    def __init__(self, message: str, *, host_memory: int, smallest_bytes: int):
+        super().__init__(message)
+        self.host_memory = host_memory
+        self.smallest_bytes = smallest_bytes
+
+
 class CantSlice(Exception):
     """Internal: a rule refuses a cut. Caught in one place (the slicer) and reported as a reason."""
 

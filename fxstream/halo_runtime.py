@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, norm_chunks, passes, simulate_halo
 from .graph_utils import graph_key
 from .distributed import block
+from .memory import host_storage
 from .runtime import buffer_layout
 
 aten = torch.ops.aten
@@ -28,16 +29,18 @@ __all__ = ["HaloLoop", "body_region"]
 
 
 def body_region(body: GraphModule, dims: list, count: int, wdims: list | None = None, cols: int = 1,
-                along: str = "height") -> HaloRegion:
+                along: str = "height", parked=()) -> HaloRegion:
     """The :class:`HaloRegion` of a body graph: ``dims[i]`` is the height dim of the i-th placeholder (None: read
     whole) followed by one per call_function node; ``wdims`` the width dims the same way (a grid of ``cols``
-    columns; ``count`` tiles in all)."""
+    columns; ``count`` tiles in all); ``parked``: indices (among the call_function nodes) of the values parked in
+    host memory."""
     phs = [n for n in body.graph.nodes if n.op == "placeholder"]
     ops = [n for n in body.graph.nodes if n.op == "call_function"]
     out = list(next(n for n in body.graph.nodes if n.op == "output").args[0])
     named = {n: d for n, d in zip(phs + ops, dims) if d is not None}
     wnamed = {n: d for n, d in zip(phs + ops, wdims or []) if d is not None}
-    return HaloRegion(ops, named, phs, out, count, wdims=wnamed, cols=cols, along=along)
+    return HaloRegion(ops, named, phs, out, count, wdims=wnamed, cols=cols, along=along,
+                      parked=frozenset(ops[i] for i in parked))
 
 
 class _Stats:
@@ -78,6 +81,63 @@ class _Stats:
         return self.mean.to(dtype), rstd.to(dtype)
 
 
+class _Host:
+    """The host buffers of a region's parked values during one call (NOTE [Host checkpoints] in
+    :mod:`fxstream.analysis.halo`): pinned CPU memory when the region runs on CUDA, where rows go out and bands
+    come back on a copy stream of their own (a band's storage is kept for the copy going out; the compute stream
+    waits for a band coming back before using it); plain CPU memory on a CPU, each band read back a copy (as a
+    device would make it), made under :func:`fxstream.memory.host_storage` so a tracker counts them apart."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict = {}
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def park(self, v: Node, val: torch.Tensor) -> None:
+        with host_storage():
+            self.buffers[v] = torch.empty(tuple(val.shape), dtype=val.dtype, pin_memory=self.cuda)
+
+    @staticmethod
+    def _rows(t: torch.Tensor, reqs) -> torch.Tensor:
+        for d, lo, hi in reqs:
+            t = t.narrow(d, lo, hi - lo)
+        return t
+
+    def write(self, v: Node, reqs, band: torch.Tensor) -> None:
+        """Copy ``band`` (the rows ``reqs``, one (dim, lo, hi) per axis, of ``v``) into its host buffer."""
+        dst = self._rows(self.buffers[v], reqs)
+        if not self.cuda:
+            dst.copy_(band)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            dst.copy_(band, non_blocking=True)
+        band.record_stream(self.stream)
+
+    def read(self, v: Node, reqs) -> torch.Tensor:
+        """The rows ``reqs`` of ``v`` back from its host buffer, as a new tensor on the device."""
+        src = self._rows(self.buffers[v], reqs)
+        out = torch.empty(tuple(src.shape), dtype=src.dtype, device=self.device)
+        if not self.cuda:
+            return out.copy_(src)
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)  # ``out`` is allocated on the compute stream
+        with torch.cuda.stream(self.stream):
+            out.copy_(src, non_blocking=True)
+        current.wait_stream(self.stream)
+        return out
+
+    def sync(self) -> None:
+        """Make the compute stream wait for every copy issued so far (before the host buffers are read whole)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def drop(self, v: Node) -> None:
+        """No later pass reads ``v``: its buffer goes (a pinned block is reused only once its copies are done)."""
+        del self.buffers[v]
+
+
 def _stat_shape(g: Node) -> tuple:
     """The (batch, groups) shape of a GroupNorm's statistics (a halo along height or width keeps the batch)."""
     return int(g.args[0].meta["val"].shape[0]), int(g.args[1])
@@ -91,7 +151,8 @@ _PLANS: OrderedDict = OrderedDict()  # structure key -> HaloSimulation; see NOTE
 _PLANS_KEPT = 4096
 
 
-def _structure_key(body: GraphModule, dims: list, count: int, wdims: list, cols: int, along: str) -> tuple:
+def _structure_key(body: GraphModule, dims: list, count: int, wdims: list, cols: int, along: str,
+                   parked: tuple = ()) -> tuple:
     """What a halo region's plan depends on: the body's graph (ops and arguments; not its node names, which the
     plan never reads), its inputs' metadata and the slicing."""
     inputs = tuple((tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype) if isinstance(v, torch.Tensor)
@@ -99,14 +160,14 @@ def _structure_key(body: GraphModule, dims: list, count: int, wdims: list, cols:
     graph = graph_key(body.graph)
     if graph is None:  # a tensor constant in an argument: the code names it
         graph = hashlib.sha256(body.code.encode()).hexdigest()
-    return graph, inputs, tuple(dims), count, tuple(wdims), cols, along
+    return graph, inputs, tuple(dims), count, tuple(wdims), cols, along, tuple(parked)
 
 
 class HaloLoop(torch.nn.Module):
     """A region sliced ``count`` ways along height with halos (see the module docstring)."""
 
     def __init__(self, body: GraphModule, dims: list, count: int, out_meta: list, wdims: list | None = None,
-                 cols: int = 1, along: str = "height"):
+                 cols: int = 1, along: str = "height", parked=()):
         super().__init__()
         self.body = body
         self.dims = list(dims)
@@ -115,10 +176,11 @@ class HaloLoop(torch.nn.Module):
         self.cols = cols
         self.out_meta = list(out_meta)  # (shape, strides, dtype) of each full output
         self.along = along
-        self.region = body_region(body, self.dims, count, self.wdims, cols, along)
+        self.parked = tuple(sorted(parked))  # indices of the body's ops parked in host memory
+        self.region = body_region(body, self.dims, count, self.wdims, cols, along, self.parked)
         self._axes = self.region.axes
         self._passes = None
-        self._key = _structure_key(body, self.dims, count, self.wdims, cols, along)
+        self._key = _structure_key(body, self.dims, count, self.wdims, cols, along, self.parked)
         self.working_bytes = self.plan().working_bytes
         self._plans = None  # the slices' schedules, made on the first real call
         self.shards = None  # a fxstream.distributed.Shards: this rank runs its run of each pass's slices
@@ -151,14 +213,18 @@ class HaloLoop(torch.nn.Module):
 
     def extra_repr(self) -> str:
         axis = self.along if self.cols == 1 else f"height x width, grid={self.count // self.cols}x{self.cols}"
-        return f"axis={axis}, slices={self.count}, passes={len(self.passes)}"
+        parked = f", parked={len(self.parked)}" if self.parked else ""
+        return f"axis={axis}, slices={self.count}, passes={len(self.passes)}{parked}"
 
     def _schedule(self, p, i: int) -> list:
-        """(need, assign, [(node, bands, free after)]) for slice ``i`` of pass ``p``."""
+        """(need, assign, [(node, bands, free after)]) for slice ``i`` of pass ``p`` (a value parked by an earlier
+        pass is read back, not computed: it uses none of its inputs)."""
         need, assign = p.tile(i)
         todo = [n for n in self.region.nodes if n in need]
         last = {}
         for j, n in enumerate(todo):
+            if n in p.read:
+                continue
             for a in n.all_input_nodes:
                 last[a] = j
         steps = []
@@ -189,7 +255,10 @@ class HaloLoop(torch.nn.Module):
         stats: dict = {}
         out_index = {o: j for j, o in enumerate(self.region.outputs)}
         sh = self.shards
+        host = _Host(device) if self.parked else None  # parked values (NOTE [Host checkpoints])
         for p, plans in zip(self.passes, self._plans):
+            for v in p.park:
+                host.park(v, v.meta["val"])
             acc = {g: _Stats() for g in p.stats}
             summed: dict = {}  # GroupNorm input -> the GroupNorms this pass gathers statistics of
             for g in p.stats:
@@ -207,7 +276,17 @@ class HaloLoop(torch.nn.Module):
                     if x.op == "placeholder" and x in env:
                         self._gather(x, summed[x], sink, assign, env)
                 for n, bands, free in steps:
-                    env[n] = (self._run(n, bands, env, full, stats), tuple(lo for lo, _ in bands))
+                    if n in p.read:
+                        t = host.read(n, [(d, lo, hi) for d, (lo, hi) in zip(self._dims(n), bands)])
+                    else:
+                        t = self._run(n, bands, env, full, stats)
+                    env[n] = (t, tuple(lo for lo, _ in bands))
+                    del t
+                    if n in p.park and n in assign:
+                        t, offsets = env[n]
+                        host.write(n, [(d, lo, hi) for d, (lo, hi) in zip(self._dims(n), assign[n])],
+                                   self._narrow(t, n, assign[n], offsets))
+                        del t
                     if n in summed:
                         self._gather(n, summed[n], sink, assign, env)
                     if not p.stats and n in out_index and n in assign:
@@ -218,13 +297,18 @@ class HaloLoop(torch.nn.Module):
                         env.pop(f, None)
             if sh is not None and p.stats:
                 self._share_stats(p.stats, plans, parts, acc, device)
+                if p.park:
+                    host.sync()
+                self._share_rows(plans, [(v, host.buffers[v]) for v in p.park], device, "a halo region's parked values")
             elif sh is not None:
-                self._share_outputs(plans, outs, out_index, device)
+                self._share_rows(plans, [(n, outs[j]) for n, j in out_index.items()], device, "a halo region's outputs")
             for g, s in acc.items():
                 x = g.args[0].meta["val"]
                 compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
                 eps = g.args[4] if len(g.args) > 4 else 1e-5
                 stats[g] = s.finish(eps, compute)
+            for v in p.free:
+                host.drop(v)
         return tuple(outs)
 
     # -- spread over ranks (NOTE [Sharded regions] in fxstream.distributed) -------------------------------------
@@ -260,23 +344,24 @@ class HaloLoop(torch.nn.Module):
                                      chunks[at + 1 + width[g]:at + 1 + 2 * width[g]].view(shape).clone())
                     at += 1 + 2 * width[g]
 
-    def _share_outputs(self, plans: list, outs: list, out_index: dict, device) -> None:
-        """Every slice's rows of every output from the rank that computed them: one all-gather per output, each
-        rank's slices packed in slice order in a chunk of the largest rank's size."""
+    def _share_rows(self, plans: list, targets: list, device, what: str) -> None:
+        """Every slice's assigned rows of each (value, whole buffer) in ``targets`` (the region's outputs, or the
+        host buffers of the values a pass parked) from the rank that computed them: one all-gather per value,
+        each rank's slices packed in slice order in a chunk (on ``device``) of the largest rank's size."""
         sh = self.shards
         runs = [block(len(plans), sh.size, q) for q in range(sh.size)]
-        for n, j in out_index.items():
-            views = [[self._narrow(outs[j], n, plans[i][1][n]) for i in run if n in plans[i][1]] for run in runs]
+        for n, buf in targets:
+            views = [[self._narrow(buf, n, plans[i][1][n]) for i in run if n in plans[i][1]] for run in runs]
             sizes = [sum(v.numel() for v in vs) for vs in views]
             per = max(sizes)
             if per == 0:
                 continue
-            chunks = torch.empty(sh.size * per, dtype=outs[j].dtype, device=device)
+            chunks = torch.empty(sh.size * per, dtype=buf.dtype, device=device)
             at = sh.rank * per
             for v in views[sh.rank]:
                 chunks[at:at + v.numel()].view(v.shape).copy_(v)
                 at += v.numel()
-            sh.all_gather(chunks, chunks[sh.rank * per:(sh.rank + 1) * per], "a halo region's outputs")
+            sh.all_gather(chunks, chunks[sh.rank * per:(sh.rank + 1) * per], what)
             for q, vs in enumerate(views):
                 if q == sh.rank:
                     continue

@@ -7,10 +7,13 @@ costs its full-size outputs plus the planned peak of its body for the largest sl
 in flight (``Policy(pipeline=k)``: each slice in flight holds a working set of its own).
 
 Tracker: a TorchDispatchMode that records every storage an op creates and counts it freed once its
-``StorageWeakRef`` expires. It measures the real peak of running any module on the CPU.
+``StorageWeakRef`` expires. It measures the real peak of running any module on the CPU. Storages made inside
+:func:`host_storage` (a halo region's values parked in host memory, NOTE [Host checkpoints]) are counted apart
+(``host_peak``): on a CPU the host is the same memory, but the plan counts them apart from the device's.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -20,7 +23,22 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["plan_memory", "MemoryPlan", "TimelinePoint", "planned_peak", "weight_bytes", "MemoryTracker", "measure_peak"]
+__all__ = ["plan_memory", "MemoryPlan", "TimelinePoint", "planned_peak", "weight_bytes", "MemoryTracker", "measure_peak",
+           "host_storage"]
+
+_HOST = threading.local()
+
+
+@contextlib.contextmanager
+def host_storage():
+    """Storages made in this block (on this thread) are host memory: a :class:`MemoryTracker` counts them in
+    ``host_peak``, not ``peak``."""
+    before = getattr(_HOST, "on", False)
+    _HOST.on = True
+    try:
+        yield
+    finally:
+        _HOST.on = before
 
 
 def _storages(val):
@@ -208,11 +226,16 @@ class MemoryTracker(TorchDispatchMode):
         self.external: set = set()
         self.current = 0
         self.peak = 0
+        self.host: dict = {}  # storages made under host_storage(), counted apart
+        self.host_current = 0
+        self.host_peak = 0
 
     def _sweep(self):
         dead = [k for k in self.live if k.expired()]
         for k in dead:
             self.current -= self.live.pop(k)
+        for k in [k for k in self.host if k.expired()]:
+            self.host_current -= self.host.pop(k)
         self.external = {k for k in self.external if not k.expired()}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -220,7 +243,7 @@ class MemoryTracker(TorchDispatchMode):
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     ref = StorageWeakRef(t.untyped_storage())
-                    if ref not in self.live:
+                    if ref not in self.live and ref not in self.host:
                         self.external.add(ref)
         out = func(*args, **(kwargs or {}))
         with self._lock:
@@ -229,10 +252,16 @@ class MemoryTracker(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     st = t.untyped_storage()
                     ref = StorageWeakRef(st)
-                    if ref not in self.live and ref not in self.external:
+                    if ref in self.live or ref in self.external or ref in self.host:
+                        continue
+                    if getattr(_HOST, "on", False):
+                        self.host[ref] = st.nbytes()
+                        self.host_current += st.nbytes()
+                    else:
                         self.live[ref] = st.nbytes()
                         self.current += st.nbytes()
             self.peak = max(self.peak, self.current)
+            self.host_peak = max(self.host_peak, self.host_current)
         return out
 
 

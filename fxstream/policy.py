@@ -7,6 +7,7 @@
     >>> Policy(slices=8, pipeline=2)      # up to 2 slices of a region in flight (CUDA streams / CPU workers)
     >>> Policy(slices=8, rehash=StepRehash(full_every=3, steps=25))  # and reuse a cached feature on 2 steps in 3
     >>> Policy(halo=16)                   # convolution chains (a VAE decoder) in 16 bands of rows, with halos
+    >>> Policy(halo=16, host_memory="32GiB")  # and GroupNorm inputs parked in host memory, not recomputed
     >>> Policy(slices=8, distributed=True)  # each region's slices spread over the ranks of the process group
 """
 from __future__ import annotations
@@ -86,6 +87,12 @@ class Policy:
             with halos along height and width, whose halos cost less than those of thin bands. ``None``: no halo
             slicing. With ``max_memory``, an int is the most tiles in all the budget may use (it chooses between
             bands and grids, and what to keep whole), a pair the most rows and columns.
+        host_memory: host memory a halo region may park values in (bytes, or a string as ``max_memory``):
+            the inputs of its GroupNorms, written once by their statistics pass and read back band by band by
+            the passes after it, which then do not recompute what fed them (NOTE [Host checkpoints] in
+            :mod:`fxstream.analysis.halo`; pinned CPU memory on CUDA). The planner counts these bytes apart from
+            the device's; with ``max_memory`` the budget parks only where that plans faster than recomputing.
+            ``None`` (default): nothing parked.
         min_region_fraction: a region is made only if its largest interior tensor is at least this fraction of
             the graph's largest activation (small regions cost loop overhead and save nothing), and only if it
             does not raise the planned peak over its ops; 0 keeps every region the rules allow.
@@ -113,6 +120,7 @@ class Policy:
     cpu_workers: bool | None = None
     rehash: StepRehash | None = None
     halo: int | tuple[int, int] | None = None
+    host_memory: int | str | None = None
     min_region_fraction: float = 0.05
     cache_size: int = 8
     verify: bool = False
@@ -139,6 +147,8 @@ class Policy:
             raise ValueError(f"Policy.cpu_workers: expected None (measure), True or False, got {self.cpu_workers!r}")
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "Policy.max_memory"))
+        if self.host_memory is not None:
+            object.__setattr__(self, "host_memory", parse_bytes(self.host_memory, "Policy.host_memory"))
         if self.rehash is not None and not isinstance(self.rehash, StepRehash):
             raise TypeError(f"Policy.rehash: expected None or fxstream.StepRehash, got {type(self.rehash).__name__}; "
                             "write Policy(rehash=fxstream.StepRehash(full_every=3, steps=25))")
@@ -190,7 +200,7 @@ class Policy:
         for f in fields(self):
             v = getattr(self, f.name)
             if v != f.default:
-                parts.append(f"{f.name}={format_bytes(v)!r}" if f.name == "max_memory" else
+                parts.append(f"{f.name}={format_bytes(v)!r}" if f.name in ("max_memory", "host_memory") else
                              f"{f.name}={v.describe()}" if f.name in ("rehash", "distributed") else f"{f.name}={v!r}")
         return "Policy(" + ", ".join(parts) + ")"
 

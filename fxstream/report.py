@@ -41,6 +41,8 @@ class RegionInfo:
     compute: float = 1.0  # planned FLOPs over the unsliced ops' (halo rows and statistics passes computed again)
     flops: int = 0  # planned FLOPs of the region's ops run once, unsliced (halo regions)
     axis: str = ""  # where the axis is: an input and its dim (``sample[1]``), as the flood found it
+    host_bytes: int = 0  # host memory its parked values take at once (halo regions; NOTE [Host checkpoints])
+    host_traffic: int = 0  # bytes it copies between device and host per call
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,17 @@ class Report:
     def sliced_ops(self) -> int:
         return sum(r.ops for r in self.regions)
 
+    @property
+    def host_bytes(self) -> int:
+        """Planned host memory for parked values (``Policy(host_memory=...)``): the most one region takes (a
+        region's buffers go before the next region runs)."""
+        return max((r.host_bytes for r in self.regions), default=0)
+
+    @property
+    def host_traffic(self) -> int:
+        """Planned bytes copied between device and host per call, over every region."""
+        return sum(r.host_traffic for r in self.regions)
+
     def table(self, top: int = 10) -> str:
         """Regions, the ``top`` largest unsliced ops with their reason, the planned peaks (the lower bound
         computed if it is not known yet), and what a rehash step skips: :func:`explain_table`."""
@@ -160,7 +173,10 @@ def _peak_rows(report: Report, lower_bound: bool, missing: str) -> list:
             ("activations, compiled", format_bytes(report.peak_bytes),
              f"{report.peak_node} ({report.peak_module or 'top'})"),
             ("activations, lower bound", format_bytes(report.lower_bound_bytes), "any slicing the rules allow")
-            if lower_bound else ("activations, lower bound", "-", missing)]
+            if lower_bound else ("activations, lower bound", "-", missing)] + \
+        ([("host memory, parked", format_bytes(report.host_bytes),
+           f"{format_bytes(report.host_traffic)} copied per call; {report.compute_factor:.2f}x compute")]
+         if report.host_bytes else [])
 
 
 def explain_table(report: Report, top: int = 10, lower_bound: bool = True, missing: str = "not computed") -> str:
@@ -215,6 +231,9 @@ def report_json(report: Report, session=None, lower_bound: bool = False) -> dict
         "peak": {"node": report.peak_node, "module": report.peak_module},
         "lower_bound_bytes": report.lower_bound_bytes if lower_bound else None,
         "sliced_ops": report.sliced_ops,
+        "compute_factor": report.compute_factor,
+        "host_bytes": report.host_bytes,
+        "host_traffic": report.host_traffic,
         "axes": [asdict(a) for a in report.axes],
         "regions": [asdict(r) for r in report.regions],
         "unsliced": [asdict(u) for u in report.unsliced],
@@ -281,7 +300,8 @@ def _halo_infos(compiled, mem: MemoryPlan) -> tuple[list, int]:
         axis = f"{r.along} (halo)" if r.cols == 1 else "height x width (halo)"
         out.append(RegionInfo(common_module_path(r.nodes), axis, r.length(largest), r.count, len(r.nodes),
                               interior, mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0), 1, name,
-                              hp.passes, hp.compute_factor, sum(flops.get(n.name, 0) for n in r.nodes)))
+                              hp.passes, hp.compute_factor, sum(flops.get(n.name, 0) for n in r.nodes),
+                              host_bytes=hp.host_bytes, host_traffic=hp.host_traffic))
     return out, sum(flops.values())
 
 

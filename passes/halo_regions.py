@@ -42,8 +42,9 @@ def build_halo_body(region: HaloRegion) -> tuple[GraphModule, list, list]:
 
 def make_halo_loop(region: HaloRegion) -> HaloLoop:
     body, dims, wdims = build_halo_body(region)
+    parked = [i for i, n in enumerate(region.nodes) if n in region.parked]
     return HaloLoop(body, dims, region.count, [buffer_layout(o.meta["val"]) for o in region.outputs], wdims,
-                    region.cols, region.along)
+                    region.cols, region.along, parked)
 
 
 def group_halo_regions(gm: GraphModule, regions: list) -> GraphModule:

@@ -14,6 +14,18 @@ summed into per-group float64 sums. A GroupNorm downstream of another needs the 
 compute its own input, so GroupNorms are grouped by *level* (how many GroupNorms of the region lie upstream) and
 the region runs one pass per level, then the output pass. Each pass recomputes what feeds its targets: the
 planner reports that extra compute (``HaloPlan.compute_factor``), and the budget weighs it against memory.
+
+NOTE [Host checkpoints]
+With host memory to spend (``Policy(host_memory=...)``), a region may *park* the inputs of its GroupNorms: the
+pass whose targets they are (their statistics pass) also copies each slice's assigned rows of them, each row
+once, into a buffer of the whole value in host memory (pinned CPU memory when the region runs on CUDA; on a
+CPU the host is the CPU and the tracker counts these storages apart). Every later pass reads the bands it needs
+of a parked value from that buffer instead of computing them: its walk back (:func:`needs`) stops there, so a
+statistics level is computed once and each pass recomputes only the ops since the nearest parked values (halo
+rows of the convolutions between them). The value's rows read back are the ones computed, so the result is the
+same bits as recomputing them. A buffer lives from its statistics pass to the last pass that reads it; the plan
+counts the host bytes (the peak of buffers alive at once) and the traffic (every row written once, every band
+read back) apart from the device bytes, where a band read back is a band made.
 """
 from __future__ import annotations
 
@@ -234,6 +246,7 @@ class HaloRegion:
     wdims: dict = field(default_factory=dict)  # node -> width dim (tiles of a grid: cols > 1)
     cols: int = 1
     along: str = "height"  # what ``dims`` names: "height", or "frames" (the first input's dim 0)
+    parked: frozenset = frozenset()  # GroupNorm inputs parked in host memory (NOTE [Host checkpoints])
     _transfers: dict = field(default_factory=dict, repr=False)
     _inside: set | None = field(default=None, repr=False)
     _static: dict | None = field(default=None, repr=False)
@@ -532,16 +545,17 @@ def transfers(region: HaloRegion, axis: int = 0) -> dict:
     return region._transfers[axis]
 
 
-def needs(region: HaloRegion, targets: dict, axis: int = 0) -> dict:
+def needs(region: HaloRegion, targets: dict, axis: int = 0, read: frozenset = frozenset()) -> dict:
     """Rows (``axis`` 1: columns) of every region value and input needed to compute ``targets`` ({node: (lo,
     hi)}), clipped to the tensor: each op asked for the union of what its users need, walking the region
     backwards. Along the two axes of a grid the walks are independent: every rule's band along one axis depends
-    only on the band along that axis."""
+    only on the band along that axis. Values in ``read`` (parked in host memory by an earlier pass) are read, not
+    computed: the walk stops at them."""
     need = dict(targets)
     tr = transfers(region, axis)
     for n in reversed(region.nodes):
         band = need.get(n)
-        if band is None or band[0] >= band[1]:
+        if band is None or band[0] >= band[1] or n in read:
             continue
         lo, hi = band
         for p, length, num, den, olo, ohi in tr[n]:
@@ -579,6 +593,9 @@ class Pass:
     ``wslices`` and ``wassign`` give the columns the same way (empty lists otherwise); :meth:`tile` joins them."""
 
     stats: list  # GroupNorm nodes whose statistics this pass gathers (empty: the output pass)
+    read: frozenset = frozenset()  # values parked by an earlier pass: read from host memory, not computed
+    park: tuple = ()  # values this pass parks in host memory: each slice writes the rows it is assigned
+    free: tuple = ()  # parked values no later pass reads: their host buffers go after this pass
     slices: list = field(default_factory=list)
     assign: list = field(default_factory=list)
     wslices: list = field(default_factory=list)
@@ -606,33 +623,88 @@ def _assign(region: HaloRegion, targets: list, i: int, count: int, axis: int) ->
     return assign
 
 
+def parkable(region: HaloRegion) -> list:
+    """The values a region may park in host memory (NOTE [Host checkpoints]): the inputs of its GroupNorms that
+    it computes (a region input is read, not computed), by level then graph order."""
+    levels = stat_levels(region)
+    out = []
+    for g in sorted(levels, key=lambda g: levels[g]):
+        x = g.args[0]
+        if x in region.inside and x not in out:
+            out.append(x)
+    return out
+
+
 def passes(region: HaloRegion) -> list[Pass]:
     """The statistics passes (one per level) and the output pass, each with every slice's bands (a grid's
-    slices run row by row: slice ``i`` is row ``i // cols``, column ``i % cols``)."""
+    slices run row by row: slice ``i`` is row ``i // cols``, column ``i % cols``). A parked value (NOTE [Host
+    checkpoints]) is written by the pass whose targets it is and read by every later pass that needs it."""
     levels = stat_levels(region)
     out = []
     for lv in range(max(levels.values(), default=-1) + 1):
         gns = [g for g, v in levels.items() if v == lv]
         out.append(Pass(gns))
     out.append(Pass([]))
+    bad = set(region.parked) - set(parkable(region))
+    if bad:
+        raise ValueError(f"parked values {sorted(n.name for n in bad)} are not GroupNorm inputs this region computes")
     rows, cols = region.rows, region.cols
-    for ps in out:
+    read: frozenset = frozenset()
+    last: dict = {}  # parked value -> the last pass that reads it
+    for k, ps in enumerate(out):
         targets = [g.args[0] for g in ps.stats] if ps.stats else list(region.outputs)
+        ps.read = read
+        ps.park = tuple(t for t in dict.fromkeys(targets) if t in region.parked)
         hcache, wcache = {}, {}
         for i in range(region.count):
             r, c = divmod(i, cols)
             if r not in hcache:
                 a = _assign(region, targets, r, rows, 0)
-                hcache[r] = (a, needs(region, a))
+                hcache[r] = (a, needs(region, a, 0, read))
             ps.assign.append(hcache[r][0])
             ps.slices.append(hcache[r][1])
             if cols > 1:
                 if c not in wcache:
                     a = _assign(region, targets, c, cols, 1)
-                    wcache[c] = (a, needs(region, a, 1))
+                    wcache[c] = (a, needs(region, a, 1, read))
                 ps.wassign.append(wcache[c][0])
                 ps.wslices.append(wcache[c][1])
+        for v in read:
+            if any(v in need for need, _ in (ps.tile(i) for i in range(len(ps.slices)))):
+                last[v] = k
+        for v in ps.park:
+            last[v] = k
+        read = read | frozenset(ps.park)
+    for k, ps in enumerate(out):
+        ps.free = tuple(v for v in region.parked if last.get(v) == k)
     return out
+
+
+def host_peak(ps: list) -> int:
+    """The most host memory a region's parked values take at once over its passes ``ps``."""
+    live = peak = 0
+    for p in ps:
+        live += sum(_tensor_bytes(v) for v in p.park)
+        peak = max(peak, live)
+        live -= sum(_tensor_bytes(v) for v in p.free)
+    return peak
+
+
+def choose_parked(region: HaloRegion, host_bytes: int) -> frozenset:
+    """The values ``region`` parks in host memory within ``host_bytes`` (NOTE [Host checkpoints]): every
+    :func:`parkable` value if they fit at once, else every second one (by level), every third, ...: the
+    smallest stride whose host peak fits (none if even one value does not). Returns the set; the region is
+    left as it was."""
+    cands = parkable(region)
+    before = region.parked
+    try:
+        for stride in range(1, len(cands) + 1):
+            region.parked = frozenset(cands[::stride])
+            if host_peak(passes(region)) <= host_bytes:
+                return region.parked
+    finally:
+        region.parked = before
+    return frozenset()
 
 
 @dataclass
@@ -645,6 +717,8 @@ class HaloPlan:
     passes: int
     compute_factor: float
     peak_pass: int = 0
+    host_bytes: int = 0  # host memory its parked values take at once (NOTE [Host checkpoints])
+    host_traffic: int = 0  # bytes copied between device and host per call: parked rows written, bands read back
 
 
 def aliases(n: Node) -> bool:
@@ -736,6 +810,8 @@ class HaloSimulation:
     peak_pass: int
     cells: tuple
     whole_cells: tuple
+    host_bytes: int = 0
+    host_traffic: int = 0
 
     def plan(self, region: HaloRegion, flops: dict | None = None) -> HaloPlan:
         """The :class:`HaloPlan` of ``region`` (the region simulated, or one with the same ops in the same order)
@@ -743,7 +819,8 @@ class HaloSimulation:
         total = sum((flops or {}).get(n.name, 0) for n in region.nodes)
         work = sum(flops.get(n.name, 0) / max(w, 1) * c
                    for n, w, c in zip(region.nodes, self.whole_cells, self.cells)) if flops else 0.0
-        return HaloPlan(self.working_bytes, self.passes, work / total if total else 1.0, self.peak_pass)
+        return HaloPlan(self.working_bytes, self.passes, work / total if total else 1.0, self.peak_pass,
+                        self.host_bytes, self.host_traffic)
 
 
 def simulate_halo(region: HaloRegion, ps: list | None = None) -> HaloSimulation:
@@ -752,12 +829,17 @@ def simulate_halo(region: HaloRegion, ps: list | None = None) -> HaloSimulation:
     static = _static(region)
     peaks = []
     cells_made = dict.fromkeys(region.nodes, 0)  # per value, its rows (cells) computed over all slices and passes
+    host, host_peak, traffic = 0, 0, 0
     for p in ps:
         targets = {g.args[0] for g in p.stats}
         copy = {t: (_copy_factor(t) * _tensor_bytes(t), max(math.prod(region.lengths(t)), 1)) for t in targets}
+        host += sum(_tensor_bytes(v) for v in p.park)
+        host_peak = max(host_peak, host)
+        traffic += sum(_tensor_bytes(v) for v in p.park)
         groups: dict = {}
         for i in range(len(p.slices)):
             need, assign = p.tile(i)
+            traffic += sum(static[v][0] * _cells(need[v]) // max(static[v][1], 1) for v in p.read if v in need)
             groups.setdefault(frozenset(need), []).append((need, assign))
         peak = 0
         for t in targets:  # a region input is summed straight away
@@ -765,37 +847,43 @@ def simulate_halo(region: HaloRegion, ps: list | None = None) -> HaloSimulation:
                 peak = max([peak] + [copy[t][0] * _cells(a[t]) // copy[t][1]
                                      for tiles in groups.values() for _, a in tiles if t in a])
         for tiles in groups.values():
-            peak = max(peak, _group_peak(region, static, tiles, targets, copy, cells_made))
+            peak = max(peak, _group_peak(region, static, tiles, targets, copy, cells_made, p.read))
         peaks.append(peak)
+        host -= sum(_tensor_bytes(v) for v in p.free)
     best = max(peaks, default=0)
     best_pass = peaks.index(best) if best > 0 else 0
     return HaloSimulation(best, len(ps), best_pass, tuple(cells_made[n] for n in region.nodes),
-                          tuple(static[n][1] for n in region.nodes))
+                          tuple(static[n][1] for n in region.nodes), host_peak, traffic)
 
 
-def _schedule(region: HaloRegion, need) -> tuple[list, list, list]:
+def _schedule(region: HaloRegion, need, read: frozenset = frozenset()) -> tuple[list, list, list]:
     """For a slice computing the values in ``need``: those values in order, whether each is a root (it holds
     storage; else a view of an earlier root), and the step after which each root is freed (its last use, or
-    its views' last use)."""
+    its views' last use). A value in ``read`` is read back from host memory: a root, whose inputs it does not
+    use."""
     static = _static(region)
     todo = [n for n in region.nodes if n in need]
     last = {}
     for j, n in enumerate(todo):
+        if n in read:
+            continue
         for a in n.all_input_nodes:
             if a in region.inside:
                 last[a] = j
     root, free = {}, {}
     for j, n in enumerate(todo):
-        base = root.get(n.args[0]) if static[n][2] else None
+        base = root.get(n.args[0]) if static[n][2] and n not in read else None
         root[n] = n if base is None else base
         free[root[n]] = max(free.get(root[n], j), last.get(n, j))
     return todo, [root[n] is n for n in todo], [free.get(n, -1) for n in todo]
 
 
-def _group_peak(region: HaloRegion, static: dict, tiles: list, targets: set, copy: dict, cells_made: dict) -> int:
+def _group_peak(region: HaloRegion, static: dict, tiles: list, targets: set, copy: dict, cells_made: dict,
+                read: frozenset = frozenset()) -> int:
     """The peak bytes of the slices ``tiles`` ((need, assign) pairs computing the same values) in one array
-    computation (see NOTE [Slices simulated together]); adds each value's computed cells to ``cells_made``."""
-    todo, is_root, free = _schedule(region, tiles[0][0])
+    computation (see NOTE [Slices simulated together]); adds each value's computed cells to ``cells_made``
+    (a value in ``read``, parked in host memory, is a band made by a copy: no cells, no transients)."""
+    todo, is_root, free = _schedule(region, tiles[0][0], read)
     if not todo:
         return 0
     s, t = len(tiles), len(todo)
@@ -807,6 +895,9 @@ def _group_peak(region: HaloRegion, static: dict, tiles: list, targets: set, cop
     for j, n in enumerate(todo):
         size, ncells, _, conv, f32, up = static[n]
         c = cells[:, j]
+        if n in read:
+            made[:, j] = size * c // max(ncells, 1)
+            continue
         cells_made[n] += int(c.sum())
         if is_root[j]:
             if up is not None:  # an upsampled band is made whole from its input rows, then narrowed
@@ -834,4 +925,4 @@ def _group_peak(region: HaloRegion, static: dict, tiles: list, targets: set, cop
     return int((live + extra).max())
 
 
-__all__ += ["stat_levels", "passes", "Pass", "halo_rule", "aliases", "transfers"]
+__all__ += ["stat_levels", "passes", "parkable", "choose_parked", "host_peak", "Pass", "halo_rule", "aliases", "transfers"]

@@ -91,14 +91,15 @@ def needs_upcast(kind: str, vae) -> bool:
 
 
 def stage_policy(policy: Policy, stage: str) -> Policy:
-    """The policy a stage's compiled module gets (before its ``max_memory``): the UNet everything but ``halo``;
-    the VAE decoder ``halo``, ``spatial`` (its slices of frames for what halos cannot take) and the runtime
-    settings, ``distributed`` included (it has no video axis to slice)."""
+    """The policy a stage's compiled module gets (before its ``max_memory``): the UNet everything but ``halo`` and
+    ``host_memory``; the VAE decoder ``halo``, ``host_memory`` (its halo regions park values there), ``spatial``
+    (its slices of frames for what halos cannot take) and the runtime settings, ``distributed`` included (it has
+    no video axis to slice)."""
     if stage == "denoise":
-        return replace(policy, halo=None, max_memory=None)
+        return replace(policy, halo=None, max_memory=None, host_memory=None)
     return Policy(halo=policy.halo, spatial=policy.spatial, pipeline=policy.pipeline, cpu_workers=policy.cpu_workers,
                   min_region_fraction=policy.min_region_fraction, cache_size=policy.cache_size, verify=policy.verify,
-                  cache_dir=policy.cache_dir, distributed=policy.distributed)
+                  cache_dir=policy.cache_dir, distributed=policy.distributed, host_memory=policy.host_memory)
 
 
 def check_offload(offload, policy: Policy) -> str:
