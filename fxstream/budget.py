@@ -28,6 +28,7 @@ from .compiler import CompiledGraph, axes_of, compile_graph, region_id
 from .errors import HostMemoryError, MemoryBudgetError
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
+from .halo_runtime import set_line_buffers
 from .runtime import set_in_flight
 
 log = logging.getLogger(__name__)
@@ -348,6 +349,8 @@ def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[Com
                     best_peak = min(best_peak, peak)
                     if peak <= budget:
                         fit = True
+                        set_line_buffers(cg.graph_module, budget)  # where the budget has room for them
+                        cg.made_with = replace(cg.made_with, line_buffers=budget)
                         flops = node_flops(cg.prepared) if flops is None else flops
                         cost = _halo_cost(cg, flops)
                         if best is None or cost[0] < best[0][0]:

@@ -27,6 +27,7 @@ import torch
 from torch.fx import GraphModule
 
 from .analysis.halo import choose_parked, find_halo_regions, parkable
+from .halo_runtime import set_line_buffers
 from .analysis.axes import all_axes, frames_in_batch
 from .analysis.slicer import SlicePlan, plan_slicing, tensor_bytes, would_split
 from .errors import CaptureError, HostMemoryError
@@ -93,7 +94,8 @@ class MadeWith:
     """The arguments of the :func:`compile_graph` call that made a :class:`CompiledGraph` (copies of the counts):
     ``compile_graph(gm, m.policy, m.counts, m.inner_counts, m.halo_keep)`` makes it again from the same
     graph. ``in_flight``: slices in flight set on its loops afterwards (``runtime.set_in_flight``; the budget's
-    floor fallback), None if not. :mod:`fxstream.plan_cache` stores and replays it."""
+    floor fallback), None if not; ``line_buffers``: the ceiling its halo loops' line buffers were set under
+    afterwards (``halo_runtime.set_line_buffers``; the budget's), None if not. :mod:`fxstream.plan_cache` stores and replays it."""
 
     policy: Policy
     counts: dict | None = None
@@ -101,6 +103,8 @@ class MadeWith:
     halo_keep: int | None = None
     in_flight: int | None = None
     check_peak: bool = True
+    line_buffers: int | None = None  # the ceiling the budget set the halo loops' line buffers under (None: the
+    # compile's own rule, halo_runtime.set_line_buffers)
 
 
 @dataclass
@@ -271,8 +275,13 @@ def step_plan_halos(gm: GraphModule, job: Job) -> GraphModule:
 
 
 def step_group_halos(gm: GraphModule, job: Job) -> GraphModule:
-    """Each halo region becomes one loop over bands (``passes/halo_regions.py``)."""
-    return group_halo_regions(gm, job.halo) if job.halo_grid != (1, 1) else gm
+    """Each halo region becomes one loop over bands (``passes/halo_regions.py``), with line buffers where they
+    do not raise the planned peak (NOTE [Line buffers])."""
+    if job.halo_grid == (1, 1):
+        return gm
+    out = group_halo_regions(gm, job.halo)
+    set_line_buffers(out)
+    return out
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx import GraphModule, Node
 
-from .analysis.halo import HALO_RULES, WHOLE, HaloRegion, conv_band, conv_params, norm_chunks, passes, simulate_halo
+from .analysis.halo import (HALO_RULES, WHOLE, HaloRegion, carried_rows, conv_band, conv_params, kept_rows, norm_chunks,
+                            passes, simulate_halo)
 from .graph_utils import graph_key
 from .distributed import block
 from .memory import host_storage
@@ -25,7 +26,7 @@ from .runtime import buffer_layout
 
 aten = torch.ops.aten
 
-__all__ = ["HaloLoop", "body_region"]
+__all__ = ["HaloLoop", "body_region", "set_line_buffers"]
 
 
 def body_region(body: GraphModule, dims: list, count: int, wdims: list | None = None, cols: int = 1,
@@ -181,8 +182,10 @@ class HaloLoop(torch.nn.Module):
         self._axes = self.region.axes
         self._passes = None
         self._key = _structure_key(body, self.dims, count, self.wdims, cols, along, self.parked)
-        self.working_bytes = self.plan().working_bytes
         self._plans = None  # the slices' schedules, made on the first real call
+        # convolutions along the sliced axis keep line buffers (NOTE [Line buffers])
+        self._convs = {n for n in self.region.nodes if HALO_RULES[n.target].kind == "conv"}
+        self.line_buffers = False  # set by set_line_buffers where they do not raise the planned peak
         self.shards = None  # a fxstream.distributed.Shards: this rank runs its run of each pass's slices
 
     @property
@@ -202,19 +205,26 @@ class HaloLoop(torch.nn.Module):
         grid) and, for its planned compute, its ops' FLOPs, so its simulation (``simulate_halo``: every pass and slice)
         is kept under that key (``_structure_key``; no code is generated for it) and made once per distinct
         region; FLOPs, when given, only weigh the simulated rows (``HaloSimulation.plan``)."""
-        sim = _PLANS.get(self._key)
+        key = (self._key, self.line_buffers)
+        sim = _PLANS.get(key)
         if sim is None:
-            sim = _PLANS[self._key] = simulate_halo(self.region, self.passes)
+            sim = _PLANS[key] = simulate_halo(self.region, self.passes, self.line_buffers)
             while len(_PLANS) > _PLANS_KEPT:
                 _PLANS.popitem(last=False)
         else:
-            _PLANS.move_to_end(self._key)
+            _PLANS.move_to_end(key)
         return sim.plan(self.region, flops)
+
+    @property
+    def working_bytes(self) -> int:
+        """The planned peak of its slices' bands (on top of its whole outputs), as it runs now."""
+        return self.plan().working_bytes
 
     def extra_repr(self) -> str:
         axis = self.along if self.cols == 1 else f"height x width, grid={self.count // self.cols}x{self.cols}"
         parked = f", parked={len(self.parked)}" if self.parked else ""
-        return f"axis={axis}, slices={self.count}, passes={len(self.passes)}{parked}"
+        lines = ", line_buffers=True" if self.line_buffers else ""
+        return f"axis={axis}, slices={self.count}, passes={len(self.passes)}{parked}{lines}"
 
     def _schedule(self, p, i: int) -> list:
         """(need, assign, [(node, bands, free after)]) for slice ``i`` of pass ``p`` (a value parked by an earlier
@@ -265,8 +275,12 @@ class HaloLoop(torch.nn.Module):
                 summed.setdefault(g.args[0], []).append(g)
             parts: dict = {}  # spread: slice index -> {GroupNorm: its (count, mean, M2)}, merged in slice order
             mine = range(len(plans)) if sh is None else block(len(plans), sh.size, sh.rank)
+            tails: dict = {}  # (convolution, column) -> (rows, first row): NOTE [Line buffers]
+            carry = self.line_buffers
             for i in mine:
                 need, assign, steps = plans[i]
+                col, later = i % self.cols, i + self.cols
+                nxt = plans[later][0] if later in mine else {}
                 sink = acc if sh is None else parts.setdefault(i, {})
                 env = {}
                 for ph in self.region.inputs:
@@ -278,6 +292,12 @@ class HaloLoop(torch.nn.Module):
                 for n, bands, free in steps:
                     if n in p.read:
                         t = host.read(n, [(d, lo, hi) for d, (lo, hi) in zip(self._dims(n), bands)])
+                    elif carry and n in self._convs:
+                        t = self._carried(n, bands, env, full, stats, tails.pop((n, col), None))
+                        k = kept_rows(bands[0], nxt[n][0]) if n in nxt else None
+                        if k is not None:
+                            tails[(n, col)] = (t.narrow(self.region.dims[n], k[0] - bands[0][0], k[1] - k[0]).clone(),
+                                               k[0])
                     else:
                         t = self._run(n, bands, env, full, stats)
                     env[n] = (t, tuple(lo for lo, _ in bands))
@@ -420,6 +440,20 @@ class HaloLoop(torch.nn.Module):
             return self._norm(n, args, stats[n])
         return n.target(*args, **kwargs)
 
+    def _carried(self, n: Node, bands, env: dict, full: dict, stats: dict, tail):
+        """A convolution's band whose first rows the tail of the slice before holds (NOTE [Line buffers]): only
+        the rows past them computed, the two joined."""
+        d = self.region.dims[n]
+        lo, hi = bands[0]
+        k = carried_rows((tail[1], tail[1] + tail[0].shape[d]), (lo, hi)) if tail is not None else 0
+        if k == 0:
+            return self._run(n, bands, env, full, stats)
+        old = tail[0].narrow(d, lo - tail[1], k)
+        if k == hi - lo:
+            return old
+        new = self._run(n, ((lo + k, hi), *bands[1:]), env, full, stats)
+        return torch.cat([old, new], dim=d)
+
     def _conv(self, n: Node, ds: list, bands, env: dict, full: dict):
         x = n.args[0]
         shape = list(x.meta["val"].shape)
@@ -511,3 +545,23 @@ class HaloLoop(torch.nn.Module):
 
 def out_meta_of(outputs) -> list:
     return [buffer_layout(o.meta["val"]) for o in outputs]
+
+
+def set_line_buffers(gm: GraphModule, ceiling: int | None = None) -> None:
+    """Turn on the line buffers (NOTE [Line buffers]) of every halo loop of ``gm`` whose planned peak with them
+    stays within ``ceiling`` bytes (None: the graph's planned peak without any): they save the convolutions'
+    halo rows and cost their tails, so where they would raise the peak past that they stay off."""
+    from .memory import plan_memory
+    loops = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), HaloLoop)}
+    if not loops:
+        return
+    for loop in loops.values():
+        loop.line_buffers = False
+    if ceiling is None:
+        ceiling = plan_memory(gm).peak_bytes
+    for loop in loops.values():
+        loop.line_buffers = True
+    peaks = plan_memory(gm).region_peaks
+    for name, loop in loops.items():
+        loop.line_buffers = peaks.get(name, ceiling + 1) <= ceiling

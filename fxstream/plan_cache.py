@@ -50,6 +50,7 @@ from .errors import MemoryBudgetError
 from .memory import plan_memory
 from .policy import Policy
 from .rehash import StepRehash
+from .halo_runtime import set_line_buffers
 from .runtime import set_in_flight
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ENV", "FORMAT", "compile_cached", "cache_folder", "plan_key", "replay", "load", "store", "versions"]
 
 ENV = "FXSTREAM_CACHE_DIR"
-FORMAT = 2  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
+FORMAT = 3  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
 _NOT_KEYED = ("cache_dir", "cache_size", "verify", "distributed")  # Policy fields that do not change a compile
 _unwritable: set = set()  # folders warned about (once per process)
 
@@ -164,7 +165,8 @@ def _bool(v, what: str) -> bool:
 
 def _made_json(m: MadeWith) -> dict:
     return {"policy": _policy_json(m.policy), "counts": m.counts, "inner_counts": m.inner_counts,
-            "halo_keep": m.halo_keep, "in_flight": m.in_flight, "check_peak": m.check_peak}
+            "halo_keep": m.halo_keep, "in_flight": m.in_flight, "check_peak": m.check_peak,
+            "line_buffers": m.line_buffers}
 
 
 def _made_from(d: dict) -> MadeWith:
@@ -175,7 +177,7 @@ def _made_from(d: dict) -> MadeWith:
                     None if d["counts"] is None else _counts(d["counts"], "counts"),
                     None if inner is None else [None if c is None else _counts(c, "inner_counts[...]") for c in inner],
                     _optional_int(d["halo_keep"], "halo_keep"), _optional_int(d["in_flight"], "in_flight"),
-                    _bool(d["check_peak"], "check_peak"))
+                    _bool(d["check_peak"], "check_peak"), _optional_int(d["line_buffers"], "line_buffers"))
 
 
 def _record(key: str, policy: Policy, made: MadeWith | None = None, peak: int | None = None, bound=None,
@@ -268,6 +270,9 @@ def replay(gm: GraphModule, made: MadeWith) -> CompiledGraph:
     cg = compile_graph(gm, made.policy, made.counts, made.inner_counts, made.halo_keep, made.check_peak)
     if made.in_flight is not None:
         set_in_flight(cg.graph_module, made.in_flight, made.policy.cpu_workers)
+        cg.made_with = made
+    if made.line_buffers is not None:
+        set_line_buffers(cg.graph_module, made.line_buffers)
         cg.made_with = made
     return cg
 

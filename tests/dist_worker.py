@@ -5,7 +5,8 @@ what it raised, for the test to check.
 Scenarios:
 - ``equal``: the tiny SVD, AnimateDiff and UNet3D UNets and SVD's temporal decoder (tests/test_halo.py's, two
   layers per block) compiled with ``Policy(slices=4, distributed=True)``, SVD's temporal decoder and an SD-style
-  VAE decoder with ``Policy(halo=3, distributed=True)`` (halo regions), the tiny SVD pipeline under
+  VAE decoder with ``Policy(halo=3, distributed=True)`` (halo regions; the temporal decoder once more with
+  ``host_memory``: parked values gathered on every rank), the tiny SVD pipeline under
   ``compile_pipeline`` (3 steps), and tiny SVD under Step Rehash over 4 steps: their outputs, the measured
   activation peaks and the compiled reports' planned peaks;
 - ``equal-small``: the tiny SVD UNet and the temporal decoder's halo regions only (for 3 ranks);
@@ -39,8 +40,8 @@ def _models(names):
         if name == "temporal-decoder":
             from test_halo import tiny_svd_attention
             m, kw = tiny_svd_attention()
-        elif name == "temporal-decoder-halo":  # Policy(halo=...): halo regions with GroupNorm statistics passes
-            from test_halo import tiny_svd
+        elif name in ("temporal-decoder-halo", "temporal-decoder-park"):  # Policy(halo=...): halo regions with
+            from test_halo import tiny_svd  # GroupNorm statistics passes (-park: their inputs parked in host memory)
             m, kw = tiny_svd(frames=2, h=8, w=8)
         elif name == "sd-vae-decoder-halo":
             from test_halo import tiny_kl
@@ -55,8 +56,9 @@ def _models(names):
 def equal(out: dict, names) -> None:
     for name, m, kw in _models([n for n in names if n != "pipeline"]):
         policy = fxstream.Policy(slices=SLICES.get(name, 4), distributed=fxstream.Distributed(timeout=600))
-        if name.endswith("-halo"):
-            policy = fxstream.Policy(halo=3, distributed=fxstream.Distributed(timeout=600))
+        if name.endswith(("-halo", "-park")):
+            policy = fxstream.Policy(halo=3, distributed=fxstream.Distributed(timeout=600),
+                                     host_memory="1GiB" if name.endswith("-park") else None)
         with torch.no_grad():
             compiled = fxstream.compile(m, policy)
             compiled(**kw)  # compiles
@@ -146,7 +148,7 @@ def main() -> int:
     try:
         if scenario == "equal":
             equal(out, ["svd-tiny", "animatediff-tiny", "unet3d-tiny", "temporal-decoder", "temporal-decoder-halo",
-                        "sd-vae-decoder-halo", "pipeline"])
+                        "temporal-decoder-park", "sd-vae-decoder-halo", "pipeline"])
         elif scenario == "equal-small":
             equal(out, ["svd-tiny", "temporal-decoder-halo"])
         elif scenario == "mismatch-raise":

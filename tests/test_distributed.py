@@ -53,7 +53,9 @@ def _one_process(name: str):
     from dist_worker import _models
     _, m, kw = next(_models([name]))
     from dist_worker import SLICES
-    policy = fxstream.Policy(halo=3) if name.endswith("-halo") else fxstream.Policy(slices=SLICES.get(name, 4))
+    policy = fxstream.Policy(halo=3) if name.endswith("-halo") else \
+        fxstream.Policy(halo=3, host_memory="1GiB") if name.endswith("-park") else \
+        fxstream.Policy(slices=SLICES.get(name, 4))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run: some CPU kernels choose their algorithm by the thread count
     try:
@@ -101,7 +103,7 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
     names = [k for k in results[0] if k not in ("rehash", "pipeline")]
-    assert len(names) == (6 if scenario == "equal" else 2)
+    assert len(names) == (7 if scenario == "equal" else 2)
     for name in names:
         want = _one_process(name)
         for res in results:

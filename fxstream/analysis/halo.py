@@ -26,6 +26,18 @@ rows of the convolutions between them). The value's rows read back are the ones 
 same bits as recomputing them. A buffer lives from its statistics pass to the last pass that reads it; the plan
 counts the host bytes (the peak of buffers alive at once) and the traffic (every row written once, every band
 read back) apart from the device bytes, where a band read back is a band made.
+
+NOTE [Line buffers]
+A pass runs its slices in order, so the band of a convolution's output in one slice mostly overlaps the band
+of the slice before in the same column (the halo rows the next convolution needs). Each convolution keeps the
+rows of its band that the next slice of its column starts with (a copy: the *tail*, :func:`kept_rows`); the
+next slice computes only the rows past them (:func:`carried_rows`) and joins the two, so along height a
+convolution computes each row once per pass, whatever the halos. Only convolutions carry (their FLOPs are the
+decoder's; the pointwise ops and GroupNorms between them recompute their few halo rows). The tails of a grid's
+other columns wait while a row of tiles runs: a line of the whole width. The first slice of a run of slices
+(a rank's, under ``distributed``) computes its band whole. The carried rows are the same rows computed once,
+so results equal recomputing them within float rounding (another band shape may round differently). The plan
+counts the tails, the new rows before they are joined, and only the new rows as computed.
 """
 from __future__ import annotations
 
@@ -513,6 +525,22 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
 # --- the slices of one region: which rows of which value each pass computes (integers only) -----------------
 
 
+def carried_rows(prev, band) -> int:
+    """Rows at the start of ``band`` ((lo, hi) along height) that the tail ``prev`` ((lo, hi), or None) holds: 0
+    unless the tail starts at or before the band and reaches into it (NOTE [Line buffers])."""
+    if prev is None or not prev[0] <= band[0] < prev[1]:
+        return 0
+    return min(prev[1], band[1]) - band[0]
+
+
+def kept_rows(band, nxt):
+    """The rows of ``band`` a convolution keeps for the next slice of its column, whose band is ``nxt`` (None:
+    none), as (lo, hi), or None."""
+    if nxt is None or not band[0] <= nxt[0] < band[1]:
+        return None
+    return nxt[0], min(band[1], nxt[1])
+
+
 def _hull(a, b):
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
@@ -623,15 +651,28 @@ def _assign(region: HaloRegion, targets: list, i: int, count: int, axis: int) ->
     return assign
 
 
+def park_root(region: HaloRegion, x: Node) -> Node:
+    """What a region parks for a GroupNorm input ``x``: the value whose storage ``x`` views (back through
+    reshapes and permutes inside the region), so that the passes after read that value back too, not only its
+    view (a residual add whose permuted view feeds a temporal GroupNorm, read again by the mix after it)."""
+    while x.args and isinstance(x.args[0], Node) and x.args[0] in region.inside and aliases(x) and \
+            region.lengths(x.args[0]) == region.lengths(x):
+        x = x.args[0]
+    return x
+
+
 def parkable(region: HaloRegion) -> list:
-    """The values a region may park in host memory (NOTE [Host checkpoints]): the inputs of its GroupNorms that
-    it computes (a region input is read, not computed), by level then graph order."""
+    """The values a region may park in host memory (NOTE [Host checkpoints]): for the inputs of its GroupNorms
+    that it computes (a region input is read, not computed), the values they view (:func:`park_root`), by level
+    then graph order."""
     levels = stat_levels(region)
     out = []
     for g in sorted(levels, key=lambda g: levels[g]):
         x = g.args[0]
-        if x in region.inside and x not in out:
-            out.append(x)
+        if x in region.inside:
+            r = park_root(region, x)
+            if r not in out:
+                out.append(r)
     return out
 
 
@@ -654,7 +695,10 @@ def passes(region: HaloRegion) -> list[Pass]:
     for k, ps in enumerate(out):
         targets = [g.args[0] for g in ps.stats] if ps.stats else list(region.outputs)
         ps.read = read
-        ps.park = tuple(t for t in dict.fromkeys(targets) if t in region.parked)
+        if ps.stats:
+            roots = (park_root(region, t) for t in targets if t in region.inside)
+            ps.park = tuple(r for r in dict.fromkeys(roots) if r in region.parked)
+            targets += [r for r in ps.park if r not in targets]  # each slice writes its assigned rows
         hcache, wcache = {}, {}
         for i in range(region.count):
             r, c = divmod(i, cols)
@@ -786,7 +830,7 @@ def _cells(bands) -> int:
     return math.prod(hi - lo for lo, hi in bands)
 
 
-def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = None) -> HaloPlan:
+def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = None, carry: bool = False) -> HaloPlan:
     """Simulate every pass and slice: bands made in order, freed after their last use in the slice (a view
     keeps its input's storage), transients while their op runs (a convolution's padded input, a GroupNorm's
     float32 working copy, a statistics pass's float32 copy of the band it sums). Inputs are views of the
@@ -796,8 +840,9 @@ def plan_halo(region: HaloRegion, flops: dict | None = None, ps: list | None = N
     is freed depend only on which values the slice computes, not on its rows; the slices of a pass mostly compute
     the same values. So the slices are grouped by that set, the schedule is made once per group, and the bytes of
     every slice of the group are computed at once (integer arrays, slices x values): live bytes at each op are
-    the running sum of what was made minus what was freed before it; the op's transients add on top."""
-    return simulate_halo(region, ps).plan(region, flops)
+    the running sum of what was made minus what was freed before it; the op's transients add on top. ``carry``:
+    the convolutions keep line buffers (NOTE [Line buffers])."""
+    return simulate_halo(region, ps, carry).plan(region, flops)
 
 
 @dataclass(frozen=True)
@@ -823,10 +868,12 @@ class HaloSimulation:
                         self.host_bytes, self.host_traffic)
 
 
-def simulate_halo(region: HaloRegion, ps: list | None = None) -> HaloSimulation:
-    """:func:`plan_halo`'s simulation of every pass and slice, which FLOPs do not change."""
+def simulate_halo(region: HaloRegion, ps: list | None = None, carry: bool = False) -> HaloSimulation:
+    """:func:`plan_halo`'s simulation of every pass and slice, which FLOPs do not change; ``carry``: the
+    convolutions keep line buffers (NOTE [Line buffers])."""
     ps = passes(region) if ps is None else ps
     static = _static(region)
+    cols, carry_on = region.cols, carry
     peaks = []
     cells_made = dict.fromkeys(region.nodes, 0)  # per value, its rows (cells) computed over all slices and passes
     host, host_peak, traffic = 0, 0, 0
@@ -837,17 +884,35 @@ def simulate_halo(region: HaloRegion, ps: list | None = None) -> HaloSimulation:
         host_peak = max(host_peak, host)
         traffic += sum(_tensor_bytes(v) for v in p.park)
         groups: dict = {}
-        for i in range(len(p.slices)):
-            need, assign = p.tile(i)
+        tiles = [p.tile(i) for i in range(len(p.slices))]
+        carry = [n for n in region.nodes if carry_on and HALO_RULES[n.target].kind == "conv" and n not in p.read]
+        waiting = []  # per tile, the bytes of the tails it makes (they wait for the next tile of its column)
+        for i, (need, assign) in enumerate(tiles):
             traffic += sum(static[v][0] * _cells(need[v]) // max(static[v][1], 1) for v in p.read if v in need)
-            groups.setdefault(frozenset(need), []).append((need, assign))
+            prev = tiles[i - cols][0] if i >= cols else {}
+            nxt = tiles[i + cols][0] if i + cols < len(tiles) else {}
+            kin, kout = {}, {}
+            for n in carry:
+                b = need.get(n)
+                if b is None:
+                    continue
+                if n in prev:
+                    kin[n] = carried_rows(prev[n][0], b[0])
+                if n in nxt:
+                    k = kept_rows(b[0], nxt[n][0])
+                    if k is not None:
+                        kout[n] = k[1] - k[0]
+            made = sum(static[n][0] * r * _cells(need[n][1:]) // max(static[n][1], 1) for n, r in kout.items())
+            waiting.append(made)
+            others = sum(waiting[max(0, i - cols + 1):i])  # the other columns' tails, made before this tile
+            groups.setdefault(frozenset(need), []).append((need, assign, kin, kout, others))
         peak = 0
         for t in targets:  # a region input is summed straight away
             if t not in region.inside:
-                peak = max([peak] + [copy[t][0] * _cells(a[t]) // copy[t][1]
-                                     for tiles in groups.values() for _, a in tiles if t in a])
-        for tiles in groups.values():
-            peak = max(peak, _group_peak(region, static, tiles, targets, copy, cells_made, p.read))
+                peak = max([peak] + [copy[t][0] * _cells(tile[1][t]) // copy[t][1]
+                                     for group in groups.values() for tile in group if t in tile[1]])
+        for group in groups.values():
+            peak = max(peak, _group_peak(region, static, group, targets, copy, cells_made, p.read))
         peaks.append(peak)
         host -= sum(_tensor_bytes(v) for v in p.free)
     best = max(peaks, default=0)
@@ -880,49 +945,72 @@ def _schedule(region: HaloRegion, need, read: frozenset = frozenset()) -> tuple[
 
 def _group_peak(region: HaloRegion, static: dict, tiles: list, targets: set, copy: dict, cells_made: dict,
                 read: frozenset = frozenset()) -> int:
-    """The peak bytes of the slices ``tiles`` ((need, assign) pairs computing the same values) in one array
-    computation (see NOTE [Slices simulated together]); adds each value's computed cells to ``cells_made``
-    (a value in ``read``, parked in host memory, is a band made by a copy: no cells, no transients)."""
+    """The peak bytes of the slices ``tiles`` ((need, assign, rows carried in, rows kept, other columns' tails)
+    of slices computing the same values) in one array computation (see NOTE [Slices simulated together] and NOTE
+    [Line buffers]); adds each value's computed cells to ``cells_made`` (a value in ``read``, parked in host
+    memory, is a band made by a copy: no cells, no transients)."""
     todo, is_root, free = _schedule(region, tiles[0][0], read)
     if not todo:
         return 0
+    carries = {n for tile in tiles for n in tile[2]} | {n for tile in tiles for n in tile[3]}
     s, t = len(tiles), len(todo)
-    bands = np.array([[need[n] for n in todo] for need, _ in tiles], dtype=np.int64)  # (slices, values, axes, 2)
+    bands = np.array([[tile[0][n] for n in todo] for tile in tiles], dtype=np.int64)  # (slices, values, axes, 2)
     lo, hi = bands[..., 0], bands[..., 1]
     cells = np.prod(hi - lo, axis=2)  # (slices, values)
+    rows = hi[..., 0] - lo[..., 0]  # along height
+    across = np.prod(hi[..., 1:] - lo[..., 1:], axis=2)  # cells per row (1 for bands of rows)
+    kin = np.array([[tile[2].get(n, 0) for n in todo] for tile in tiles], dtype=np.int64)
+    kout = np.array([[tile[3].get(n, 0) for n in todo] for tile in tiles], dtype=np.int64)
     made = np.zeros((s, t), dtype=np.int64)  # bytes a root makes
     extra = np.zeros((s, t), dtype=np.int64)  # transients while the op runs
+    old = np.zeros((s, t), dtype=np.int64)  # the tail carried in: live from the slice's start to its step
+    new = np.zeros((s, t), dtype=np.int64)  # the tail kept: live from its step to the slice's end
     for j, n in enumerate(todo):
         size, ncells, _, conv, f32, up = static[n]
         c = cells[:, j]
         if n in read:
             made[:, j] = size * c // max(ncells, 1)
             continue
+        if n in carries:
+            c = (rows[:, j] - kin[:, j]) * across[:, j]  # the rows past the tail
         cells_made[n] += int(c.sum())
         if is_root[j]:
             if up is not None:  # an upsampled band is made whole from its input rows, then narrowed
                 f = np.array(up, dtype=np.int64)
                 c = np.prod(((hi[:, j] - 1) // f + 1 - lo[:, j] // f) * f, axis=1)
-            made[:, j] = size * c // max(ncells, 1)
+            made[:, j] = size * cells[:, j] // max(ncells, 1) if n in carries else size * c // max(ncells, 1)
         if f32:
             extra[:, j] = ((size * f32) * cells[:, j] / max(ncells, 1)).astype(np.int64)
+        pad_bytes = 0
         if conv is not None:  # the padded copy of its input band, where the band reaches the padding
             params, xsize, xlens = conv
             k, st, pad, dil = (np.array(v, dtype=np.int64) for v in zip(*params))
-            a = lo[:, j] * st - pad
+            start = lo[:, j].copy()
+            start[:, 0] += kin[:, j]
+            a = start * st - pad
             b = (hi[:, j] - 1) * st - pad + dil * (k - 1) + 1
-            padded = ((a < 0) | (b > np.array(xlens, dtype=np.int64))).any(axis=1)
-            extra[:, j] = np.where(padded, xsize * np.prod(b - a, axis=1) // max(math.prod(xlens), 1), extra[:, j])
+            padded = ((a < 0) | (b > np.array(xlens, dtype=np.int64))).any(axis=1) & (start[:, 0] < hi[:, j, 0])
+            pad_bytes = np.where(padded, xsize * np.prod(b - a, axis=1) // max(math.prod(xlens), 1), 0)
+            extra[:, j] = pad_bytes
+        if n in carries:
+            whole = size * cells[:, j] // max(ncells, 1)
+            part = (0 < kin[:, j]) & (kin[:, j] < rows[:, j])  # new rows made, then joined to the tail
+            new_bytes = size * c // max(ncells, 1)
+            extra[:, j] = np.where(part, new_bytes + np.maximum(pad_bytes - whole, 0), pad_bytes)
+            old[:, j] = np.where(kin[:, j] < rows[:, j], size * kin[:, j] * across[:, j] // max(ncells, 1), 0)
+            new[:, j] = size * kout[:, j] * across[:, j] // max(ncells, 1)
         if n in targets:
-            summed = np.array([copy[n][0] * _cells(a[n]) // copy[n][1] if n in a else 0 for _, a in tiles],
-                              dtype=np.int64)
+            summed = np.array([copy[n][0] * _cells(tile[1][n]) // copy[n][1] if n in tile[1] else 0
+                               for tile in tiles], dtype=np.int64)
             extra[:, j] = np.maximum(extra[:, j], summed)
     freed = np.zeros((s, t + 1), dtype=np.int64)  # bytes freed after step j, counted from step j + 1
     for j in range(t):
         if is_root[j]:
             freed[:, free[j] + 1] += made[:, j]
     live = np.cumsum(made, axis=1) - np.cumsum(freed[:, :t], axis=1)
-    return int((live + extra).max())
+    tails = old[:, ::-1].cumsum(axis=1)[:, ::-1] + np.cumsum(new, axis=1) - new  # a tail is kept after its step
+    tails += np.array([tile[4] for tile in tiles], dtype=np.int64)[:, None]
+    return int((live + extra + tails).max())
 
 
-__all__ += ["stat_levels", "passes", "parkable", "choose_parked", "host_peak", "Pass", "halo_rule", "aliases", "transfers"]
+__all__ += ["stat_levels", "passes", "parkable", "carried_rows", "kept_rows", "choose_parked", "host_peak", "Pass", "halo_rule", "aliases", "transfers"]
