@@ -49,7 +49,8 @@ _EXAMPLES = {
     "pipeline": """examples:
   fxstream pipeline --model svd-xt --height 576 --width 1024 --frames 25 --max-memory 6GiB --plot svd-xt.png
   fxstream pipeline --model animatediff --max-memory 4GiB --json > animatediff.json
-  fxstream pipeline --model svd --halo 8 --slices 8                # fixed slice counts, no budget""",
+  fxstream pipeline --model svd --halo 8 --slices 8                # fixed slice counts, no budget
+  fxstream pipeline --model svd-xt --frames 25 --max-memory 6GiB --host-memory 32GiB  # decoder parks in host""",
 }
 
 
@@ -307,6 +308,10 @@ def _pipeline_options() -> argparse.ArgumentParser:
     g.add_argument("--halo", type=_halo, metavar="N|RxC",
                    help="the VAE decoder's halo slicing: N bands of rows or RxC tiles (with --max-memory the most "
                         "tiles it may use, 64 if not given). Example: --halo 8 or --halo 8x8")
+    g.add_argument("--host-memory", type=_bytes, metavar="SIZE", dest="host_memory",
+                   help="host memory the VAE decoder may park GroupNorm inputs in, so its statistics passes do not "
+                        "recompute them (pinned CPU memory on CUDA; the report shows host bytes and traffic). "
+                        "Example: --host-memory 32GiB")
     g.add_argument("--offload", choices=("auto", "always", "never"), default="auto",
                    help="with --max-memory: move the modules a stage does not use off the accelerator when the "
                         "budget needs it or it plans less recomputation (auto, default), in every stage (always: "
@@ -447,7 +452,7 @@ def main(argv=None) -> int:
     try:
         policy = _policy(args)
         if args.command == "pipeline":  # plans a whole pipeline, not one UNet session
-            code = args.func(args, replace(policy, halo=args.halo), progress)
+            code = args.func(args, replace(policy, halo=args.halo, host_memory=args.host_memory), progress)
         else:
             if args.command == "viz" and {"svg", "html"} & set(args.format):
                 from .render import require_dot

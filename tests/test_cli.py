@@ -226,3 +226,22 @@ def test_dtype_takes_torchs_names_and_help_is_plain_text(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert "``" not in out and "on the meta device" in out
+
+
+def test_pipeline_host_memory_reaches_the_policy(capsys, monkeypatch):
+    """``--host-memory`` is parsed as a size and reaches the decoder's policy; a bad size is a usage error."""
+    p = cli.build_parser()
+    assert p.parse_args(["pipeline", "--model", "svd-tiny", "--host-memory", "32GiB"]).host_memory == 32 * 2**30
+    err = usage_error(["pipeline", "--model", "svd-tiny", "--host-memory", "lots"], capsys)
+    assert "--host-memory" in err and "6GiB" in err
+    seen = {}
+
+    def fake(args, policy, progress):
+        seen["policy"] = policy
+        return 0
+    args = p.parse_args(["pipeline", "--model", "svd-tiny", "--host-memory", "1GiB", "--halo", "4"])
+    args.func = fake
+    monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args,
+                                                                    "prog": "fxstream"})())
+    assert cli.main([]) == 0
+    assert seen["policy"].host_memory == 2**30 and seen["policy"].halo == 4

@@ -61,6 +61,9 @@ class StepReport:
         if halo:
             worst = max(halo, key=lambda r: r.compute)
             text += f"; halo up to {worst.passes} passes, {worst.compute:.1f}x compute"
+        if self.report.host_bytes:
+            text += (f"; {format_bytes(self.report.host_bytes)} parked in host memory, "
+                     f"{format_bytes(self.report.host_traffic)} copied")
         return text
 
     @property
@@ -96,6 +99,9 @@ class StepReport:
                 "peak_bytes": self.peak_bytes, "original_peak_bytes": self.original_peak_bytes,
                 "lower_bound_bytes": self.lower_bound_bytes, "max_memory": self.max_memory,
                 "regions": len(self.report.regions) if self.report is not None else 0,
+                "compute_factor": self.report.compute_factor if self.report is not None else 1.0,
+                "host_bytes": self.report.host_bytes if self.report is not None else 0,
+                "host_traffic": self.report.host_traffic if self.report is not None else 0,
                 "slicing": self.slicing}
 
 
