@@ -293,14 +293,33 @@ def _halo_flops(cg: CompiledGraph, flops: dict) -> float:
 
 
 # NOTE [Planned time of a decode]: the budget weighs recomputing against parking in host memory by time: the
-# planned FLOPs at the compute rate measured on one H200 (``distributed.H200_SVD_FLOPS_PER_S``: the UNet's rate,
-# taken for the decoder as an assumption), plus the bytes parked and read back over the host link (PCIe 5.0 x16,
-# as an H200 SXM host has: ``distributed.LINKS["pcie5"]``, 80% of one direction; both directions counted in
-# turn, as if no copy overlapped compute). Without host memory the time orders compiles as their FLOPs do.
+# planned FLOPs at a compute rate plus the bytes parked and read back at a copy rate (both directions counted in
+# turn, as if no copy overlapped compute). A graph planned on the meta device or on CUDA is planned for a GPU:
+# the rate measured on one H200 (``distributed.H200_SVD_FLOPS_PER_S``: the UNet's, taken for the decoder as an
+# assumption) and the host link of an H200 SXM host (PCIe 5.0 x16, ``distributed.LINKS["pcie5"]``, 80% of one
+# direction). On the CPU the host is the same memory and a copy is a memcpy: the rates measured on this project's
+# 2-core machine (``python tools/bench_decoder.py --rates``: a 3x3 convolution of a decoder's upper block in
+# float32, 1.5e11-1.6e11 FLOP/s; a band written into a whole-size buffer and read back, 3.8e9-8.6e9 B/s: the
+# lower copy rate taken). Without host memory the time orders compiles as their FLOPs do.
+CPU_FLOPS_PER_S = 1.55e11
+CPU_COPY_BYTES_PER_S = 4.0e9
+
+
+def _rates(gm: GraphModule) -> tuple[float, float]:
+    """(FLOP/s, host copy bytes/s) of the device ``gm``'s inputs are on (NOTE [Planned time of a decode])."""
+    from .distributed import H200_SVD_FLOPS_PER_S, LINKS
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if n.op == "placeholder" and hasattr(v, "device"):
+            if v.device.type == "cpu":
+                return CPU_FLOPS_PER_S, CPU_COPY_BYTES_PER_S
+            break
+    return H200_SVD_FLOPS_PER_S, LINKS["pcie5"].bytes_per_s
+
+
 def _halo_cost(cg: CompiledGraph, flops: dict) -> tuple[float, float, int]:
     """(planned seconds, planned FLOPs, host bytes copied per call) of a compiled graph with halo regions (NOTE
     [Planned time of a decode])."""
-    from .distributed import H200_SVD_FLOPS_PER_S, LINKS
     inside, total, traffic = set(), 0.0, 0
     for n in cg.graph_module.graph.nodes:
         if n.op == "call_module" and n.name.startswith("halo_"):
@@ -311,7 +330,8 @@ def _halo_cost(cg: CompiledGraph, flops: dict) -> tuple[float, float, int]:
             total += hp.compute_factor * sum(flops.get(m, 0) for m in names)
             traffic += hp.host_traffic
     total += sum(v for k, v in flops.items() if k not in inside)
-    return total / H200_SVD_FLOPS_PER_S + traffic / LINKS["pcie5"].bytes_per_s, total, traffic
+    compute, copy = _rates(cg.prepared)
+    return total / compute + traffic / copy, total, traffic
 
 
 def choose_halo(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[CompiledGraph, int]:

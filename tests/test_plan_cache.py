@@ -225,12 +225,14 @@ def test_cache_dir_is_checked():
 
 def test_a_policy_and_its_decision_survive_json():
     policy = fxstream.Policy(slices=4, halo=(2, 3), pipeline=2, cpu_workers=False, min_region_fraction=0.1,
-                             rehash=fxstream.StepRehash(schedule=[0, 3, 5]), cache_dir="/somewhere")
-    made = MadeWith(policy, {"add_1": 2}, [None, {"mul": 3}], 4096, 2)
+                             rehash=fxstream.StepRehash(schedule=[0, 3, 5]), cache_dir="/somewhere",
+                             host_memory="2GiB")
+    made = MadeWith(policy, {"add_1": 2}, [None, {"mul": 3}], 4096, 2, line_buffers=12345)
     back = plan_cache._made_from(json.loads(json.dumps(plan_cache._made_json(made))))
     assert back == MadeWith(fxstream.Policy(slices=4, halo=(2, 3), pipeline=2, cpu_workers=False,
-                                            min_region_fraction=0.1, rehash=fxstream.StepRehash(schedule=[0, 3, 5])),
-                            {"add_1": 2}, [None, {"mul": 3}], 4096, 2)
+                                            min_region_fraction=0.1, rehash=fxstream.StepRehash(schedule=[0, 3, 5]),
+                                            host_memory=2 * 2**30),
+                            {"add_1": 2}, [None, {"mul": 3}], 4096, 2, line_buffers=12345)
 
 
 def _record(i: int) -> dict:
@@ -311,6 +313,25 @@ def test_a_halo_budget_is_replayed_and_its_lower_bound_kept(tmp_path, compiles):
     assert compiles == {"search": 0, "replay": 1}
     assert rep2.peak_bytes == rep1.peak_bytes and rep2.lower_bound_bytes == bound
     assert compiles == {"search": 0, "replay": 1}
+
+
+def test_a_parked_halo_budget_is_replayed_with_its_line_buffers(tmp_path, compiles):
+    """A decoder budget met by parking in host memory (tests/test_host_checkpoints.py's case): the replay makes
+    the same plan (device peak, host bytes, compute) and sets the same line buffers."""
+    from test_halo import tiny_svd
+    dec, kw = tiny_svd(frames=2, h=8, w=8)
+    base = fxstream.explain(dec, kw)
+    policy = fxstream.Policy(max_memory=base.weight_bytes + int(0.4 * base.original_peak_bytes),
+                             host_memory="1GiB", cache_dir=str(tmp_path))
+    rep1 = fxstream.explain(dec, kw, policy)
+    (entry,) = _entries(tmp_path)
+    assert json.loads(entry.read_text())["made_with"]["line_buffers"] == policy.max_memory - base.weight_bytes
+    compiles.update(search=0, replay=0)
+    rep2 = fxstream.explain(dec, kw, policy)
+    assert compiles == {"search": 0, "replay": 1}
+    assert (rep2.peak_bytes, rep2.host_bytes, rep2.host_traffic, rep2.compute_factor) == \
+        (rep1.peak_bytes, rep1.host_bytes, rep1.host_traffic, rep1.compute_factor)
+    assert rep1.host_bytes > 0
 
 
 def test_a_decision_whose_compile_raises_warns_and_searches_again(program, tmp_path, compiles, monkeypatch):

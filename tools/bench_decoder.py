@@ -33,7 +33,7 @@ from tabulate import tabulate
 
 import fxstream
 from fxstream.bench import provenance, timings, write_section
-from fxstream.memory import measure_peak, plan_memory
+from fxstream.memory import MemoryTracker, measure_peak
 from fxstream.models import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,15 +104,17 @@ def measured(kind: str, frames: int, latent: int, repeats: int, fraction: float,
     budget = weights + int(fraction * exported.original_peak_bytes)
     rows = []
 
-    def row(name, fn, planned, extra=("-", "-", "1.00x")):
+    def row(name, fn, planned, extra=("-", "-", "1.00x"), report=None):
+        with torch.no_grad(), MemoryTracker() as tracker:
+            out = fn()
         with torch.no_grad():
-            out, peak = measure_peak(fn)
             fn()  # warm-up done above; one more so the timed runs see a steady state
             t = timings(fn, repeats)
-        rows.append(dict(decoder=kind, frames=frames, latent=latent, method=name, peak_mib=peak / MiB,
+        rows.append(dict(decoder=kind, frames=frames, latent=latent, method=name, peak_mib=tracker.peak / MiB,
                          planned_mib=None if planned is None else planned / MiB, median_s=statistics.median(t),
                          min_s=min(t), max_s=max(t), max_abs_diff=float((out - ref).abs().max()),
-                         regions=extra[0], passes=extra[1], compute=extra[2]))
+                         regions=extra[0], passes=extra[1], compute=extra[2], host_mib=tracker.host_peak / MiB,
+                         planned_host_mib=report.host_bytes / MiB if report is not None else None))
 
     row("all frames at once (exact)", lambda: dec(**kw), exported.original_peak_bytes)
     row("decode_chunk_size=1", lambda: per_frame(kind, dec, kw), None)
@@ -123,9 +125,18 @@ def measured(kind: str, frames: int, latent: int, repeats: int, fraction: float,
     first = time.perf_counter() - t0
     report = compiled.explain()
     row(f"fxstream, max_memory = weights + {fraction:.0%} of all-frames peak", lambda: compiled(**kw),
-        report.peak_bytes, _halo_desc(report))
+        report.peak_bytes, _halo_desc(report), report)
     rows[-1]["first_call_s"] = first
+    parked = fxstream.compile(dec, fxstream.Policy(max_memory=budget, host_memory=HOST))
+    with torch.no_grad():
+        parked(**kw)
+    report = parked.explain()
+    row(f"fxstream, the same max_memory, host_memory={HOST}", lambda: parked(**kw), report.peak_bytes,
+        _halo_desc(report), report)
     return rows
+
+
+HOST = "32GiB"  # the host memory of the rows that park values (Policy.host_memory)
 
 
 def planned(kind: str, frames: int, h: int, w: int, budgets=(1, 2)) -> list[dict]:
@@ -140,46 +151,71 @@ def planned(kind: str, frames: int, h: int, w: int, budgets=(1, 2)) -> list[dict
             dict(decoder=kind, size=size, method="decode_chunk_size=1" + (" (a different video)" if kind == "svd"
                                                                           else " (same video)"),
                  planned_gib=one.original_peak_bytes / GiB, regions="-", passes="-", compute="1.00x", plan_s=None)]
-    for b in budgets:
+    for b, host in [(b, h) for b in budgets for h in (None, HOST)]:
         t0 = time.perf_counter()
+        method = f"fxstream, {b:g} GiB of activations" + (f", host_memory={host}" if host else "")
         try:
             rep = fxstream.explain(dec, decoder_inputs(kind, frames, h, w, "meta", torch.float16),
-                                   fxstream.Policy(max_memory=weights + b * GiB))
+                                   fxstream.Policy(max_memory=weights + int(b * GiB), host_memory=host))
         except fxstream.MemoryBudgetError as e:
-            rows.append(dict(decoder=kind, size=size, method=f"fxstream, {b} GiB of activations",
-                             planned_gib=None, regions="does not fit", passes="-", compute="-",
+            rows.append(dict(decoder=kind, size=size, method=method, planned_gib=None, regions="does not fit",
+                             passes="-", compute="-", host_gib=None, traffic_gib=None,
                              plan_s=time.perf_counter() - t0, error=str(e).splitlines()[0]))
             continue
-        rows.append(dict(decoder=kind, size=size, method=f"fxstream, {b} GiB of activations (exact)",
+        rows.append(dict(decoder=kind, size=size, method=method + " (exact)",
                          planned_gib=rep.peak_bytes / GiB, regions=_halo_desc(rep)[0], passes=_halo_desc(rep)[1],
-                         compute=_halo_desc(rep)[2], plan_s=time.perf_counter() - t0))
+                         compute=_halo_desc(rep)[2], host_gib=rep.host_bytes / GiB,
+                         traffic_gib=rep.host_traffic / GiB, plan_s=time.perf_counter() - t0))
     return rows
 
 
-PIPELINES = [("svd-xt", 576, 1024, 25, "6GiB"), ("svd", 576, 1024, 14, "5GiB"), ("animatediff", 512, 512, 16, "4GiB")]
+PIPELINES = [("svd-xt", 576, 1024, 25, "6GiB", None), ("svd-xt", 576, 1024, 25, "6GiB", HOST),
+             ("svd", 576, 1024, 14, "5GiB", None), ("animatediff", 512, 512, 16, "4GiB", None)]
 
 
 def whole_pipelines(plot_dir: Path | None) -> list[dict]:
     """``fxstream.explain_pipeline`` of the released pipelines (fp16, meta device) under the issue's budgets."""
     from fxstream.pipelines import build_pipeline
     rows = []
-    for name, h, w, frames, budget in PIPELINES:
+    for name, h, w, frames, budget, host in PIPELINES:
         print(f"planning the {name} pipeline ...", file=sys.stderr)
         pipe = build_pipeline(name, device="meta", dtype=torch.float16)
         t0 = time.perf_counter()
         rep = fxstream.explain_pipeline(pipe, height=h, width=w, num_frames=frames,
-                                        policy=fxstream.Policy(max_memory=budget))
+                                        policy=fxstream.Policy(max_memory=budget, host_memory=host))
         seconds = time.perf_counter() - t0
         decode = [s for s in rep.stages if s.name == "decode"]
         compute = [st.report.compute_factor for s in decode for st in s.steps if getattr(st, "report", None)]
-        rows.append(dict(pipeline=name, size=f"{frames} x {h}x{w}", budget=budget,
+        rows.append(dict(pipeline=name, size=f"{frames} x {h}x{w}", budget=budget, host_memory=host or "-",
                          original_gib=rep.original_peak_bytes / GiB, planned_gib=rep.peak_bytes / GiB,
                          lower_bound_gib=rep.lower_bound_bytes / GiB,
                          offloaded=", ".join(s.name for s in rep.stages if s.offload) or "-",
                          decode_compute=f"{max(compute):.2f}x" if compute else "-", plan_s=seconds))
-        if plot_dir is not None:
+        if plot_dir is not None and host is None:
             rep.plot(plot_dir / f"pipeline-{name}.png")
     return rows
+
+
+def cpu_rates(repeats: int = 5) -> tuple[float, float]:
+    """The CPU rates of fxstream.budget's NOTE [Planned time of a decode]: FLOP/s of a 3x3 convolution of a
+    decoder's upper block (fp32, 4 x 128 x 128x128) and bytes/s of a band written into a whole-size buffer and read
+    back into a new tensor (the host-checkpoint path on a CPU)."""
+    torch.manual_seed(0)
+    x, conv = torch.randn(4, 128, 128, 128), torch.nn.Conv2d(128, 128, 3, padding=1)
+    flops = 2 * 128 * 9 * x.numel()
+    with torch.no_grad():
+        conv(x)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            conv(x)
+        rate = flops * repeats / (time.perf_counter() - t)
+    buf, band = torch.empty(4, 128, 512, 128), torch.randn(4, 128, 64, 128)
+    t = time.perf_counter()
+    for i in range(4 * repeats):
+        buf.narrow(2, (i % 8) * 64, 64).copy_(band)
+        torch.empty_like(band).copy_(buf.narrow(2, (i % 8) * 64, 64))
+    copy = 2 * band.numel() * band.element_size() * 4 * repeats / (time.perf_counter() - t)
+    return rate, copy
 
 
 def _fmt(v, spec):
@@ -195,7 +231,13 @@ def main(argv=None) -> int:
                     help="fxstream's activation budget as a share of the all-frames planned peak (0.25)")
     ap.add_argument("--quick", action="store_true", help="tiny decoders, 1 repeat, no full-size planning")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--rates", action="store_true",
+                    help="print only the CPU compute and copy rates the budget's planned time uses on a CPU")
     args = ap.parse_args(argv)
+    if args.rates:
+        rate, copy = cpu_rates()
+        print(f"3x3 convolution: {rate:.3g} FLOP/s; band copied out and back: {copy:.3g} B/s")
+        return 0
     repeats = 1 if args.quick else args.repeats
     if args.quick and args.fraction == 0.25:
         args.fraction = 0.6  # tiny decoders: a quarter is below the lower bound
@@ -204,29 +246,34 @@ def main(argv=None) -> int:
         print(f"measuring {kind} decoder ...", file=sys.stderr)
         mrows += measured(kind, args.frames, args.latent, repeats, args.fraction, args.quick)
     mtable = tabulate([(r["decoder"], r["frames"], r["method"], f"{r['peak_mib']:.1f}", _fmt(r["planned_mib"], ".1f"),
+                        f"{r['host_mib']:.1f}", _fmt(r["planned_host_mib"], ".1f"),
                         f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})", f"{r['max_abs_diff']:.2e}",
                         r["regions"], r["passes"], r["compute"]) for r in mrows],
-                      headers=["decoder", "frames", "method", "peak MiB (measured)", "planned MiB", "latency s",
-                               "max abs diff", "halo regions x slices", "passes", "planned compute"],
+                      headers=["decoder", "frames", "method", "peak MiB (measured)", "planned MiB",
+                               "host MiB (measured)", "planned host MiB", "latency s", "max abs diff",
+                               "halo regions x slices", "passes", "planned compute"],
                       tablefmt="github")
     print(mtable)
     prow = []
     if not args.quick:
         for kind, frames, h, w in FULL:
             print(f"planning {kind} {frames} frames ...", file=sys.stderr)
-            prow += planned(kind, frames, h, w)
+            prow += planned(kind, frames, h, w, (0.5, 1, 2) if kind == "sd15" else (1, 2))
         ptable = tabulate([(r["decoder"], r["size"], r["method"], _fmt(r["planned_gib"], ".2f"), r["regions"],
-                            r["passes"], r["compute"], _fmt(r["plan_s"], ".0f")) for r in prow],
+                            r["passes"], r["compute"], _fmt(r.get("host_gib"), ".2f"), _fmt(r.get("traffic_gib"), ".1f"),
+                            _fmt(r["plan_s"], ".0f")) for r in prow],
                           headers=["decoder", "frames x size", "method", "planned GiB (activations)",
-                                   "halo regions x slices", "passes", "planned compute", "planning s"],
+                                   "halo regions x slices", "passes", "planned compute", "host GiB",
+                                   "host traffic GiB per call", "planning s"],
                           tablefmt="github")
         print(ptable)
     wrows = [] if args.quick else whole_pipelines(None if args.no_write else ROOT / "docs" / "img")
     if wrows:
-        wtable = tabulate([(r["pipeline"], r["size"], r["budget"], f"{r['original_gib']:.2f}",
+        wtable = tabulate([(r["pipeline"], r["size"], r["budget"], r["host_memory"], f"{r['original_gib']:.2f}",
                             f"{r['planned_gib']:.2f}", f"{r['lower_bound_gib']:.2f}", r["offloaded"],
                             r["decode_compute"], f"{r['plan_s']:.0f}") for r in wrows],
-                          headers=["pipeline", "frames x size", "max_memory", "original GiB (diffusers defaults)",
+                          headers=["pipeline", "frames x size", "max_memory", "host_memory",
+                                   "original GiB (diffusers defaults)",
                                    "planned GiB", "lower bound GiB", "stages offloading", "decoder compute",
                                    "planning s"], tablefmt="github")
         print(wtable)
