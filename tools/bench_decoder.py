@@ -284,9 +284,11 @@ def main(argv=None) -> int:
           f"Measured: real decoder architectures, random weights, float32, {args.frames} frames of "
           f"{args.latent}x{args.latent} latents, CPU. Peak: activations measured by MemoryTracker. fxstream's "
           f"budget: weights + {args.fraction:.0%} of the all-frames planned peak; the budget chose the halo "
-          "slices and the checkpoints. Planned compute: the halo regions' FLOPs (halo rows and GroupNorm "
+          "slices and the checkpoints (and, with host_memory, what to park in host memory: NOTE [Host "
+          "checkpoints]; line buffers where it has room: NOTE [Line buffers]). Host: the parked values' storages, "
+          "counted apart by the tracker. Planned compute: the halo regions' FLOPs (halo rows and GroupNorm "
           "statistics passes computed again) and the other ops' over the decoder's FLOPs; passes: the most in one "
-          "region.\n\n",
+          "region. Host traffic: bytes copied to and from host memory per call (planned).\n\n",
           mtable, "\n\n"]
     if prow:
         md += ["Planned at full size (float16, meta device, nothing computed; weights not included):\n\n", ptable,
