@@ -87,7 +87,9 @@ class _Host:
     :mod:`fxstream.analysis.halo`): pinned CPU memory when the region runs on CUDA, where rows go out and bands
     come back on a copy stream of their own (a band's storage is kept for the copy going out; the compute stream
     waits for a band coming back before using it); plain CPU memory on a CPU, each band read back a copy (as a
-    device would make it), made under :func:`fxstream.memory.host_storage` so a tracker counts them apart."""
+    device would make it), made under :func:`fxstream.memory.host_storage` so a tracker counts them apart. A slice's
+    bands come back at its start (the planner counts them from there), so on CUDA their copies overlap the slice's
+    first ops."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -116,18 +118,29 @@ class _Host:
             dst.copy_(band, non_blocking=True)
         band.record_stream(self.stream)
 
-    def read(self, v: Node, reqs) -> torch.Tensor:
-        """The rows ``reqs`` of ``v`` back from its host buffer, as a new tensor on the device."""
-        src = self._rows(self.buffers[v], reqs)
-        out = torch.empty(tuple(src.shape), dtype=src.dtype, device=self.device)
-        if not self.cuda:
-            return out.copy_(src)
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)  # ``out`` is allocated on the compute stream
-        with torch.cuda.stream(self.stream):
-            out.copy_(src, non_blocking=True)
-        current.wait_stream(self.stream)
+    def prefetch(self, wanted: list) -> dict:
+        """The bands ``wanted`` ((value, reqs), in the order a slice uses them) back from their host buffers, as new
+        tensors on the device: {value: (tensor, event or None)}. On CUDA the copies run on the copy stream while
+        the compute stream goes on; :meth:`ready` makes it wait for one where the slice first uses it."""
+        out = {}
+        if self.cuda and wanted:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the bands' memory may be reused
+        for v, reqs in wanted:
+            src = self._rows(self.buffers[v], reqs)
+            band = torch.empty(tuple(src.shape), dtype=src.dtype, device=self.device)
+            if not self.cuda:
+                out[v] = (band.copy_(src), None)
+                continue
+            with torch.cuda.stream(self.stream):
+                band.copy_(src, non_blocking=True)
+                out[v] = (band, self.stream.record_event())
         return out
+
+    def ready(self, fetched: tuple) -> torch.Tensor:
+        band, event = fetched
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        return band
 
     def sync(self) -> None:
         """Make the compute stream wait for every copy issued so far (before the host buffers are read whole)."""
@@ -289,9 +302,11 @@ class HaloLoop(torch.nn.Module):
                 for x in summed:
                     if x.op == "placeholder" and x in env:
                         self._gather(x, summed[x], sink, assign, env)
+                fetched = host.prefetch([(n, [(d, lo, hi) for d, (lo, hi) in zip(self._dims(n), bands)])
+                                         for n, bands, _ in steps if n in p.read]) if p.read else {}
                 for n, bands, free in steps:
                     if n in p.read:
-                        t = host.read(n, [(d, lo, hi) for d, (lo, hi) in zip(self._dims(n), bands)])
+                        t = host.ready(fetched.pop(n))
                     elif carry and n in self._convs:
                         t = self._carried(n, bands, env, full, stats, tails.pop((n, col), None))
                         k = kept_rows(bands[0], nxt[n][0]) if n in nxt else None

@@ -22,9 +22,11 @@ once, into a buffer of the whole value in host memory (pinned CPU memory when th
 CPU the host is the CPU and the tracker counts these storages apart). Every later pass reads the bands it needs
 of a parked value from that buffer instead of computing them: its walk back (:func:`needs`) stops there, so a
 statistics level is computed once and each pass recomputes only the ops since the nearest parked values (halo
-rows of the convolutions between them). The value's rows read back are the ones computed, so the result is the
-same bits as recomputing them. A buffer lives from its statistics pass to the last pass that reads it; the plan
-counts the host bytes (the peak of buffers alive at once) and the traffic (every row written once, every band
+rows of the convolutions between them). The rows read back are the rows the statistics pass computed, so the
+results equal recomputing them within float rounding. A slice's bands of parked values come back at its start
+(on CUDA on a copy stream, overlapping its first ops; the compute stream waits for each band where it is first
+used). A buffer lives from its statistics pass to the last pass that reads it; the plan counts the host bytes
+(the peak of buffers alive at once) and the traffic (every row written once, every band
 read back) apart from the device bytes, where a band read back is a band made.
 
 NOTE [Line buffers]
@@ -1007,7 +1009,12 @@ def _group_peak(region: HaloRegion, static: dict, tiles: list, targets: set, cop
     for j in range(t):
         if is_root[j]:
             freed[:, free[j] + 1] += made[:, j]
-    live = np.cumsum(made, axis=1) - np.cumsum(freed[:, :t], axis=1)
+    alloc = made.copy()  # bands read back from host memory are made at the slice's start (prefetched)
+    back = [j for j, n in enumerate(todo) if n in read]
+    if back:
+        alloc[:, back] = 0
+        alloc[:, 0] += made[:, back].sum(axis=1)
+    live = np.cumsum(alloc, axis=1) - np.cumsum(freed[:, :t], axis=1)
     tails = old[:, ::-1].cumsum(axis=1)[:, ::-1] + np.cumsum(new, axis=1) - new  # a tail is kept after its step
     tails += np.array([tile[4] for tile in tiles], dtype=np.int64)[:, None]
     return int((live + extra + tails).max())
