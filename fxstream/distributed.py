@@ -9,8 +9,17 @@ that stay on their rank]: some need none): the same bytes on every rank, the byt
 GroupNorm statistics) are gathered slice by slice and added in slice order on every rank, so the sum is the one
 the one-process loop makes, bit for bit. Halo regions (VAE decoders, ``fxstream.halo_runtime``) spread each pass's
 slices the same way: the statistics passes gather every slice's (count, mean, M2) and merge them in slice order,
-the output pass gathers every slice's rows. Ops outside regions and regions whose bodies hold regions of their own
-(a batch split: their inner regions are spread) run whole on every rank.
+the output pass gathers every slice's rows. Ops outside regions run whole on every rank.
+
+NOTE [Batch splits across ranks]
+A batch split (``Policy(batch=k)``: regions whose bodies hold regions of their own, the classifier-free-guidance
+batch cut in ``k`` parts) is spread itself where its parts divide evenly over the ranks (``k % N == 0``): each
+rank runs its parts whole, its inner regions on the rank alone, and the loop's outputs are gathered once. Its
+FLOPs per rank are then exactly ``1/N`` of the loop's, which spreading the inner regions cannot beat (their ops
+outside regions run on every rank), and it moves only the loop's outputs where the inner regions move each of
+theirs: never more planned time. Otherwise (fewer parts than ranks, or a remainder) the inner regions are spread
+and the parts run one after another on every rank. ``Policy(batch=2, slices=8, distributed=True)`` on 2 GPUs runs
+the conditional and the unconditional halves of a guided step at once.
 
 NOTE [Sharded regions]
 What each rank computes is what the one-process compiled module computes for those slices (the same bodies on
@@ -51,7 +60,7 @@ from .runtime import contiguous_strides
 
 __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block", "rank_ranges",
            "equal_runs", "local_outputs", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan",
-           "Link", "LINKS", "H200_SVD_FLOPS_PER_S"]
+           "Link", "LINKS", "H200_SVD_FLOPS_PER_S", "spread_loops"]
 
 _POLL_S = 0.00005  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
 _POLL_MAX_S = 0.002
@@ -263,17 +272,30 @@ def shards_for(value) -> Shards | None:
     return None if spec is None else Shards(spec)
 
 
+def spread_loops(gm: torch.nn.Module, ranks: int) -> set:
+    """The loop regions of ``gm`` spread over ``ranks`` ranks: a batch split whose parts divide evenly over the
+    ranks, else its inner regions (NOTE [Batch splits across ranks]); every other loop region. Halo loops are
+    always spread (they are not LoopRegions)."""
+    from .runtime import LoopRegion
+    loops = [m for m in gm.modules() if isinstance(m, LoopRegion)]
+    whole = {id(m) for m in loops if m.nested and len(m.bounds) % ranks == 0}
+    inside = {id(x) for m in loops if id(m) in whole for b in m.bodies.values() for x in b.modules()
+              if isinstance(x, LoopRegion)}
+    return {id(m) for m in loops if (id(m) in whole if m.nested else id(m) not in inside)}
+
+
 def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
-    """Give every loop region of ``gm`` whose bodies hold no regions of their own ``shards`` (None: run whole on
-    this process), and mark the outputs no rank needs whole (:func:`mark_local`); the number of regions spread."""
+    """Give every loop region :func:`spread_loops` spreads ``shards`` (None: run whole on this process), and mark
+    the outputs no rank needs whole (:func:`mark_local`); the number of regions spread."""
     from torch.fx import GraphModule
 
     from .halo_runtime import HaloLoop
     from .runtime import LoopRegion
+    spread = spread_loops(gm, shards.size) if shards is not None else set()
     n = 0
     for m in gm.modules():
         if isinstance(m, LoopRegion):
-            m.shards = None if m.nested else shards
+            m.shards = shards if id(m) in spread else None
             m.local = [False] * len(m.out_cuts)
             n += m.shards is not None
         elif isinstance(m, HaloLoop):  # each pass's slices spread, statistics and rows gathered (halo_runtime)
@@ -468,17 +490,18 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     flops = node_flops(compiled.prepared) if flops is None else flops
     total = sum(flops.values())
     gm = compiled.graph_module
+    spread = spread_loops(gm, ranks)
     local = {}  # NOTE [Outputs that stay on their rank], in every graph that holds spread regions
     for m in gm.modules():
         if isinstance(m, GraphModule):
-            local.update(local_outputs(m, ranks, lambda x: not x.nested))
+            local.update(local_outputs(m, ranks, lambda x: id(x) in spread))
     spread_flops = busiest = received = collectives = transit = 0
     for i, r in enumerate(compiled.plan.regions):
         loop = getattr(gm, f"region_{i}", None)
         if not isinstance(loop, LoopRegion):
             continue
         f = sum(flops.get(n.name, 0) for n in r.nodes)
-        if loop.nested:  # a batch split: its parts run one after another, each with its inner regions spread
+        if loop.nested and id(loop) not in spread:  # its parts one after another, its inner regions spread
             if compiled.inner:
                 body = rank_plan(compiled.inner[0], ranks, link, flops_per_s)
                 spread_flops += f * body.spread_share

@@ -6,7 +6,8 @@ Scenarios:
 - ``equal``: the tiny SVD, AnimateDiff and UNet3D UNets and SVD's temporal decoder (tests/test_halo.py's, two
   layers per block) compiled with ``Policy(slices=4, distributed=True)``, SVD's temporal decoder and an SD-style
   VAE decoder with ``Policy(halo=3, distributed=True)`` (halo regions; the temporal decoder once more with
-  ``host_memory``: parked values gathered on every rank), the tiny SVD pipeline under
+  ``host_memory``: parked values gathered on every rank), tiny SVD with ``Policy(batch=2, slices=2)`` (its
+  guidance batch split spread over 2 ranks, the inner regions whole on each), the tiny SVD pipeline under
   ``compile_pipeline`` (3 steps), and tiny SVD under Step Rehash over 4 steps: their outputs, the measured
   activation peaks and the compiled reports' planned peaks;
 - ``equal-small``: the tiny SVD UNet and the temporal decoder's halo regions only (for 3 ranks);
@@ -48,24 +49,33 @@ def _models(names):
             m, kw = tiny_kl()
             kw = dict(sample=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)))
         else:
-            m = build_unet(name)
-            kw = example_inputs(name, m)
+            m = build_unet(name.removesuffix("-cfg"))
+            kw = example_inputs(name.removesuffix("-cfg"), m)
         yield name, m, kw
+
+
+def policy_of(name: str, distributed=None):
+    """The policy each scenario's model is compiled with (``-cfg``: the guidance batch split in 2 parts, spread
+    over the ranks themselves: NOTE [Batch splits across ranks])."""
+    if name.endswith(("-halo", "-park")):
+        return fxstream.Policy(halo=3, distributed=distributed, host_memory="1GiB" if name.endswith("-park") else None)
+    if name.endswith("-cfg"):
+        return fxstream.Policy(batch=2, slices=2, distributed=distributed)
+    return fxstream.Policy(slices=SLICES.get(name, 4), distributed=distributed)
 
 
 def equal(out: dict, names) -> None:
     for name, m, kw in _models([n for n in names if n != "pipeline"]):
-        policy = fxstream.Policy(slices=SLICES.get(name, 4), distributed=fxstream.Distributed(timeout=600))
-        if name.endswith(("-halo", "-park")):
-            policy = fxstream.Policy(halo=3, distributed=fxstream.Distributed(timeout=600),
-                                     host_memory="1GiB" if name.endswith("-park") else None)
+        policy = policy_of(name, fxstream.Distributed(timeout=600))
         with torch.no_grad():
             compiled = fxstream.compile(m, policy)
             compiled(**kw)  # compiles
             got, peak = measure_peak(compiled, **kw)
         got = got[0] if isinstance(got, (tuple, list)) else getattr(got, "sample", got)
         rep = compiled.explain()
-        out[name] = dict(out=got, peak=peak, planned=rep.peak_bytes, regions=len(rep.regions))
+        loops = [x for x in compiled._last.compiled.graph_module.modules() if isinstance(x, LoopRegion)]
+        out[name] = dict(out=got, peak=peak, planned=rep.peak_bytes, regions=len(rep.regions),
+                         spread=[(x.nested, x.shards is not None) for x in loops])
     if "pipeline" in names:  # compile_pipeline: the UNet's cut regions and the decoder's halo regions spread
         out["pipeline"] = dict(out=run_pipeline(fxstream.Distributed(timeout=600)))
     if "svd-tiny" in names:  # Step Rehash: the full and the rehash steps' graphs are spread alike
@@ -147,8 +157,8 @@ def main() -> int:
     out: dict = {}
     try:
         if scenario == "equal":
-            equal(out, ["svd-tiny", "animatediff-tiny", "unet3d-tiny", "temporal-decoder", "temporal-decoder-halo",
-                        "temporal-decoder-park", "sd-vae-decoder-halo", "pipeline"])
+            equal(out, ["svd-tiny", "svd-tiny-cfg", "animatediff-tiny", "unet3d-tiny", "temporal-decoder",
+                        "temporal-decoder-halo", "temporal-decoder-park", "sd-vae-decoder-halo", "pipeline"])
         elif scenario == "equal-small":
             equal(out, ["svd-tiny", "temporal-decoder-halo"])
         elif scenario == "mismatch-raise":

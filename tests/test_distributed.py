@@ -52,10 +52,8 @@ def _one_process(name: str):
     sys.path.insert(0, str(HERE))
     from dist_worker import _models
     _, m, kw = next(_models([name]))
-    from dist_worker import SLICES
-    policy = fxstream.Policy(halo=3) if name.endswith("-halo") else \
-        fxstream.Policy(halo=3, host_memory="1GiB") if name.endswith("-park") else \
-        fxstream.Policy(slices=SLICES.get(name, 4))
+    from dist_worker import policy_of
+    policy = policy_of(name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run: some CPU kernels choose their algorithm by the thread count
     try:
@@ -103,7 +101,10 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
     names = [k for k in results[0] if k not in ("rehash", "pipeline")]
-    assert len(names) == (7 if scenario == "equal" else 2)
+    assert len(names) == (8 if scenario == "equal" else 2)
+    if scenario == "equal":  # NOTE [Batch splits across ranks]: 2 parts on 2 ranks, the split itself spread
+        spread = results[0]["svd-tiny-cfg"]["spread"]
+        assert (True, True) in spread and all(not s for nested, s in spread if not nested), spread
     for name in names:
         want = _one_process(name)
         for res in results:
@@ -175,6 +176,31 @@ def test_explain_plans_ranks_without_a_process_group():
         fxstream.explain(m, kw, fxstream.Policy(slices=4), ranks=0)
     with pytest.raises(ValueError, match="link"):
         fxstream.explain(m, kw, fxstream.Policy(slices=4), ranks=2, link="ethernet")
+
+
+def test_a_guidance_batch_split_is_spread_where_its_parts_divide_over_the_ranks():
+    """NOTE [Batch splits across ranks]: Policy(batch=2) on 2 ranks spreads the split itself (its inner regions
+    whole on each rank): the busiest rank has half the split's FLOPs and the loop's outputs are gathered in a
+    few collectives; on 4 ranks (2 parts) the inner regions are spread, as before."""
+    from fxstream.distributed import spread_loops
+    from fxstream.runtime import LoopRegion
+    m = build_unet("svd-tiny")
+    kw = example_inputs("svd-tiny", m)
+    policy = fxstream.Policy(batch=2, slices=2)
+    rep = fxstream.explain(m, kw, policy, ranks=[2, 4])
+    two, four = rep.ranks
+    inner = fxstream.explain(m, kw, fxstream.Policy(slices=2), ranks=[2]).ranks[0]
+    assert two.collectives < four.collectives and two.collectives < inner.collectives
+    assert two.flops_per_rank <= 0.55 * two.flops  # half the split, the few ops outside it on both ranks
+    entry = fxstream.compile(m, policy)
+    with torch.no_grad():
+        entry(**kw)
+    gm = entry._last.compiled.graph_module
+    loops = [x for x in gm.modules() if isinstance(x, LoopRegion)]
+    nested = [x for x in loops if x.nested]
+    assert nested and {id(x) for x in nested} <= spread_loops(gm, 2)
+    assert not any(id(x) in spread_loops(gm, 2) for x in loops if not x.nested)
+    assert not any(id(x) in spread_loops(gm, 4) for x in nested)
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from fxstream.passes.halo_regions import group_halo_regions
 from fxstream.report import report_json
 from fxstream.stages.parts import stage_policy
 
-from test_halo import FRAMES, SOME, Chain, Exported, assert_matches, chains, tiny_kl, tiny_svd
+from test_halo import FEW, FRAMES, Chain, Exported, assert_matches, chains, tiny_kl, tiny_svd
 
 
 def _grouped(e: Exported, count: int, park: bool, cols: int = 1, lines: bool = False):
@@ -57,7 +57,7 @@ def _run(grouped, e: Exported):
     return out, t
 
 
-@SOME
+@FEW
 @given(blocks=chains(), height=st.integers(1, 9), count=st.integers(2, 6), cols=st.sampled_from([1, 1, 2]))
 @example(blocks=["res", "up2", "temporal", "conv3"], height=5, count=4, cols=1)
 @example(blocks=["res", "res", "gn4"], height=7, count=3, cols=2)
@@ -218,7 +218,7 @@ def test_carried_and_kept_rows():
     assert carried_rows(kept_rows((0, 6), (4, 9)), (4, 9)) == 2
 
 
-@SOME
+@FEW
 @given(blocks=chains(), height=st.integers(1, 9), count=st.integers(2, 6), cols=st.sampled_from([1, 1, 2]),
        park=st.booleans())
 @example(blocks=["conv3", "conv_s2", "up2", "conv3"], height=9, count=5, cols=1, park=False)
