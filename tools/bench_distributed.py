@@ -8,12 +8,14 @@ Two tables:
 
 - *Measured on the CPU* (gloo on 127.0.0.1, fp32, random weights): a UNet (``--model``, default svd-mid) with
   ``Policy(slices=N)`` in one process with 2 intra-op threads, against the same policy with ``distributed=True``
-  in 2 processes of 1 thread each (the same 2 cores), and the exported graph (``Policy()``, 2 threads). Median
+  in 2 processes of 1 thread each (the same 2 cores), and the exported graph (``Policy()``, 2 threads); then the
+  same at batch 2 with ``Policy(batch=2, slices=N)`` (the guidance batch split, spread itself on 2 ranks). Median
   latency of ``--repeats`` calls after one untimed call (each rank's median; the slower rank counts), the
   activation peak measured by fxstream's tracker (per rank), the bytes each rank received per call as the plan
   counts them, and the largest difference from the one-process compiled output.
 - *Planned on the meta device* (fp16, batch 2, no weights, no compute): SVD 14x576x1024, SVD-XT 25x576x1024 and
-  AnimateDiff 16x512x512 (frames x pixels) under ``Policy(slices=8)`` on 2, 4 and 8 devices (``--ranks``) over NVLink and PCIe 4.0:
+  AnimateDiff 16x512x512 (frames x pixels) under ``Policy(slices=8)`` on 2, 4 and 8 devices (``--ranks``) over
+  NVLink and PCIe 4.0, and under ``Policy(batch=2, slices=8)`` (the guidance halves on 2 devices) on 2:
   the per-rank planned peak against one device's, bytes received and collectives per call, and the latency model's
   predicted speedup (fxstream.distributed.rank_plan; its link figures and compute rate are in NOTE [Link figures]).
 """
@@ -47,8 +49,9 @@ def _calls(compiled, kw, repeats: int) -> list:
     return times
 
 
-def child(model: str, slices: int, repeats: int, out: str) -> None:
-    """One rank of the distributed row (RANK, WORLD_SIZE, MASTER_* set by the parent)."""
+def child(model: str, slices: int, repeats: int, out: str, batch: int = 1) -> None:
+    """One rank of the distributed row (RANK, WORLD_SIZE, MASTER_* set by the parent); ``batch`` 2: the guidance
+    batch split in 2 (``Policy(batch=2)``)."""
     import torch.distributed as dist
 
     import fxstream
@@ -57,9 +60,11 @@ def child(model: str, slices: int, repeats: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     unet = build_unet(model)
-    kw = example_inputs(model, unet)
+    kw = example_inputs(model, unet, batch=batch)
+    split = batch if batch > 1 else None
     with torch.no_grad():
-        compiled = fxstream.compile(unet, fxstream.Policy(slices=slices, distributed=fxstream.Distributed(timeout=3600)))
+        compiled = fxstream.compile(unet, fxstream.Policy(batch=split, slices=slices,
+                                                          distributed=fxstream.Distributed(timeout=3600)))
         compiled(**kw)
         times = _calls(compiled, kw, repeats)
         (got, *_), peak = measure_peak(compiled, **kw)
@@ -70,17 +75,21 @@ def child(model: str, slices: int, repeats: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def cpu_rows(model: str, slices: int, repeats: int) -> list:
+def cpu_rows(model: str, slices: int, repeats: int, batch: int = 1) -> list:
+    """The CPU rows at ``batch`` (2: a guided step's batch, split in 2 by ``Policy(batch=2)``)."""
     import fxstream
     from fxstream.memory import measure_peak
     from fxstream.models import build_unet, example_inputs
     torch.set_num_threads(2)
     unet = build_unet(model)
-    kw = example_inputs(model, unet)
+    kw = example_inputs(model, unet, batch=batch)
+    split = batch if batch > 1 else None
+    what = f"batch={split}, slices={slices}" if split else f"slices={slices}"
     rows = []
     with torch.no_grad():
-        for label, policy in (("exported graph, 1 process x 2 threads", fxstream.Policy()),
-                              (f"Policy(slices={slices}), 1 process x 2 threads", fxstream.Policy(slices=slices))):
+        for label, policy in ((f"batch {batch}: exported graph, 1 process x 2 threads", fxstream.Policy()),
+                              (f"batch {batch}: Policy({what}), 1 process x 2 threads",
+                               fxstream.Policy(batch=split, slices=slices))):
             compiled = fxstream.compile(unet, policy)
             compiled(**kw)
             times = _calls(compiled, kw, repeats)
@@ -95,13 +104,13 @@ def cpu_rows(model: str, slices: int, repeats: int) -> list:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
-        procs = [subprocess.Popen([sys.executable, __file__, "--child", model, str(slices), str(repeats), out],
-                                  env=dict(env, RANK=str(r))) for r in range(2)]
+        procs = [subprocess.Popen([sys.executable, __file__, "--child", model, str(slices), str(repeats), out,
+                                   str(batch)], env=dict(env, RANK=str(r))) for r in range(2)]
         for p in procs:
             if p.wait() != 0:
                 raise SystemExit(f"a rank exited with {p.returncode}")
         ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(2)]
-    rows.append({"variant": f"Policy(slices={slices}, distributed=True), 2 processes x 1 thread",
+    rows.append({"variant": f"batch {batch}: Policy({what}, distributed=True), 2 processes x 1 thread",
                  "seconds": max(statistics.median(r["times"]) for r in ranks),
                  "peak MiB": max(r["peak"] for r in ranks) / MiB, "received MiB": ranks[0]["received"] / MiB,
                  "collectives": ranks[0]["collectives"],
@@ -111,16 +120,21 @@ def cpu_rows(model: str, slices: int, repeats: int) -> list:
 
 
 def full_rows(ranks: list) -> list:
+    """Each model under ``Policy(slices=8)`` on ``ranks``, and with its guidance batch split (``Policy(batch=2,
+    slices=8)``) on 2 ranks (NOTE [Batch splits across ranks]: the split itself spread)."""
     import fxstream
     from fxstream.models import build_unet, example_inputs
     rows = []
     for name, (extra, size) in FULL.items():
         unet = build_unet(name, device="meta", dtype=torch.float16)
         kw = example_inputs(name, unet, **extra)
-        for link in ("nvlink", "pcie4"):
-            rep = fxstream.explain(unet, kw, fxstream.Policy(slices=8), ranks=ranks, link=link)
+        for link, policy, counts in [(link, p, c) for p, c in ((fxstream.Policy(slices=8), ranks),
+                                                                (fxstream.Policy(batch=2, slices=8), [2]))
+                                     for link in ("nvlink", "pcie4")]:
+            rep = fxstream.explain(unet, kw, policy, ranks=counts, link=link)
             for p in rep.ranks:
-                rows.append({"model": name, "size": size, "ranks": p.ranks, "link": p.link,
+                rows.append({"model": name, "size": size, "policy": policy.describe(), "ranks": p.ranks,
+                             "link": p.link,
                              "one device GiB": p.one_device_peak_bytes / 2 ** 30, "per rank GiB": p.peak_bytes / 2 ** 30,
                              "received GiB": p.bytes_received / 2 ** 30, "collectives": p.collectives,
                              "spread": p.spread_share, "planned ms": p.seconds * 1e3, "speedup": p.speedup})
@@ -138,14 +152,15 @@ def main(argv=None) -> None:
     ap.add_argument("--no-full", action="store_true", help="skip the full-size plans on meta")
     ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     ap.add_argument("--not-quiet", metavar="WHAT", help="what else ran meanwhile (timings are then indicative)")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        model, slices, repeats, out = args.child
-        child(model, int(slices), int(repeats), out)
+        model, slices, repeats, out, batch = args.child
+        child(model, int(slices), int(repeats), out, int(batch))
         return
     from fxstream.bench import provenance, write_section
-    cpu = [] if args.no_cpu else cpu_rows(args.model, args.slices, args.repeats)
+    cpu = [] if args.no_cpu else cpu_rows(args.model, args.slices, args.repeats) + \
+        cpu_rows(args.model, args.slices, args.repeats, batch=2)
     full = [] if args.no_full else full_rows(args.ranks)
     doc = "## Across devices (Policy(distributed=...))\n\n" + provenance(
         "python tools/bench_distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
@@ -156,7 +171,9 @@ def main(argv=None) -> None:
             "memory. ")
     doc += (f"Timings: {args.not_quiet}.\n\n" if args.not_quiet else "Timings on a quiet machine.\n\n")
     if cpu:
-        doc += (f"Measured on the CPU: {args.model}, fp32, random weights, batch 1; the same 2 cores either as one "
+        doc += (f"Measured on the CPU: {args.model}, fp32, random weights, batch 1, and batch 2 (a guided step) with "
+                f"its batch split in 2 (`Policy(batch=2)`: on 2 ranks the split itself is spread, NOTE [Batch "
+                f"splits across ranks]); the same 2 cores either as one "
                 f"process of 2 threads or as 2 gloo processes of 1 thread. Latency: median of {args.repeats} calls "
                 f"(the slower rank); peak: the tracker's activation peak (the larger rank's); received: per rank "
                 f"per call, as planned; diff: largest difference from the one-process `Policy(slices="
@@ -172,11 +189,11 @@ def main(argv=None) -> None:
                 "(compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links at 80% of their "
                 "nominal one-direction bandwidth, 20/30 us per collective: NOTE [Link figures]). Predictions, not "
                 "measurements: no multi-GPU machine was at hand.\n\n```\n")
-        doc += tabulate([(r["model"], r["size"], r["ranks"], r["link"],
+        doc += tabulate([(r["model"], r["size"], r["policy"], r["ranks"], r["link"],
                           f"{r['one device GiB']:.3f}", f"{r['per rank GiB']:.3f}", f"{r['received GiB']:.2f}",
                           r["collectives"], f"{r['spread']:.1%}", f"{r['planned ms']:.0f}", f"{r['speedup']:.2f}x")
                          for r in full],
-                        headers=["model", "frames x pixels", "ranks", "link", "one device GiB", "per rank GiB",
+                        headers=["model", "frames x pixels", "policy", "ranks", "link", "one device GiB", "per rank GiB",
                                  "received GiB/call", "collectives", "FLOPs spread", "planned ms", "speedup"])
         doc += "\n```\n"
     print(doc)
