@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxstream
-from fxstream.distributed import Distributed, DistributedError, block, compile_policy
+from fxstream.distributed import Distributed, DistributedError, block, compile_policy, rank_plan, spread_loops
 from fxstream.models import build_unet, example_inputs
 
 HERE = Path(__file__).resolve().parent
@@ -182,20 +182,15 @@ def test_a_guidance_batch_split_is_spread_where_its_parts_divide_over_the_ranks(
     """NOTE [Batch splits across ranks]: Policy(batch=2) on 2 ranks spreads the split itself (its inner regions
     whole on each rank): the busiest rank has half the split's FLOPs and the loop's outputs are gathered in a
     few collectives; on 4 ranks (2 parts) the inner regions are spread, as before."""
-    from fxstream.distributed import spread_loops
+    from fxstream.entry import Entry
     from fxstream.runtime import LoopRegion
     m = build_unet("svd-tiny")
     kw = example_inputs("svd-tiny", m)
-    policy = fxstream.Policy(batch=2, slices=2)
-    rep = fxstream.explain(m, kw, policy, ranks=[2, 4])
-    two, four = rep.ranks
-    inner = fxstream.explain(m, kw, fxstream.Policy(slices=2), ranks=[2]).ranks[0]
-    assert two.collectives < four.collectives and two.collectives < inner.collectives
+    compiled = Entry(m, kw, compile_policy(fxstream.Policy(batch=2, slices=2))).compiled
+    two, four = rank_plan(compiled, 2), rank_plan(compiled, 4)  # 4 ranks: the inner regions spread
+    assert two.collectives < four.collectives and two.bytes_received < four.bytes_received
     assert two.flops_per_rank <= 0.55 * two.flops  # half the split, the few ops outside it on both ranks
-    entry = fxstream.compile(m, policy)
-    with torch.no_grad():
-        entry(**kw)
-    gm = entry._last.compiled.graph_module
+    gm = compiled.graph_module
     loops = [x for x in gm.modules() if isinstance(x, LoopRegion)]
     nested = [x for x in loops if x.nested]
     assert nested and {id(x) for x in nested} <= spread_loops(gm, 2)
