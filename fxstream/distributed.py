@@ -19,7 +19,11 @@ FLOPs per rank are then exactly ``1/N`` of the loop's, which spreading the inner
 outside regions run on every rank), and it moves only the loop's outputs where the inner regions move each of
 theirs: never more planned time. Otherwise (fewer parts than ranks, or a remainder) the inner regions are spread
 and the parts run one after another on every rank. ``Policy(batch=2, slices=8, distributed=True)`` on 2 GPUs runs
-the conditional and the unconditional halves of a guided step at once.
+the conditional and the unconditional halves of a guided step at once. Where the policy sets no ``batch`` (and no
+budget), the compile for N ranks also tries the batch cut in N parts and keeps it where such a split is spread
+and the latency model plans it faster on NVLink, the fastest link (so on any slower one too):
+``fxstream.entry.guidance_split``; ``explain(..., ranks=...)`` plans the same choice (``RankPlan.batch_split``).
+``Policy(batch=1)`` keeps the batch whole.
 
 NOTE [Sharded regions]
 What each rank computes is what the one-process compiled module computes for those slices (the same bodies on
@@ -438,6 +442,7 @@ class RankPlan:
     flops_per_s: float
     seconds_one: float
     seconds: float
+    batch_split: int = 1  # the guidance batch cut in this many parts spread over the ranks (1: none)
 
     @property
     def speedup(self) -> float:

@@ -7,12 +7,16 @@ decision stored by an earlier process is compiled once instead of the search).
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+
 import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
 from .compiler import capture, describe_inputs
-from .distributed import compile_policy, inputs_digest, plan_digest, rank_plan, shard_regions, shards_for
+from .distributed import (compile_policy, inputs_digest, plan_digest, rank_plan, shard_regions, shards_for,
+                          spread_loops)
 from .errors import ExecutionError
 from .guard import touched
 from .memory import weight_bytes
@@ -58,6 +62,11 @@ class Entry:
             gm = self.rehash.graphs.full
         with progress.step(f"fxstream: compiling {name} under {policy.describe()}"):
             self.compiled, bound = compile_cached(gm, policy, weights)
+        if self.shards is not None:  # NOTE [Batch splits across ranks]: the guidance batch across the ranks
+            split = guidance_split(gm, policy, weights, self.compiled, self.shards.size)
+            if split is not None:
+                policy, self.compiled, bound = split
+                given = replace(given, batch=policy.batch)
         # how to fetch each lifted input at call time: weights from the live module, constants from the program
         fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
         self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
@@ -194,3 +203,26 @@ def first_differing_region(entry: Entry, module, kwargs: dict, tol: float) -> st
         except _Found as found:
             return str(found)
     return None
+
+
+log = logging.getLogger(__name__)
+
+
+def guidance_split(gm, policy: Policy, weights: int, compiled, ranks: int):
+    """Under ``Policy(distributed=...)`` with no batch split asked for (``batch`` None) and no budget: the same
+    policy with the batch cut in ``ranks`` parts, where that compile makes a batch split spread itself over the
+    ranks (NOTE [Batch splits across ranks]: the guidance halves at once) and the latency model plans it faster on
+    the fastest link, NVLink (so faster on any slower one too). Returns (policy, compiled, bound) or None."""
+    if policy.batch is not None or policy.max_memory is not None or ranks < 2:
+        return None
+    alt_policy = replace(policy, batch=ranks)
+    alt, bound = compile_cached(gm, alt_policy, weights)
+    spread = spread_loops(alt.graph_module, ranks)
+    if not any(id(m) in spread and m.nested for m in alt.graph_module.modules() if hasattr(m, "nested")):
+        return None
+    now, split = rank_plan(compiled, ranks, "nvlink"), rank_plan(alt, ranks, "nvlink")
+    if split.seconds >= now.seconds:
+        return None
+    log.info("distributed: the batch split in %d across the ranks (planned %.1f ms against %.1f ms)", ranks,
+             split.seconds * 1e3, now.seconds * 1e3)
+    return alt_policy, alt, bound

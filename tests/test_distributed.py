@@ -134,6 +134,7 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
         with torch.no_grad():
             want = [compiled(**dict(kw, timestep=torch.tensor([t])))[0] for t in (900.0, 600.0, 300.0, 100.0)]
         for res in results:
+            assert res["rehash"]["batch"] == (2 if ranks == 2 else None), res["rehash"]["batch"]
             assert res["rehash"]["log"] == compiled.step_log and "rehash" in compiled.step_log
             for got, w, first in zip(res["rehash"]["outs"], want, results[0]["rehash"]["outs"]):
                 _close(got, w)
@@ -167,6 +168,9 @@ def test_explain_plans_ranks_without_a_process_group():
     assert one.speedup == 1.0 and one.bytes_received == 0 and one.collectives == 0
     assert one.peak_bytes == one.one_device_peak_bytes == rep.peak_bytes
     assert two.spread_share > 0.99  # no region floor across devices: the regions hold nearly every FLOP
+    # NOTE [Batch splits across ranks]: on 2 ranks the guidance batch goes across them (planned faster); not on 4
+    assert (one.batch_split, two.batch_split, four.batch_split) == (1, 2, 1)
+    assert two.collectives < four.collectives
     assert four.flops_per_rank < two.flops_per_rank < one.flops_per_rank
     assert 0 < two.bytes_received <= four.bytes_received and two.collectives > 0
     # tiny: the link's fixed costs dominate; the model says so rather than promising a speedup
