@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import warnings
@@ -393,7 +392,7 @@ def explain(module: torch.nn.Module, example_kwargs: dict, policy: Policy | None
         split = guidance_split(gm, compile_policy(policy), weights, entry.compiled, n)
         if split is not None:
             alt = rank_plan(split[1], n, link)
-            plan = dataclasses.replace(alt, batch_split=split[0].batch) if alt.seconds < plan.seconds else plan
+            plan = alt if alt.seconds < plan.seconds else plan
         plans.append(plan)
     entry.report.ranks = plans
     return entry.report

@@ -442,7 +442,7 @@ class RankPlan:
     flops_per_s: float
     seconds_one: float
     seconds: float
-    batch_split: int = 1  # the guidance batch cut in this many parts spread over the ranks (1: none)
+    batch_split: int = 1  # a batch split of this many parts spread over the ranks itself (1: none)
 
     @property
     def speedup(self) -> float:
@@ -543,5 +543,8 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     lk = LINKS[link]
     one = total / flops_per_s
     many = per_rank / flops_per_s + received / lk.bytes_per_s + collectives * lk.latency_s
+    parts = max((len(m.bounds) for m in gm.modules() if isinstance(m, LoopRegion) and m.nested and id(m) in spread),
+                default=1)
     return RankPlan(ranks, peak + transit, peak, int(total), per_rank, spread_flops / total if total else 0.0,
-                    int(received), collectives, lk.name, flops_per_s, one, many if ranks > 1 else one)
+                    int(received), collectives, lk.name, flops_per_s, one, many if ranks > 1 else one,
+                    parts if ranks > 1 else 1)

@@ -193,6 +193,7 @@ def test_a_guidance_batch_split_is_spread_where_its_parts_divide_over_the_ranks(
     compiled = Entry(m, kw, compile_policy(fxstream.Policy(batch=2, slices=2))).compiled
     two, four = rank_plan(compiled, 2), rank_plan(compiled, 4)  # 4 ranks: the inner regions spread
     assert two.collectives < four.collectives and two.bytes_received < four.bytes_received
+    assert (two.batch_split, four.batch_split) == (2, 1)
     assert two.flops_per_rank <= 0.55 * two.flops  # half the split, the few ops outside it on both ranks
     gm = compiled.graph_module
     loops = [x for x in gm.modules() if isinstance(x, LoopRegion)]

@@ -134,7 +134,7 @@ def full_rows(ranks: list) -> list:
             rep = fxstream.explain(unet, kw, policy, ranks=counts, link=link)
             for p in rep.ranks:
                 rows.append({"model": name, "size": size, "policy": policy.describe(), "ranks": p.ranks,
-                             "link": p.link,
+                             "link": p.link, "batch across ranks": p.batch_split > 1,
                              "one device GiB": p.one_device_peak_bytes / 2 ** 30, "per rank GiB": p.peak_bytes / 2 ** 30,
                              "received GiB": p.bytes_received / 2 ** 30, "collectives": p.collectives,
                              "spread": p.spread_share, "planned ms": p.seconds * 1e3, "speedup": p.speedup})
@@ -184,16 +184,21 @@ def main(argv=None) -> None:
         doc += "\n```\n\n"
     if full:
         doc += ("Planned on the meta device (fp16, batch 2: classifier-free guidance in one call), `Policy(slices=8)` "
-                "with no region floor (NOTE [No region floor across devices]): per-rank planned activation peak "
+                "with no region floor (NOTE [No region floor across devices]), where it plans faster with the "
+                "guidance batch across the ranks (NOTE [Batch splits across ranks]: 'batch across ranks'; a rank's "
+                "'one device' figure is then that compile's), and `Policy(batch=2, slices=8)` asked for on 2: "
+                "per-rank planned activation peak "
                 "against one device's, what a rank receives per call, and the predicted speedup over one device "
                 "(compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links at 80% of their "
                 "nominal one-direction bandwidth, 20/30 us per collective: NOTE [Link figures]). Predictions, not "
                 "measurements: no multi-GPU machine was at hand.\n\n```\n")
         doc += tabulate([(r["model"], r["size"], r["policy"], r["ranks"], r["link"],
+                          "yes" if r["batch across ranks"] else "-",
                           f"{r['one device GiB']:.3f}", f"{r['per rank GiB']:.3f}", f"{r['received GiB']:.2f}",
                           r["collectives"], f"{r['spread']:.1%}", f"{r['planned ms']:.0f}", f"{r['speedup']:.2f}x")
                          for r in full],
-                        headers=["model", "frames x pixels", "policy", "ranks", "link", "one device GiB", "per rank GiB",
+                        headers=["model", "frames x pixels", "policy", "ranks", "link", "batch across ranks",
+                                 "one device GiB", "per rank GiB",
                                  "received GiB/call", "collectives", "FLOPs spread", "planned ms", "speedup"])
         doc += "\n```\n"
     print(doc)
