@@ -94,10 +94,11 @@ def equal(out: dict, names) -> None:
 
 
 def run_pipeline(distributed=None) -> torch.Tensor:
-    """The tiny SVD pipeline (3 steps) compiled with ``Policy(slices=2, halo=2)``: its frames."""
+    """The tiny SVD pipeline (3 steps) compiled with ``Policy(slices=2, halo=2, batch=1)``: its frames (batch=1:
+    the UNet's cut regions spread, not the guidance batch; the rehash scenario takes that)."""
     from fxstream.pipelines import pipeline_inputs, tiny_pipeline
     pipe = tiny_pipeline("svd")
-    fxstream.compile_pipeline(pipe, fxstream.Policy(slices=2, halo=2, distributed=distributed))
+    fxstream.compile_pipeline(pipe, fxstream.Policy(slices=2, halo=2, batch=1, distributed=distributed))
     with torch.no_grad():
         return pipe(**pipeline_inputs(pipe, steps=3)).frames
 
