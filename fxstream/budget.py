@@ -287,11 +287,6 @@ def halo_lower_bound(gm: GraphModule, policy: Policy) -> Floor:
     return best
 
 
-def _halo_flops(cg: CompiledGraph, flops: dict) -> float:
-    """Planned FLOPs of a compiled graph with halo regions: each region's ops times its compute factor."""
-    return _halo_cost(cg, flops)[1]
-
-
 # NOTE [Planned time of a decode]: the budget weighs recomputing against parking in host memory by time: the
 # planned FLOPs at a compute rate plus the bytes parked and read back at a copy rate (both directions counted in
 # turn, as if no copy overlapped compute). A graph planned on the meta device or on CUDA is planned for a GPU:
