@@ -95,13 +95,14 @@ def test_without_a_process_group_the_error_says_what_to_do():
             fxstream.compile(m, fxstream.Policy(slices=2, distributed=True))(**kw)
 
 
-@pytest.mark.parametrize("ranks,scenario", [(2, "equal"), pytest.param(3, "equal-small", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("ranks,scenario", [(2, "equal"), pytest.param(2, "equal-more", marks=pytest.mark.slow),
+                                            pytest.param(3, "equal-small", marks=pytest.mark.slow)])
 def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     results = launch(scenario, ranks, tmp_path)
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
     names = [k for k in results[0] if k not in ("rehash", "pipeline")]
-    assert len(names) == (8 if scenario == "equal" else 2)
+    assert len(names) == {"equal": 4, "equal-more": 4, "equal-small": 2}[scenario]
     if scenario == "equal":  # NOTE [Batch splits across ranks]: 2 parts on 2 ranks, the split itself spread
         spread = results[0]["svd-tiny-cfg"]["spread"]
         assert (True, True) in spread and all(not s for nested, s in spread if not nested), spread
