@@ -262,7 +262,8 @@ def _parks(policy: Policy) -> list[bool]:
 def _keep_choices(gm: GraphModule, policy: Policy) -> list[int]:
     """Sizes of the values a halo region could keep whole at a checkpoint, largest first, then 0 (none)."""
     from .analysis.halo import checkpoints, find_halo_regions
-    regions, _ = find_halo_regions(compile_graph(gm, Policy()).graph_module, 2, policy.min_region_fraction)
+    regions, _ = find_halo_regions(compile_graph(gm, Policy()).graph_module, 2, policy.min_region_fraction,
+                                   axes=axes_of(gm))
     sizes = set()
     for r in regions:
         for c in checkpoints(r.nodes, r.inside, 1 << 62):

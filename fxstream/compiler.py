@@ -249,12 +249,13 @@ def step_plan_halos(gm: GraphModule, job: Job) -> GraphModule:
     if keep is None:
         biggest = max((tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
         keep = biggest // (rows * cols)
-    job.halo, why = find_halo_regions(gm, rows, job.min_fraction, keep_bytes=keep, cols=cols)
+    job.halo, why = find_halo_regions(gm, rows, job.min_fraction, keep_bytes=keep, cols=cols, axes=job.axes)
     job.halo_reasons = {n.name: f"{'height' if cols == 1 else 'height x width'} (halo): {r}" for n, r in why.items()}
     if job.halo_frames > 1 and frames_in_batch(gm, job.axes):
         # what height halos could not take (a decoder's attention over each frame's pixels), along frames
         taken = {n for r in job.halo for n in r.nodes}
-        more, why = find_halo_regions(gm, job.halo_frames, job.min_fraction, exclude=taken, axis=0)
+        more, why = find_halo_regions(gm, job.halo_frames, job.min_fraction, exclude=taken, along="frames",
+                                      axes=job.axes)
         for n, r in why.items():
             if n not in taken:
                 job.halo_reasons.setdefault(n.name, f"frames (halo): {r}")

@@ -40,7 +40,8 @@ from .effects import find_effects
 from .flood import Flood
 from .rules import VIEWS, rule_for, val_shape
 
-__all__ = ["Axis", "find_axes", "all_axes", "axis_floods", "frames_in_batch", "describe_axis", "NAMED"]
+__all__ = ["Axis", "find_axes", "all_axes", "axis_floods", "frames_in_batch", "halo_sources", "describe_axis",
+           "NAMED"]
 
 # The names an axis can be given from the ops (the slicer slices these, by the policy's count for each).
 NAMED = ("batch", "frames", "height", "width", "tokens")
@@ -270,16 +271,31 @@ def find_axes(gm: GraphModule, axes: list | None = None) -> list[Axis]:
     return [a for a in (all_axes(gm) if axes is None else axes) if a.name in NAMED]
 
 
+def halo_sources(gm: GraphModule, axes: list | None = None) -> dict:
+    """Where a halo flood starts along each of its axes, as the ops name them (NOTE [Axis names from the ops]):
+    {"height": Axis, "width": Axis, "frames": Axis} for those that exist as whole dims of an input. "height" and
+    "width" are the first input dims so named; "frames" is dim 0 of the height's input where that dim is whole and
+    named frames (or batch, with no frames axis anywhere): the frames riding in the convolutions' batch of a VAE
+    decoder's ``(B*F, C, H, W)``. ``axes``: as :func:`find_axes`."""
+    axes = [a for a in find_axes(gm, axes) if a.outer == a.inner == 1]
+    out = {}
+    for name in ("height", "width"):
+        a = next((a for a in axes if a.name == name), None)
+        if a is not None:
+            out[name] = a
+    height = out.get("height")
+    if height is not None:
+        lead = next((a for a in axes if a.source == height.source and a.dim == 0), None)
+        if lead is not None and (lead.name == "frames" or
+                                 (lead.name == "batch" and not any(a.name == "frames" for a in axes))):
+            out["frames"] = lead
+    return out
+
+
 def frames_in_batch(gm: GraphModule, axes: list | None = None) -> bool:
-    """True where the frames ride in the batch of the convolutions and the halos own the graph: the first input
-    of four or more dims has its frames (or, with no frames axis, its batch) whole in dim 0, and a height axis
-    exists (a VAE decoder's ``(B*F, C, H, W)``). Such a graph under ``Policy(halo=...)`` or ``max_memory`` is
+    """True where the frames ride in the batch of the convolutions and the halos own the graph: the input whose
+    dim the ops name height has its frames (or, with no frames axis, its batch) whole in dim 0 (a VAE decoder's
+    ``(B*F, C, H, W)``; :func:`halo_sources`). Such a graph under ``Policy(halo=...)`` or ``max_memory`` is
     planned by halos (height bands, then slices of frames for what bands cannot take); anything else by cuts.
     ``axes``: as :func:`find_axes`."""
-    axes = find_axes(gm, axes)
-    first = next((p for p, v in _user_inputs(gm) if v.dim() >= 4), None)
-    if first is None or not any(a.name == "height" for a in axes):
-        return False
-    lead = next((a for a in axes if a.source == first.name and a.dim == 0 and a.outer == a.inner == 1), None)
-    return lead is not None and (lead.name == "frames" or
-                                 (lead.name == "batch" and not any(a.name == "frames" for a in axes)))
+    return "frames" in halo_sources(gm, axes)

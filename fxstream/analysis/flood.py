@@ -43,7 +43,9 @@ def _candidate_cuts(node: Node, length: int):
 
 def _carry(n: Node, u: Node, c: Cut):
     """Where no rule lets the cut through ``u``, still name the axis in its output (same dim index, new
-    length): a 3x3 convolution keeps the height, a strided one halves it. Used for naming only, never slicing."""
+    length): a 3x3 convolution keeps the height, a strided one halves it. Used for naming only, never slicing.
+    An output of one element along the axis (a convolution taking the last rows to one) names the op's position
+    but is not followed further."""
     if c is PARTIAL or not isinstance(u.meta.get("val"), torch.Tensor):
         return None
     rule = rule_for(u)
@@ -54,7 +56,7 @@ def _carry(n: Node, u: Node, c: Cut):
     except CantSlice:
         return None
     k = c.outer * c.inner
-    if len(su) != len(sn) or su[c.dim] % k or su[c.dim] // k < 2:
+    if len(su) != len(sn) or su[c.dim] % k or su[c.dim] // k < 1:
         return None
     return c, su[c.dim] // k
 
@@ -122,7 +124,7 @@ class Flood:
         carried = _carry(n, u, c)
         if carried is not None:
             self._set(u, *carried, None)
-            return True
+            return carried[1] >= 2
         return False
 
     def _run(self, src: Node):

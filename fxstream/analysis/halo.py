@@ -53,6 +53,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import CantSlice
+from .axes import halo_sources
 from .cuts import slice_bounds
 from .effects import find_effects
 from .rules import POINTWISE, VIEWS, tensor_args, val_shape
@@ -292,7 +293,7 @@ class HaloRegion:
         return tuple(_shape(n)[ax[n]] for ax in self.axes)
 
 
-def _name_heights(gm: GraphModule, axis: int = -2) -> tuple[dict, dict]:
+def _name_heights(gm: GraphModule, along: str = "height", axes: list | None = None) -> tuple[dict, dict]:
     """:func:`_flood_heights`, kept per graph and axis while the graph has the same nodes holding the same values.
 
     NOTE [Heights named once per graph]: a decoder under a budget is planned for halos many times on one graph
@@ -301,27 +302,29 @@ def _name_heights(gm: GraphModule, axis: int = -2) -> tuple[dict, dict]:
     (another node list; a name, ``args``, ``kwargs`` or ``meta["val"]`` not the same object) is flooded again.
     The floods are kept on the Graph object (they die with it; a copy of the graph starts without them). Copies
     are returned: the callers add reasons."""
+    source = halo_sources(gm, axes).get(along)
     state = [(n, n.name, n.args, n.kwargs, n.meta.get("val")) for n in gm.graph.nodes]
-    kept = gm.graph.__dict__.setdefault("_fxstream_heights", {})  # axis -> (state, (dims, reasons))
-    hit = kept.get(axis)
+    kept = gm.graph.__dict__.setdefault("_fxstream_heights", {})  # (along, input, dim) -> (state, (dims, reasons))
+    key = (along, None if source is None else (source.source, source.dim))
+    hit = kept.get(key)
     if hit is None or len(hit[0]) != len(state) or \
             any(a is not b for old, now in zip(hit[0], state) for a, b in zip(old, now)):
-        hit = kept[axis] = (state, _flood_heights(gm, axis))
+        hit = kept[key] = (state, _flood_heights(gm, source))
     dims, reasons = hit[1]
     return dict(dims), dict(reasons)
 
 
-def _flood_heights(gm: GraphModule, axis: int = -2) -> tuple[dict, dict]:
-    """Flood height (``axis=-1``: width, 0: the batch of frames) from the first user input of 4 or more dims
-    (height is its second-to-last dim, width its last): forwards
+def _flood_heights(gm: GraphModule, source) -> tuple[dict, dict]:
+    """Flood a halo axis from the input dim ``source`` (an :class:`~fxstream.analysis.axes.Axis`: the dim the ops
+    name height, width or frames, :func:`~fxstream.analysis.axes.halo_sources`; None: nothing to flood): forwards
     through every op a rule accepts, and backwards into inputs a rule needs in rows (an attention's output that
     a residual adds back). Returns (dims, reasons)."""
-    src = next((n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith(("p_", "b_", "c_"))
-                and _tensor_valued(n) and n.meta["val"].dim() >= 4), None)
     dims, reasons = {}, {}
-    if src is None:
+    src = None if source is None else next(
+        (n for n in gm.graph.nodes if n.op == "placeholder" and n.name == source.source), None)
+    if src is None or not _tensor_valued(src):
         return dims, reasons
-    dims[src] = axis % src.meta["val"].dim()
+    dims[src] = source.dim
     work = [src]
 
     def try_node(u: Node) -> int | None:
@@ -429,11 +432,14 @@ def _trim_entries(comp: set, order: dict) -> set:
 
 
 def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, exclude=(),
-                      keep_bytes: int = 0, cols: int = 1, axis: int = -2) -> tuple[list, dict]:
+                      keep_bytes: int = 0, cols: int = 1, along: str = "height",
+                      axes: list | None = None) -> tuple[list, dict]:
     """Regions sliced ``count`` ways along height with halos, and why other named ops are not sliced. ``cols > 1``:
     grids of ``count`` rows by ``cols`` columns of tiles, with halos along height and width (ops must take both).
-    ``axis=0``: regions along the first input's dim 0 instead (a decoder's frames: per-frame ops such as an
-    attention over each frame's pixels slice as they are, a temporal convolution with a halo of frames).
+    ``along="frames"``: regions along the frames riding in dim 0 of the height's input instead (a decoder's
+    frames: per-frame ops such as an attention over each frame's pixels slice as they are, a temporal convolution
+    with a halo of frames). Each axis starts at the input dim the ops name so (``axes``: the graph's axes if
+    already found, :func:`~fxstream.analysis.axes.halo_sources`); a graph without one gets no regions along it.
 
     A region is a connected set of accepted ops joined by edges along which the height passes; an op needing a
     region value whole leaves it; a region must be convex (nothing leaves it and comes back: what does starts
@@ -445,13 +451,13 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
     fed it (see NOTE [Statistics passes]); 0 keeps nothing whole."""
     from .slicer import nonconvex
 
-    dims, reasons = _name_heights(gm, axis)
+    dims, reasons = _name_heights(gm, along, axes)
     effects = find_effects(gm)
     reasons.update({n: why for n, why in effects.pinned.items() if n in dims})
     ok = {n: r for n, r in _accepted(gm, dims, reasons).items() if n not in exclude and n not in effects.pinned}
     wdims = {}
     if cols > 1:
-        wdims, wreasons = _name_heights(gm, axis=-1)
+        wdims, wreasons = _name_heights(gm, "width", axes)
         wok = _accepted(gm, wdims, wreasons)
         for n in list(ok):
             why = wreasons.get(n, "width is not named here") if n not in wok else None
@@ -511,13 +517,13 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
         largest = max(interior, default=0)
         if count * cols < 2 or largest == 0 or largest < min_fraction * biggest:
             for n in nodes:
-                reasons.setdefault(n, f"{'frames' if axis == 0 else 'height'}: region too small to pay for its loop")
+                reasons.setdefault(n, f"{along}: region too small to pay for its loop")
             continue
         region_dims = {n: dims[n] for n in nodes}
         region_dims.update({p: dims[p] for p in inputs if p in dims})
         region_wdims = {n: wdims[n] for n in [*nodes, *inputs] if n in wdims and (n in comp or n in region_dims)}
         regions.append(HaloRegion(nodes, region_dims, inputs, outputs, count * cols, largest, region_wdims, cols,
-                                  "frames" if axis == 0 else "height"))
+                                  along))
         for n in nodes:
             reasons.pop(n, None)
     regions.sort(key=lambda r: order[r.nodes[0]])
