@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 from torch.fx import GraphModule
 
 from .analysis.axes import find_axes, frames_in_batch
-from .compiler import CompiledGraph, axes_of, compile_graph, region_id
+from .compiler import CompiledGraph, axes_of, compile_graph
+from .meta import call_names, grouped_calls, region_id
 from .errors import HostMemoryError, MemoryBudgetError
 from .memory import MemoryPlan, plan_memory
 from .policy import Policy, format_bytes
@@ -85,7 +86,7 @@ def _graphs(f: Floor, budget: int, k: int = 1):
     if not f.compiled.inner:
         return [(f.compiled, f.plan, budget)]
     out = []
-    loops = [n for n in f.compiled.graph_module.graph.nodes if n.op == "call_module"]
+    loops = [n for n, _ in grouped_calls(f.compiled.graph_module, "cut")]
     i = 0
     for n in loops:
         loop = f.compiled.graph_module.get_submodule(n.target)
@@ -98,9 +99,9 @@ def _graphs(f: Floor, budget: int, k: int = 1):
 
 
 def _fit_counts(cg: CompiledGraph, plan: MemoryPlan, budget: int) -> dict:
-    counts = {}
-    for i, r in enumerate(cg.plan.regions):
-        name = f"region_{i}"
+    counts, names = {}, call_names(cg.graph_module, "cut")
+    for r in cg.plan.regions:
+        name = names[region_id(r)]
         work = plan.region_working_bytes[name]
         room = budget - (plan.region_peaks[name] - work)
         n_cap = max(n for _, n in r.bounds)
@@ -161,8 +162,9 @@ def choose_slicing(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[
         # the scaled working sets were optimistic somewhere: double the slices of every region over budget
         changed = False
         for (g, plan, b), c in zip(_graphs(fitted, budget, k), counts):
-            for i, r in enumerate(g.plan.regions):
-                if plan.region_peaks[f"region_{i}"] > b and r.count < r.axis.length:
+            names = call_names(g.graph_module, "cut")
+            for r in g.plan.regions:
+                if plan.region_peaks[names[region_id(r)]] > b and r.count < r.axis.length:
                     c[region_id(r)] = min(r.axis.length, 2 * r.count)
                     changed = True
         if not changed:
@@ -317,14 +319,13 @@ def _halo_cost(cg: CompiledGraph, flops: dict) -> tuple[float, float, int]:
     """(planned seconds, planned FLOPs, host bytes copied per call) of a compiled graph with halo regions (NOTE
     [Planned time of a decode])."""
     inside, total, traffic = set(), 0.0, 0
-    for n in cg.graph_module.graph.nodes:
-        if n.op == "call_module" and n.name.startswith("halo_"):
-            loop = cg.graph_module.get_submodule(n.target)
-            names = {m.name for m in loop.region.nodes}
-            inside |= names
-            hp = loop.plan(flops)
-            total += hp.compute_factor * sum(flops.get(m, 0) for m in names)
-            traffic += hp.host_traffic
+    for n, _ in grouped_calls(cg.graph_module, "halo"):
+        loop = cg.graph_module.get_submodule(n.target)
+        names = {m.name for m in loop.region.nodes}
+        inside |= names
+        hp = loop.plan(flops)
+        total += hp.compute_factor * sum(flops.get(m, 0) for m in names)
+        traffic += hp.host_traffic
     total += sum(v for k, v in flops.items() if k not in inside)
     compute, copy = _rates(cg.prepared)
     return total / compute + traffic / copy, total, traffic

@@ -36,7 +36,7 @@ from .passes.fill_views import functionalize_fills
 from .passes.group_regions import group_regions
 from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
-from .meta import SplitNorm, get_meta
+from .meta import SplitNorm, call_names, get_meta, grouped_calls, region_id
 from .passes.split_group_norm import split_group_norm, splittable_group_norms
 from .policy import AXIS_KIND, Policy, format_bytes
 from .runtime import LoopRegion, set_in_flight
@@ -360,7 +360,7 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
         policy.min_region_fraction > 0
     out, job, made_with, planned = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check,
                                             made_with)
-    if check and _split_may_help(job, planned):  # NOTE [Regions split where they hold too much]
+    if check and _split_may_help(job, out, planned):  # NOTE [Regions split where they hold too much]
         tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True)
         if tried[3] is not None and tried[3].peak_bytes < planned.peak_bytes:  # kept where the planned peak falls
             out, job, made_with, planned = tried
@@ -389,16 +389,15 @@ def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, mad
     return out, job, made_with, planned
 
 
-def _split_may_help(job: Job, planned) -> bool:
+def _split_may_help(job: Job, grouped: GraphModule, planned) -> bool:
     """Whether splitting regions may lower the planned peak (NOTE [Regions split where they hold too much]): the
-    split search would cut the cut region where ``planned`` (the memory plan of ``job``'s graph) peaks, or a
-    region left whole because it raised the peak."""
+    split search would cut the cut region where ``planned`` (the memory plan of ``grouped``, ``job``'s graph)
+    peaks, or a region left whole because it raised the peak."""
     if planned is None:
         return False
     found = list(job.raised)
-    i = planned.peak_node.split("/")[0].removeprefix("region_")
-    if planned.peak_node.startswith("region_") and i.isdigit() and int(i) < len(job.plan.regions):
-        found.append((job.prepared, job.plan.regions[int(i)]))
+    at = planned.peak_node.split("/")[0]
+    found += [(job.prepared, g.region) for n, g in grouped_calls(grouped, "cut") if n.name == at]
     return any(would_split(gm, r, job.min_fraction) for gm, r in found)
 
 
@@ -421,9 +420,9 @@ def _raising_regions(job: Job, grouped: GraphModule) -> tuple:
         return {}, None
     from .memory import plan_memory
     compiled, original = plan_memory(grouped), plan_memory(job.prepared)
-    out = {}
-    for i, r in enumerate(regions):
-        peak = compiled.region_peaks.get(f"region_{i}")
+    out, names = {}, call_names(grouped, "cut")
+    for r in regions:
+        peak = compiled.region_peaks.get(names.get(region_id(r)))
         if peak is not None and peak > original.peak_bytes:
             out[region_id(r)] = (f"{r.axis.name}: sliced, this region would raise the planned peak "
                                  f"({peak / 2**20:.3f} MiB against {original.peak_bytes / 2**20:.3f} MiB unsliced)")
@@ -455,11 +454,6 @@ def _split_copy(gm: GraphModule, split: set) -> GraphModule:
 
 def _loops(gm: GraphModule) -> list:
     return [m for m in gm.children() if isinstance(m, LoopRegion)]
-
-
-def region_id(region) -> str:
-    """A name for a region that is the same in every compile of one graph: its first op's node name."""
-    return region.nodes[0].name
 
 
 def _with_counts(plan: SlicePlan, counts: dict, why: dict | None = None) -> SlicePlan:

@@ -60,6 +60,7 @@ import torch.distributed as dist
 
 from .analysis.cuts import PARTIAL
 from .errors import FxstreamError
+from .meta import grouped_calls
 from .runtime import contiguous_strides
 
 __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block", "rank_ranges",
@@ -388,7 +389,7 @@ def plan_digest(gm: torch.nn.Module) -> tuple:
     from .halo_runtime import HaloLoop
     from .runtime import LoopRegion
     return tuple((m.axis, m.length, tuple(m.bounds)) if isinstance(m, LoopRegion) else (m.along, m.count, m.cols)
-                 for m in gm.modules() if isinstance(m, (LoopRegion, HaloLoop)) and getattr(m, "shards", None) is not None)
+                 for m in gm.modules() if isinstance(m, (LoopRegion, HaloLoop)) and m.shards is not None)
 
 
 
@@ -485,7 +486,6 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     from torch.fx import GraphModule
 
     from .analysis.cost import node_flops
-    from .halo_runtime import HaloLoop
     from .memory import plan_memory
     from .runtime import LoopRegion
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
@@ -501,10 +501,8 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
         if isinstance(m, GraphModule):
             local.update(local_outputs(m, ranks, lambda x: id(x) in spread))
     spread_flops = busiest = received = collectives = transit = 0
-    for i, r in enumerate(compiled.plan.regions):
-        loop = getattr(gm, f"region_{i}", None)
-        if not isinstance(loop, LoopRegion):
-            continue
+    for node, grouped in grouped_calls(gm, "cut"):
+        loop, r = gm.get_submodule(node.target), grouped.region
         f = sum(flops.get(n.name, 0) for n in r.nodes)
         if loop.nested and id(loop) not in spread:  # its parts one after another, its inner regions spread
             if compiled.inner:
@@ -524,10 +522,8 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
         busiest += f * len(block(n, ranks, 0)) / n  # rank 0's run is the longest
         b, c, t = _loop_traffic(loop, ranks, local.get(loop, ()))
         received, collectives, transit = received + b, collectives + c, max(transit, t)
-    for node in gm.graph.nodes:  # halo regions: each pass's slices spread, rows and statistics gathered
-        loop = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(loop, HaloLoop):
-            continue
+    for node, _ in grouped_calls(gm, "halo"):  # halo regions: each pass's slices spread, rows and statistics gathered
+        loop = gm.get_submodule(node.target)
         f = sum(flops.get(n.name, 0) for n in loop.region.nodes)
         spread_flops += f
         busiest += f * len(block(loop.count, ranks, 0)) / loop.count

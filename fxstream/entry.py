@@ -24,6 +24,7 @@ from .meta import region_of
 from .plan_cache import compile_cached
 from .policy import Policy
 from .progress import library_progress
+from .region_loop import RegionLoop
 from .rehash.runtime import RehashState
 from .report import Report, build_report
 
@@ -218,7 +219,7 @@ def guidance_split(gm, policy: Policy, weights: int, compiled, ranks: int):
     alt_policy = replace(policy, batch=ranks)
     alt, bound = compile_cached(gm, alt_policy, weights)
     spread = spread_loops(alt.graph_module, ranks)
-    if not any(id(m) in spread and m.nested for m in alt.graph_module.modules() if hasattr(m, "nested")):
+    if not any(id(m) in spread and m.nested for m in alt.graph_module.modules() if isinstance(m, RegionLoop)):
         return None
     now, split = rank_plan(compiled, ranks, "nvlink"), rank_plan(alt, ranks, "nvlink")
     if split.seconds >= now.seconds:

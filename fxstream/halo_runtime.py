@@ -22,6 +22,7 @@ from .analysis.halo import (HALO_RULES, WHOLE, HaloRegion, carried_rows, conv_ba
 from .graph_utils import graph_key
 from .distributed import block
 from .memory import host_storage
+from .region_loop import RegionLoop
 from .runtime import buffer_layout
 
 aten = torch.ops.aten
@@ -177,8 +178,11 @@ def _structure_key(body: GraphModule, dims: list, count: int, wdims: list, cols:
     return graph, inputs, tuple(dims), count, tuple(wdims), cols, along, tuple(parked)
 
 
-class HaloLoop(torch.nn.Module):
-    """A region sliced ``count`` ways along height with halos (see the module docstring)."""
+class HaloLoop(RegionLoop):
+    """A region sliced ``count`` ways along height with halos (see the module docstring): a
+    :class:`~fxstream.region_loop.RegionLoop` of kind ``"halo"``."""
+
+    kind = "halo"
 
     def __init__(self, body: GraphModule, dims: list, count: int, out_meta: list, wdims: list | None = None,
                  cols: int = 1, along: str = "height", parked=()):
@@ -232,6 +236,11 @@ class HaloLoop(torch.nn.Module):
     def working_bytes(self) -> int:
         """The planned peak of its slices' bands (on top of its whole outputs), as it runs now."""
         return self.plan().working_bytes
+
+    @property
+    def bodies(self) -> dict:
+        """None to plan per slice size: the bands are planned by the rows simulation (``working_bytes``)."""
+        return {}
 
     def extra_repr(self) -> str:
         axis = self.along if self.cols == 1 else f"height x width, grid={self.count // self.cols}x{self.cols}"

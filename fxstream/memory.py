@@ -23,6 +23,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .region_loop import RegionLoop
+
 __all__ = ["plan_memory", "MemoryPlan", "TimelinePoint", "planned_peak", "weight_bytes", "MemoryTracker", "measure_peak",
            "host_storage"]
 
@@ -103,11 +105,17 @@ def _body_plans(gm: GraphModule, node, in_flight: int | None) -> tuple:
     """Plans of a ``call_module`` node's loop bodies by slice size (none for other modules) and its slices in
     flight."""
     loop = gm.get_submodule(node.target)
-    bodies = getattr(loop, "bodies", None)
-    if not bodies:
+    if not isinstance(loop, RegionLoop) or not loop.bodies:
         return {}, 1
+    bodies = loop.bodies
     k = 1 if loop.nested else loop.in_flight if in_flight is None else max(1, min(in_flight, len(loop.bounds)))
     return {key: plan_memory(b, in_flight) for key, b in bodies.items()}, k
+
+
+def _working_bytes(module) -> int:
+    """What a region's module holds on top of its outputs beyond its bodies' plans (NOTE [One region model]); 0
+    for any other module."""
+    return module.working_bytes if isinstance(module, RegionLoop) else 0
 
 
 def _working_set(loop, plans: dict, k: int, partial_bytes: int) -> int:
@@ -167,7 +175,7 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
         if plans:  # partial sums (see NOTE [Partial sums]) are part of the working set, not made up front
             loop = gm.get_submodule(n.target)
             outs = n.meta.get("val")
-            partial_sts = {next(_storages(outs[j]))[0] for j in getattr(loop, "partial", ())}
+            partial_sts = {next(_storages(outs[j]))[0] for j in loop.partial}
             partial = sum(b for s, b in sts if s in partial_sts and owner_count.get(s, 0) == 0)
         for s, b in sts:
             if s in held_by_caller:
@@ -177,7 +185,7 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
                 size[s] = b
             owner_count[s] = owner_count.get(s, 0) + 1
         extra = _working_set(loop, plans, k, partial) if plans else _transient_bytes(n) if n.op != "call_module" \
-            else getattr(gm.get_submodule(n.target), "working_bytes", 0)  # a halo region's bands
+            else _working_bytes(gm.get_submodule(n.target))  # a halo region's bands
         during = live - partial + extra
         if n.op == "call_module":
             plan.region_peaks[n.name] = during

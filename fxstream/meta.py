@@ -21,7 +21,9 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["SplitNorm", "BodyInput", "CutInput", "Marks", "Grouped", "set_meta", "get_meta", "meta_key", "KEPT",
-           "region_of"]
+           "region_of", "region_id", "grouped_calls", "call_names", "KINDS"]
+
+KINDS = ("cut", "halo")  # the kinds of grouped region (NOTE [One region model])
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,15 @@ class Grouped:
     region: object
     kind: str
 
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Grouped.kind: expected one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def id(self) -> str:
+        """The region's stable id (:func:`region_id`)."""
+        return region_id(self.region)
+
 
 _TYPES = (SplitNorm, BodyInput, CutInput, Marks, Grouped)
 
@@ -87,6 +98,29 @@ def set_meta(node, value) -> None:
 def get_meta(node, cls: type):
     """``node``'s entry of class ``cls``, or None."""
     return node.meta.get(_KEYS[cls])
+
+
+def region_id(region) -> str:
+    """A name for a region (cut or halo) that is the same in every compile of one graph: its first op's node
+    name."""
+    return region.nodes[0].name
+
+
+def grouped_calls(gm, kind: str | None = None) -> list:
+    """``[(call node, Grouped)]`` of every grouped region called in ``gm``'s graph (of ``kind`` if given), in
+    graph order. NOTE [One region model]: this, not a node's name, tells a region's call from any other node."""
+    out = []
+    for n in gm.graph.nodes:
+        g = n.meta.get(_KEYS[Grouped]) if n.op == "call_module" else None
+        if g is not None and (kind is None or g.kind == kind):
+            out.append((n, g))
+    return out
+
+
+def call_names(gm, kind: str | None = None) -> dict:
+    """``{region id: call node name}`` of the grouped regions called in ``gm`` (the names a memory plan's
+    ``region_peaks`` use)."""
+    return {g.id: n.name for n, g in grouped_calls(gm, kind)}
 
 
 def region_of(node, kind: str = "cut"):

@@ -8,6 +8,7 @@ from tabulate import tabulate
 
 from .analysis.slicer import module_path, tensor_bytes
 from .memory import MemoryPlan, plan_memory
+from .meta import grouped_calls, region_id
 from .policy import Policy, format_bytes
 
 __all__ = ["Report", "RegionInfo", "AxisInfo", "UnslicedOp", "RehashInfo", "build_report", "explain_table", "report_json"]
@@ -43,6 +44,7 @@ class RegionInfo:
     axis: str = ""  # where the axis is: an input and its dim (``sample[1]``), as the flood found it
     host_bytes: int = 0  # host memory its parked values take at once (halo regions; NOTE [Host checkpoints])
     host_traffic: int = 0  # bytes it copies between device and host per call
+    kind: str = "cut"  # "cut" or "halo" (NOTE [One region model])
 
 
 @dataclass(frozen=True)
@@ -244,13 +246,13 @@ def report_json(report: Report, session=None, lower_bound: bool = False) -> dict
 
 
 def _region_infos(plan, gm, mem: MemoryPlan, offset: int = 0, prefix: str = "") -> list:
-    out = []
-    for i, r in enumerate(plan.regions):
-        name = f"region_{i}"
-        loop = getattr(gm, name, None)
+    out, calls = [], {g.id: n for n, g in grouped_calls(gm, "cut")}
+    for r in plan.regions:
+        call = calls[region_id(r)]
+        loop = gm.get_submodule(call.target)
         out.append(RegionInfo(r.module, r.axis.name, r.axis.length, r.count, len(r.nodes), r.saved_bytes,
-                              offset + mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0),
-                              getattr(loop, "in_flight", 1), prefix + name, axis=r.axis.place))
+                              offset + mem.region_peaks.get(call.name, 0), mem.region_working_bytes.get(call.name, 0),
+                              loop.in_flight, prefix + call.name, axis=r.axis.place))
     return out
 
 
@@ -289,8 +291,8 @@ def _halo_infos(compiled, mem: MemoryPlan) -> tuple[list, int]:
     from .analysis.cost import node_flops
     from .analysis.slicer import common_module_path
     out = []
-    loops = [(n.name, compiled.graph_module.get_submodule(n.target)) for n in compiled.graph_module.graph.nodes
-             if n.op == "call_module" and n.name.startswith("halo_")]
+    loops = [(n.name, compiled.graph_module.get_submodule(n.target))
+             for n, _ in grouped_calls(compiled.graph_module, "halo")]
     flops = node_flops(compiled.prepared) if loops else {}
     for name, loop in loops:
         r = loop.region
@@ -301,7 +303,7 @@ def _halo_infos(compiled, mem: MemoryPlan) -> tuple[list, int]:
         out.append(RegionInfo(common_module_path(r.nodes), axis, r.length(largest), r.count, len(r.nodes),
                               interior, mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0), 1, name,
                               hp.passes, hp.compute_factor, sum(flops.get(n.name, 0) for n in r.nodes),
-                              host_bytes=hp.host_bytes, host_traffic=hp.host_traffic))
+                              host_bytes=hp.host_bytes, host_traffic=hp.host_traffic, kind="halo"))
     return out, sum(flops.values())
 
 
@@ -311,7 +313,7 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
     mem = plan_memory(compiled.graph_module)
     regions = _region_infos(compiled.plan, compiled.graph_module, mem)
     if compiled.inner:  # regions inside batch regions: their peaks sit on top of what the outer graph holds
-        loops = [n.name for n in compiled.graph_module.graph.nodes if n.op == "call_module"]
+        loops = [n.name for n, _ in grouped_calls(compiled.graph_module, "cut")]
         around = [mem.region_peaks[n] - mem.region_working_bytes[n] for n in loops]
         per_loop = max(1, len(compiled.inner) // max(1, len(loops)))
         for k, inner in enumerate(compiled.inner):
@@ -326,7 +328,7 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
     for n in compiled.prepared.graph.nodes:
         if n.op != "call_function" or n in in_region or n.name in in_halo:
             continue
-        reason = compiled.plan.reasons.get(n) or getattr(compiled, "halo_reasons", {}).get(n.name) or (
+        reason = compiled.plan.reasons.get(n) or compiled.halo_reasons.get(n.name) or (
             "the memory budget is met without slicing" if policy.max_memory is not None and not in_region else
             "policy slices nothing" if not policy.slices_anything else "not reached by any sliced axis")
         unsliced.append(UnslicedOp(n.name, str(n.target), module_path(n), reason, tensor_bytes(n)))

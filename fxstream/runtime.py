@@ -52,6 +52,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .analysis.cuts import PARTIAL, Cut
+from .region_loop import RegionLoop
 
 __all__ = ["LoopRegion", "cpu_pool", "set_in_flight", "slice_view", "body_input", "contiguous_strides", "buffer_layout",
            "ShortWaits", "SHORT_WAITS", "cpu_pressure", "libgomp_path"]
@@ -305,15 +306,18 @@ def _in_callers_state(fn):
     return run
 
 
-class LoopRegion(torch.nn.Module):
+class LoopRegion(RegionLoop):
     """A region sliced along one axis of ``length`` elements, as ``bounds`` (start, size) pairs.
 
     ``bodies[str(size)]`` is the region's GraphModule for a slice of ``size`` elements. ``in_cuts[i]`` says how
     argument ``i`` is sliced (None: passed whole); ``out_cuts[j]`` how output ``j`` is assembled; ``reuse[j]``
     is the index of the argument whose storage output ``j`` takes over (None: a buffer of its own).
     ``pipeline`` is the most slices in flight (set by the compiler; a region whose bodies hold regions of their
-    own runs its parts one at a time and pipelines inside them).
+    own runs its parts one at a time and pipelines inside them). A :class:`~fxstream.region_loop.RegionLoop` of
+    kind ``"cut"``.
     """
+
+    kind = "cut"
 
     def __init__(self, bodies: dict, length: int, bounds, in_cuts, out_cuts, out_meta, axis: str = "",
                  pipeline: int = 1):

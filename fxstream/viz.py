@@ -38,7 +38,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import GraphModule, Node
 
-from .meta import Marks, get_meta, region_of
+from .meta import Grouped, Marks, get_meta
+from .region_loop import RegionLoop
 from .runtime import LoopRegion
 
 __all__ = ["DrawNode", "DrawEdge", "DrawCluster", "DrawGraph", "draw_graph", "DIM_COLOURS",
@@ -294,17 +295,26 @@ class _Builder:
 
     def region(self, gm: GraphModule, n: Node, qual: str, parent) -> None:
         loop = gm.get_submodule(n.target)
-        if not isinstance(loop, LoopRegion):
+        if not isinstance(loop, RegionLoop):
             raise ValueError(f"graph: call_module {n.target} is not a fxstream loop region")
-        body = loop.bodies[max(loop.bodies, key=int)]  # the largest slice's body
-        info = region_of(n)
-        facts = {"dim": loop.axis, "length": loop.length, "slices": len(loop.bounds),
-                 "saved": info.saved_bytes if info is not None else 0,
-                 # the report's name: the common path of its ops (a ModuleList such as down_blocks is on no stack)
-                 "module": info.module if info is not None else _innermost_path(n),
-                 # the region's own ops, as the explain table counts them (a body adds reshapes of strided slices)
-                 "ops": len(info.nodes) if info is not None else
-                 sum(x.op == "call_function" for x in body.graph.nodes)}
+        grouped = get_meta(n, Grouped)
+        info = grouped.region if grouped is not None else None
+        if loop.kind == "halo":  # NOTE [One region model]: a halo region is drawn as one box too
+            r, body = loop.region, loop.body
+            facts = {"dim": r.along if r.cols == 1 else "height x width",
+                     "length": max(r.length(o) for o in r.outputs), "slices": loop.count,
+                     "saved": sum(_bytes(x.meta.get("val")) for x in r.nodes if x not in r.outputs),
+                     "module": info.module if info is not None else _innermost_path(n),
+                     "ops": len(info.nodes) if info is not None else len(r.nodes)}
+        else:
+            body = loop.bodies[max(loop.bodies, key=int)]  # the largest slice's body
+            facts = {"dim": loop.axis, "length": loop.length, "slices": len(loop.bounds),
+                     "saved": info.saved_bytes if info is not None else 0,
+                     # the report's name: the common path of its ops (a ModuleList such as down_blocks is on no stack)
+                     "module": info.module if info is not None else _innermost_path(n),
+                     # the region's own ops, as the explain table counts them (a body adds reshapes of strided slices)
+                     "ops": len(info.nodes) if info is not None else
+                     sum(x.op == "call_function" for x in body.graph.nodes)}
         nested = any(isinstance(m, LoopRegion) for m in body.modules())
         expanded = any(_under(_innermost_path(x), self.expand) for x in body.graph.nodes)
         self.current = None

@@ -252,3 +252,20 @@ def test_timeline_lines_up_blocks_and_keeps_the_peaks(batch_split, tmp_path):
         assert abs(med["compiled"] - med["original"]) <= 1, block
     plot_memory(tl, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_halo_regions_are_drawn_as_region_boxes():
+    """NOTE [One region model]: a halo region's call is drawn like a cut region's (one box along its axis, its
+    slices and ops), from the same protocol; the drawing of a decoder under Policy(halo=...) used to refuse it."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_halo import tiny_svd
+    decoder, kw = tiny_svd()
+    entry = Entry(decoder, kw, fxstream.Policy(halo=3))
+    g = draw_graph(entry.compiled.graph_module, timeline=entry.report.timeline["compiled"])
+    boxes = [n for n in g.nodes if n.kind == "region"]
+    halo = [r for r in entry.report.regions if r.kind == "halo"]
+    assert halo and len(boxes) == len(halo)
+    assert all(b.dim == "height" and b.slices == 3 and b.colour == DIM_COLOURS["height"] for b in boxes)
+    assert sorted(b.ops for b in boxes) == sorted(r.ops for r in halo)

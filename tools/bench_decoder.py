@@ -81,7 +81,7 @@ def _weights(module) -> int:
 
 def _halo_desc(report) -> tuple[str, str, str]:
     """(regions x slices per kind: bands of rows, tiles of a grid, slices of frames; the most passes; compute)."""
-    halo = [r for r in report.regions if r.dim.endswith("(halo)")]
+    halo = [r for r in report.regions if r.kind == "halo"]
     if not halo:
         return "-", "-", "1.00x"
     kinds = [("height (halo)", "bands"), ("height x width (halo)", "tiles"), ("frames (halo)", "frames")]

@@ -16,7 +16,7 @@ AUTO_OFFLOAD_COMPUTE = 1.5  # offload="auto" also tries offloading when the resi
 def _planned_compute(result) -> float:
     """Planned FLOPs of a fitted module over its unsliced ones, from its report's halo regions (1.0 without)."""
     report = getattr(result, "report", None)
-    regions = [r for r in getattr(report, "regions", []) if r.dim.startswith("height")]
+    regions = [r for r in getattr(report, "regions", []) if r.kind == "halo"]
     ops = sum(r.ops for r in regions)
     return sum(r.compute * r.ops for r in regions) / ops if ops else 1.0
 

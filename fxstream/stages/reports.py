@@ -57,7 +57,7 @@ class StepReport:
         if not regions:
             return "none"
         text = f"{len(regions)} region{'s' if len(regions) > 1 else ''}, up to {max(r.slices for r in regions)} slices"
-        halo = [r for r in regions if r.dim.endswith("(halo)")]
+        halo = [r for r in regions if r.kind == "halo"]
         if halo:
             worst = max(halo, key=lambda r: r.compute)
             text += f"; halo up to {worst.passes} passes, {worst.compute:.1f}x compute"
