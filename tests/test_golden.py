@@ -86,7 +86,7 @@ def _render(compiled) -> str:
         if n.op != "call_module":
             continue
         loop = gm.get_submodule(n.target)
-        body = next(iter(loop.bodies.values())) if hasattr(loop, "bodies") else loop.body
+        body = next(iter(loop.bodies.values())) if loop.kind == "cut" else loop.body
         parts.append(f"# {n.name}: {type(loop).__name__}({loop.extra_repr()})\n{body.code.strip()}\n")
     return "\n".join(parts)
 

@@ -54,9 +54,9 @@ from torch.fx import GraphModule, Node
 
 from ..errors import CantSlice
 from .axes import halo_sources
-from .cuts import slice_bounds
 from .effects import find_effects
-from .rules import POINTWISE, VIEWS, tensor_args, val_shape
+from .cuts import Cut, slice_bounds
+from .rules import POINTWISE, RULES, VIEWS, RuleContext, tensor_args, val_shape
 
 aten = torch.ops.aten
 WHOLE = None
@@ -109,41 +109,23 @@ def rows(node, d, lo, hi):
     return _broadcast_need(node, d, lo, hi, tensor_args(node))
 
 
-def _view_dim(in_shape, out_shape, d) -> int:
-    """The dim of ``in_shape`` holding the same rows as dim ``d`` of ``out_shape`` after a reshape, if height stays
-    a dim of its own (the product of the dims before it and its size unchanged)."""
-    before = math.prod(out_shape[:d])
-    for e, s in enumerate(in_shape):
-        if s == out_shape[d] and math.prod(in_shape[:e]) == before:
-            return e
-    raise CantSlice(f"reshape {list(in_shape)} -> {list(out_shape)} merges or splits dim {d}")
-
-
-def view(node, d, lo, hi):
-    x = node.args[0]
-    return {x: (_view_dim(_shape(x), _shape(node), d), lo, hi)}
-
-
-def permute(node, d, lo, hi):
-    x = node.args[0]
-    nd = len(_shape(x))
-    if node.target is aten.permute.default:
-        perm = [p % nd for p in node.args[1]]
-    else:
-        a, b = node.args[1] % nd, node.args[2] % nd
-        perm = list(range(nd))
-        perm[a], perm[b] = perm[b], perm[a]
-    return {x: (perm[d], lo, hi)}
-
-
-def linear(node, d, lo, hi):
-    if d == len(_shape(node)) - 1:
-        raise CantSlice("linear: features are not height")
-    req = {node.args[0]: (d, lo, hi)}
-    for a in node.args[1:3]:
-        if isinstance(a, Node):
-            req[a] = WHOLE
-    return req
+def from_cut_rule(cut_rule: Callable) -> Callable:
+    """The halo ``need`` of an op whose cut rule (analysis/rules.py) already says where each input holds the
+    output's dim ``d``: rows ``[lo, hi)`` of the output need the same rows of that input dim, where it is a dim of
+    its own (a cut with ``outer == inner == 1``); an input the cut rule takes whole is needed whole. So the
+    pointwise, view, permute, linear and cat ops have one rule for cuts and bands (NOTE [One rule table])."""
+    def need(node, d, lo, hi):
+        req = cut_rule(node, Cut(d, 1, 1), RuleContext(_shape(node)[d], lambda p: None))
+        out = {}
+        for p, c in req.items():
+            if c is WHOLE:
+                out[p] = WHOLE
+            elif isinstance(c, Cut) and c.outer == 1 and c.inner == 1:
+                out[p] = (c.dim, lo, hi)
+            else:
+                raise CantSlice(f"{node.target}: dim {d} is merged with others in {p.name} ({c})")
+        return out
+    return need
 
 
 def group_norm(node, d, lo, hi):
@@ -154,13 +136,6 @@ def group_norm(node, d, lo, hi):
         if isinstance(a, Node):
             req[a] = WHOLE
     return req
-
-
-def cat(node, d, lo, hi):
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if dim % len(_shape(node)) == d:
-        raise CantSlice("cat: joins along height")
-    return _broadcast_need(node, d, lo, hi, list(node.args[0]))
 
 
 def conv_params(node: Node, i: int) -> tuple[int, int, int, int]:
@@ -218,17 +193,21 @@ def attention(node, d, lo, hi):
                                              if isinstance(a, Node)])
 
 
+# NOTE [One rule table]: an op whose bands are its cut's rows (pointwise, views, permutes, linear, cat) takes its
+# halo rule from its cut rule (from_cut_rule); the ops below have rules of their own because bands differ from
+# cuts there: a convolution and an upsampling need other rows than they make, a GroupNorm's statistics span the
+# band's dim (a statistics pass), an attention slices only its batch dims (its sequence is no band), and type_as
+# takes ``other``'s band along with its own (its cut rule leaves ``other`` out: NOTE [Arguments read for their
+# dtype]).
 HALO_RULES: dict = {}
 for _op in POINTWISE:
-    HALO_RULES[_op] = HaloRule(rows, "rows")
+    HALO_RULES[_op] = HaloRule(from_cut_rule(RULES[_op].inputs), "rows")
 for _op in VIEWS:
-    HALO_RULES[_op] = HaloRule(view, "view")
+    HALO_RULES[_op] = HaloRule(from_cut_rule(RULES[_op].inputs), "view")
+for _op in (aten.permute.default, aten.transpose.int, aten.t.default, aten.linear.default, aten.cat.default):
+    HALO_RULES[_op] = HaloRule(from_cut_rule(RULES[_op].inputs), "rows")
 HALO_RULES.update({
-    aten.type_as.default: HaloRule(rows, "rows"),  # a pointwise op for bands (its cut rule is its own: rules.py)
-    aten.permute.default: HaloRule(permute, "rows"),
-    aten.transpose.int: HaloRule(permute, "rows"),
-    aten.linear.default: HaloRule(linear, "rows"),
-    aten.cat.default: HaloRule(cat, "rows"),
+    aten.type_as.default: HaloRule(rows, "rows"),
     aten.conv2d.default: HaloRule(conv, "conv"),
     aten.conv3d.default: HaloRule(conv, "conv"),
     aten.upsample_nearest2d.vec: HaloRule(upsample, "upsample"),
