@@ -37,6 +37,7 @@ from .passes.group_regions import group_regions
 from .passes.halo_regions import group_halo_regions
 from .passes.reuse_buffers import reuse_region_buffers
 from .meta import SplitNorm, call_names, get_meta, grouped_calls, region_id
+from .passes.recompute_queries import recompute_queries, shared_chains
 from .passes.split_group_norm import split_group_norm, splittable_group_norms
 from .policy import AXIS_KIND, Policy, format_bytes
 from .runtime import LoopRegion, set_in_flight
@@ -87,6 +88,7 @@ class CompiledGraph:
     halo: list = field(default_factory=list)  # HaloRegions grouped at the top level (Policy(halo=...))
     halo_reasons: dict = field(default_factory=dict)  # node name -> why halo slicing left it out
     made_with: MadeWith | None = None  # the compile_graph arguments that made it (what the plan cache replays)
+    recomputed: int = 0  # chains copied for attention queries (NOTE [Queries recompute what they share ...])
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class Job:
     raised: list = field(default_factory=list)  # (graph, region): those regions, as planned on that graph
     check_peak: bool = True  # the compile_graph argument, passed on to the bodies of a batch split
     split: bool = False  # cut regions where they hold too much (NOTE [Regions split where they hold too much])
+    recompute: bool = False  # queries recompute what they share with keys and values (passes/recompute_queries.py)
     prepared: GraphModule | None = None
     plan: SlicePlan | None = None
     planned: GraphModule | None = None  # the graph the plan was made on (a plan of the same graph is reused)
@@ -157,7 +160,7 @@ def step_strip_asserts(gm: GraphModule, job: Job) -> GraphModule:
     the grouping passes recompute only the values they replace (``graph_utils.refresh_values``)."""
     stripped = stripped_graph(gm)
     job.axes = all_axes(stripped)
-    return stripped
+    return recompute_queries(stripped) if job.recompute else stripped
 
 
 def stripped_graph(gm: GraphModule) -> GraphModule:
@@ -364,15 +367,23 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
         tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True)
         if tried[3] is not None and tried[3].peak_bytes < planned.peak_bytes:  # kept where the planned peak falls
             out, job, made_with, planned = tried
+    if check and planned is not None and _recompute_may_help(gm, out):
+        # NOTE [Queries recompute what they share with keys and values]: kept where the planned peak falls
+        tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True,
+                         recompute=True)
+        if tried[3] is not None and tried[3].peak_bytes < planned.peak_bytes:
+            out, job, made_with, planned = tried
     log.info("compiled: %d regions", len(job.plan.regions))
-    return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with)
+    return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with,
+                         len(shared_chains(stripped_graph(gm))) if job.recompute else 0)
 
 
-def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=False):
+def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=False,
+             recompute=False):
     """One compile of ``gm``: the steps, then once more with the regions that raise the peak left whole. Returns
     the graph, its job, what it was made with and (with ``check``) its memory plan."""
     job = _job(policy, counts, inner_counts, halo_keep)
-    job.check_peak, job.split = check_peak, split
+    job.check_peak, job.split, job.recompute = check_peak, split, recompute
     out = run_steps(gm, job)
     raising, planned = _raising_regions(job, out) if check else ({}, None)
     if raising:  # NOTE [A region must not raise the peak]: compile once more with those regions left whole
@@ -381,6 +392,7 @@ def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, mad
         raised = [(job.prepared, r) for r in job.plan.regions if region_id(r) in raising]
         job = _job(policy, counts, inner_counts, halo_keep)
         job.left_whole, job.check_peak, job.split, job.raised = raising, check_peak, split, raised
+        job.recompute = recompute
         out = run_steps(gm, job)
         planned = None
     if check and planned is None and (job.plan.regions or job.raised):
@@ -399,6 +411,18 @@ def _split_may_help(job: Job, grouped: GraphModule, planned) -> bool:
     at = planned.peak_node.split("/")[0]
     found += [(job.prepared, g.region) for n, g in grouped_calls(grouped, "cut") if n.name == at]
     return any(would_split(gm, r, job.min_fraction) for gm, r in found)
+
+
+def _recompute_may_help(gm: GraphModule, grouped: GraphModule) -> bool:
+    """Whether copying the chains queries share with keys and values (passes/recompute_queries.py) may lower the
+    planned peak of ``grouped`` (a compile of ``gm``): some shared value exists whole there (outside every cut
+    region, or as a region's output)."""
+    shared = {f.name for f, _, _ in shared_chains(stripped_graph(gm))}
+    if not shared:
+        return False
+    interior = {n.name for _, g in grouped_calls(grouped, "cut") for n in g.region.nodes} - \
+        {o.name for _, g in grouped_calls(grouped, "cut") for o, _ in g.region.outputs}
+    return bool(shared - interior)
 
 
 def _raising_regions(job: Job, grouped: GraphModule) -> tuple:

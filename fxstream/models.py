@@ -238,6 +238,12 @@ TRANSFORMERS = {
         "num_attention_heads": 4, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4, "time_embed_dim": 32,
         "text_embed_dim": 32, "num_layers": 4, "sample_width": 64, "sample_height": 64, "sample_frames": 13,
         "patch_size": 2, "temporal_compression_ratio": 4, "max_text_seq_length": 16}, 4, 64, 64, 16, 2),
+    # Wan-shaped with a wider hidden size than the tiny one (4 heads of 32, feed-forward 512): its token-sized values,
+    # not the rotary tables, hold the memory, as at full size (1,024 tokens at its default size)
+    "wan-mid": ("WanTransformer3DModel", {
+        "patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 4,
+        "out_channels": 4, "text_dim": 32, "freq_dim": 256, "ffn_dim": 512, "num_layers": 2, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 64}, 4, 32, 32, 16, 1),
     "cogvideox-5b": ("CogVideoXTransformer3DModel", "cogvideox-5b-transformer.json", 13, 60, 90, 226, 2),
     "wan2.1-14b": ("WanTransformer3DModel", "wan2.1-t2v-14b-transformer.json", 21, 90, 160, 512, 1),
 }

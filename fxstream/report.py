@@ -117,6 +117,7 @@ class Report:
     axes: list = field(default_factory=list)  # AxisInfo of every axis found (empty when the policy slices nothing)
     _total_flops: int = field(default=0, repr=False)  # planned FLOPs of the original graph (with halo regions)
     ranks: list = field(default_factory=list)  # fxstream.distributed.RankPlan per device count planned
+    recomputed: int = 0  # shared chains copied for attention queries (passes/recompute_queries.py)
 
     @property
     def lower_bound_bytes(self) -> int:
@@ -178,7 +179,10 @@ def _peak_rows(report: Report, lower_bound: bool, missing: str) -> list:
             if lower_bound else ("activations, lower bound", "-", missing)] + \
         ([("host memory, parked", format_bytes(report.host_bytes),
            f"{format_bytes(report.host_traffic)} copied per call; {report.compute_factor:.2f}x compute")]
-         if report.host_bytes else [])
+         if report.host_bytes else []) + \
+        ([("chains recomputed", str(report.recomputed),
+           "made again for attention queries instead of kept whole (passes/recompute_queries.py)")]
+         if report.recomputed else [])
 
 
 def explain_table(report: Report, top: int = 10, lower_bound: bool = True, missing: str = "not computed") -> str:
@@ -242,6 +246,7 @@ def report_json(report: Report, session=None, lower_bound: bool = False) -> dict
         "rehash": None if report.rehash is None else {**asdict(report.rehash),
                                                       "skipped_share": report.rehash.skipped_share},
         "ranks": [{**asdict(p), "speedup": p.speedup} for p in report.ranks],
+        "recomputed": report.recomputed,
     }
 
 
@@ -336,5 +341,6 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
                  original.peak_node, mem.peak_node, original.peak_module, mem.peak_module,
                  {"original": original.timeline, "compiled": mem.timeline}, lower_bound)
     rep._total_flops = total_flops
+    rep.recomputed = compiled.recomputed
     rep.axes = _axis_infos(compiled, policy)
     return rep

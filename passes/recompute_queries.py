@@ -1,0 +1,146 @@
+"""Queries recompute what they share with keys and values: a cheap chain (norms, casts, pointwise ops, views) that
+feeds both an attention's queries and its keys or values is copied for the queries' side.
+
+NOTE [Queries recompute what they share with keys and values]
+An attention cut along its queries needs its keys and values whole, so the ops that make them leave the query
+region (``Rule.producers_leave``). A transformer block makes queries, keys and values from one normed copy of
+the residual stream (``norm1(x) * (1 + scale) + shift``): that value then crosses from the keys' region to the
+queries' and exists whole, one more token-sized value at the block's peak (Wan's blocks: with k, v, the residual
+in and out, and the normed tokens whole, a region holds five or six of them). Where the shared value is made by
+cheap ops only (rule kinds ``pointwise``, ``view``, ``norm``) from values that live on anyway, this pass gives the
+queries their own copy of that chain, placed just before the first op of the queries' side that reads it; the
+keys and values keep the original. Each copy is then sliced with the region that reads it and never exists
+whole. The copies are the same ops on the same inputs (bitwise the same values); the cost is the chain's compute
+a second time (a layer norm and a few pointwise ops per block against its projections and attention).
+
+The pass only rewrites; whether the result is kept is the compile's choice (``compiler.compile_graph`` keeps the
+graph only where the planned peak falls, as it does for split regions).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from fxstream.analysis.rules import rule_for
+from fxstream.graph_utils import fake_mode_of, lazy_module, propagate_nodes, refresh_values
+
+__all__ = ["recompute_queries", "shared_chains"]
+
+ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
+CHEAP = ("pointwise", "view", "norm")  # rule kinds a chain may be made of
+MAX_CHAIN = 16  # ops in one copied chain
+DEPTH = 12  # edges searched upstream of an attention's queries, keys and values
+
+
+def _cheap(n: Node) -> bool:
+    rule = rule_for(n)
+    return rule is not None and rule.kind in CHEAP and isinstance(n.meta.get("val"), torch.Tensor)
+
+
+def _ancestors(n: Node, depth: int = DEPTH) -> set:
+    """The nodes at most ``depth`` edges upstream of ``n``: a shared value is a few ops before an attention (its
+    projection, a reshape, a norm), and a bounded walk keeps the search linear in the graph's size."""
+    seen, frontier = set(), [n]
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            for p in x.all_input_nodes:
+                if p not in seen:
+                    seen.add(p)
+                    nxt.append(p)
+        frontier = nxt
+    return seen
+
+
+def _chain(f: Node, first: Node, order: dict) -> list | None:
+    """``f`` and the cheap ops it is made of that would die before ``first`` (the first op on the queries' side that
+    reads ``f``), in graph order: what a copy for the queries computes again. A value read after ``first`` by
+    anything else lives on anyway and is read by the copy instead. None when the chain is longer than
+    ``MAX_CHAIN``."""
+    chain, work = {f}, [f]
+    while work:
+        x = work.pop()
+        for p in x.all_input_nodes:
+            if p in chain or p.op != "call_function" or not _cheap(p):
+                continue
+            if max(order[u] for u in p.users) >= order[first]:
+                continue  # alive at the copy anyway: read it
+            chain.add(p)
+            work.append(p)
+            if len(chain) > MAX_CHAIN:
+                return None
+    return sorted(chain, key=order.get)
+
+
+_FOUND: "weakref.WeakKeyDictionary[GraphModule, tuple]" = weakref.WeakKeyDictionary()
+
+
+def shared_chains(gm: GraphModule) -> list:
+    """``[(value, chain, query-side users)]``: for each attention, each value made by a cheap chain that feeds both
+    its queries and its keys or values (within ``DEPTH`` ops of them), with the users on the queries' side that
+    read it. Kept per graph while its nodes are the same (a budget asks for one captured graph many times)."""
+    kept = _FOUND.get(gm)
+    nodes = tuple(gm.graph.nodes)
+    if kept is not None and kept[0] == nodes:
+        return kept[1]
+    out = _find(gm)
+    _FOUND[gm] = (nodes, out)
+    return out
+
+
+def _find(gm: GraphModule) -> list:
+    out, taken = [], set()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for s in gm.graph.nodes:
+        if s.op != "call_function" or s.target is not ATTENTION:
+            continue
+        q, k, v = s.args[:3]
+        aq = _ancestors(q) | {q}
+        akv = _ancestors(k) | _ancestors(v) | {k, v}
+        for f in sorted(aq & akv, key=lambda n: n.name):
+            if f in taken or f.op != "call_function" or not _cheap(f):
+                continue
+            users = [u for u in f.users if u in aq and u not in akv]
+            if not users or not any(u in akv for u in f.users):
+                continue
+            chain = _chain(f, min(users, key=order.get), order)
+            if chain is None:
+                continue
+            taken.add(f)
+            out.append((f, chain, users))
+    return out
+
+
+def recompute_queries(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` where every :func:`shared_chains` chain is made again for its queries' side (NOTE [Queries
+    recompute what they share with keys and values]); ``gm`` itself when there is none."""
+    found = shared_chains(gm)
+    if not found:
+        return gm
+    before = {}  # first query-side user -> [(value, chain)] copied just before it
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for f, chain, users in found:
+        first = min(users, key=order.get)
+        before.setdefault(first, []).append((f, chain, set(users)))
+    graph = Graph()
+    graph._codegen = gm.graph._codegen
+    env: dict = {}
+    redirect: dict = {}  # (user, value) -> the copy it reads
+    copies: list = []
+    for n in gm.graph.nodes:
+        for f, chain, users in before.get(n, []):
+            local = {}
+            for c in chain:
+                local[c] = graph.node_copy(c, lambda p: local.get(p, env[p]))
+                copies.append(local[c])
+            for u in users:
+                redirect[(u, f)] = local[f]
+        env[n] = graph.node_copy(n, lambda p, n=n: redirect.get((n, p), env[p]))
+    # the copies are values of their own (storages apart from the originals'), and so are their readers' views
+    mode = fake_mode_of(gm)
+    old = {c: c.meta.get("val") for c in copies}
+    propagate_nodes(copies, mode)
+    refresh_values(graph, old, mode)
+    return lazy_module(gm, graph)
