@@ -38,8 +38,9 @@ def test_video_transformer_compiles_exactly(name):
 
 
 # measured activation peak of Policy(slices=4) over the exported graph's, at each default size: CogVideoX and LTX
-# meet issue 20's 0.75x; Wan is held at what it reaches (0.90x: see docs/benchmarks.md "Video transformers")
-PEAK_RATIO = {"cogvideox-tiny": 0.75, "ltx-tiny": 0.75, "wan-tiny": 0.92}
+# meet issue 20's 0.75x (LTX 0.65x since its queries recompute the normed tokens); Wan-tiny is held at what it
+# reaches (0.90x: its rotary tables; see docs/benchmarks.md "Video transformers"), wan-mid 0.64x
+PEAK_RATIO = {"cogvideox-tiny": 0.75, "ltx-tiny": 0.70, "wan-tiny": 0.92, "wan-mid": 0.67}
 
 
 @pytest.mark.parametrize("name", sorted(PEAK_RATIO))
