@@ -10,8 +10,12 @@ in and out, and the normed tokens whole, a region holds five or six of them). Wh
 cheap ops only (rule kinds ``pointwise``, ``view``, ``norm``) from values that live on anyway, this pass gives the
 queries their own copy of that chain, placed just before the first op of the queries' side that reads it; the
 keys and values keep the original. Each copy is then sliced with the region that reads it and never exists
-whole. The copies are the same ops on the same inputs (bitwise the same values); the cost is the chain's compute
-a second time (a layer norm and a few pointwise ops per block against its projections and attention).
+whole. A shared value made from weights, buffers and constants only (a *table*: a rotary embedding's cosines and
+sines, made once and read by every block's queries and keys) is copied for every reader instead, each copy just
+before its reader, and the original is no longer made: each region computes the slice of the table it reads.
+The copies are the same ops on the same inputs (bitwise the same values); the cost is the chain's compute again
+(a layer norm and a few pointwise ops per block, a table's expands and cat per reader, against the block's
+projections and attention).
 
 The pass only rewrites; whether the result is kept is the compile's choice (``compiler.compile_graph`` keeps the
 graph only where the planned peak falls, as it does for split regions).
@@ -30,6 +34,7 @@ __all__ = ["recompute_queries", "shared_chains"]
 
 ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
 CHEAP = ("pointwise", "view", "norm")  # rule kinds a chain may be made of
+TABLE = CHEAP + ("cat", "split", "index", "repeat")  # rule kinds a table's chain may be made of
 MAX_CHAIN = 16  # ops in one copied chain
 DEPTH = 12  # edges searched upstream of an attention's queries, keys and values
 
@@ -37,6 +42,12 @@ DEPTH = 12  # edges searched upstream of an attention's queries, keys and values
 def _cheap(n: Node) -> bool:
     rule = rule_for(n)
     return rule is not None and rule.kind in CHEAP and isinstance(n.meta.get("val"), torch.Tensor)
+
+
+def _pure(n: Node) -> bool:
+    """A node that only makes its value (erasable when nothing reads it): an op of the ``TABLE`` kinds."""
+    rule = rule_for(n)
+    return rule is not None and rule.kind in TABLE
 
 
 def _ancestors(n: Node, depth: int = DEPTH) -> set:
@@ -52,6 +63,31 @@ def _ancestors(n: Node, depth: int = DEPTH) -> set:
                     nxt.append(p)
         frontier = nxt
     return seen
+
+
+def _table(f: Node, order: dict) -> list | None:
+    """Where ``f`` is a table (made from weights, buffers and constants only, by ops of the ``TABLE`` kinds: a
+    rotary embedding's cosines and sines), every op it is made of, in graph order; else None."""
+    chain, work = {f}, [f]
+    while work:
+        x = work.pop()
+        for p in x.all_input_nodes:
+            if p in chain:
+                continue
+            if p.op == "placeholder":
+                if not p.name.startswith(("p_", "b_", "c_")):
+                    return None  # made from a user input: not a table
+                continue
+            if p.op == "get_attr":
+                continue
+            rule = rule_for(p)
+            if p.op != "call_function" or rule is None or rule.kind not in TABLE:
+                return None
+            chain.add(p)
+            work.append(p)
+            if len(chain) > MAX_CHAIN:
+                return None
+    return sorted(chain, key=order.get)
 
 
 def _chain(f: Node, first: Node, order: dict) -> list | None:
@@ -105,6 +141,11 @@ def _find(gm: GraphModule) -> list:
             users = [u for u in f.users if u in aq and u not in akv]
             if not users or not any(u in akv for u in f.users):
                 continue
+            table = _table(f, order)
+            if table is not None:  # every reader makes its own copy (its region slices it); the original goes
+                taken.add(f)
+                out += [(f, table, [u]) for u in sorted(f.users, key=order.get)]
+                continue
             chain = _chain(f, min(users, key=order.get), order)
             if chain is None:
                 continue
@@ -115,7 +156,8 @@ def _find(gm: GraphModule) -> list:
 
 def recompute_queries(gm: GraphModule) -> GraphModule:
     """A copy of ``gm`` where every :func:`shared_chains` chain is made again for its queries' side (NOTE [Queries
-    recompute what they share with keys and values]); ``gm`` itself when there is none."""
+    recompute what they share with keys and values]), and every table for each of its readers; ``gm`` itself
+    when there is none."""
     found = shared_chains(gm)
     if not found:
         return gm
@@ -138,6 +180,11 @@ def recompute_queries(gm: GraphModule) -> GraphModule:
             for u in users:
                 redirect[(u, f)] = local[f]
         env[n] = graph.node_copy(n, lambda p, n=n: redirect.get((n, p), env[p]))
+    # a table every reader copies is not made at all any more
+    made = set(copies)
+    for n in reversed(list(graph.nodes)):
+        if n.op == "call_function" and not n.users and n not in made and _pure(n):
+            graph.erase_node(n)
     # the copies are values of their own (storages apart from the originals'), and so are their readers' views
     mode = fake_mode_of(gm)
     old = {c: c.meta.get("val") for c in copies}
