@@ -167,3 +167,13 @@ def test_partial_run_writes_its_json(tmp_path, monkeypatch):
     assert bench_compare.main(["--quick", "--methods", "eager", "--partial", str(part), "--out", str(tmp_path)]) == 0
     blob = json.loads((tmp_path / "benchmarks.json").read_text())
     assert blob["compare"]["settings"]["partial"] == str(part)
+
+
+def test_a_section_of_its_own_leaves_the_main_table():
+    """``--section NAME``: one model measured apart is written under its own section and chart; the main
+    'compare' section (and its JSON key) stay as they were."""
+    args = bench_compare.parse_args(["--models", "cogvideox-mid", "--section", "compare-transformer"])
+    assert args.section == "compare-transformer" and args.models == ["cogvideox-mid"]
+    assert bench_compare.parse_args([]).section == "compare"
+    md = bench_compare.section([], "python tools/bench_compare.py --section x", [], "img/bench-x.png", " (x)")
+    assert md.startswith("## Side by side: what users would use instead (x)") and "img/bench-x.png" in md

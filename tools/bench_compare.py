@@ -552,10 +552,10 @@ def draw_chart(rows, path: Path) -> Path:
     return path
 
 
-def section(rows, cmd: str, notes) -> str:
+def section(rows, cmd: str, notes, chart: str = "img/bench-compare.png", title: str = "") -> str:
     inputs = "".join(f"- {m} ({d}): sample {x}\n" for m, d, x in dict.fromkeys((r.model, r.device, r.sample)
                                                                                 for r in rows))
-    doc = "## Side by side: what users would use instead\n\n" + provenance(cmd) + (
+    doc = f"## Side by side: what users would use instead{title}\n\n" + provenance(cmd) + (
         "One process, the same inputs for every method; random weights; batch 2 (classifier-free guidance).\n"
         "Rows on the meta device are full-size models planned by fxstream.memory.plan_memory, nothing run.\n\n"
         f"{inputs}\n"
@@ -575,7 +575,7 @@ def section(rows, cmd: str, notes) -> str:
     sel = [r for r in rows if r.device == "meta"]
     if sel:
         doc += f"### Full size, planned\n\n```\n{planned_table(sel)}\n```\n\n"
-    doc += "![memory and latency per method](img/bench-compare.png)\n\n"
+    doc += f"![memory and latency per method]({chart})\n\n"
     return doc + "".join(f"- {n}\n" for n in notes)
 
 
@@ -656,6 +656,10 @@ def parse_args(argv):
     ap.add_argument("--partial", type=Path, metavar="FILE",
                     help="keep each finished case's rows in FILE (JSON) and, run again with the same settings, skip "
                          "the cases already there: a long run can be stopped and resumed")
+    ap.add_argument("--section", default="compare", metavar="NAME",
+                    help="the section of benchmarks.md (and key of benchmarks.json) written, its chart "
+                         "img/bench-NAME.png (default: compare; another name leaves the main table as it is: a "
+                         "model measured apart, e.g. --models cogvideox-mid --section compare-transformer)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs",
                     help="folder of benchmarks.md / benchmarks.json (section 'compare') and img/bench-compare.png "
                          "(default: docs/)")
@@ -698,13 +702,14 @@ def main(argv=None) -> int:
         print(f"- {n}")
     if args.no_write:
         return 0
-    chart = draw_chart(rows, args.out / "img" / "bench-compare.png")
+    chart = draw_chart(rows, args.out / "img" / f"bench-{args.section}.png")
     cmd = "python tools/bench_compare.py " + " ".join(argv)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "section")}
     data = {"environment": environment(), "settings": settings,
             "rows": [asdict(r) for r in rows]}
-    write_section(args.out, "compare", section(rows, cmd, notes), data)
-    print(f"wrote {args.out / 'benchmarks.md'} (section: compare), {args.out / 'benchmarks.json'}, {chart}")
+    title = "" if args.section == "compare" else f" ({', '.join(args.models)})"
+    write_section(args.out, args.section, section(rows, cmd, notes, f"img/bench-{args.section}.png", title), data)
+    print(f"wrote {args.out / 'benchmarks.md'} (section: {args.section}), {args.out / 'benchmarks.json'}, {chart}")
     return 0
 
 
