@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from torch.fx import GraphModule
 
-from .analysis.axes import find_axes, frames_in_batch
+from .analysis.axes import find_axes, frames_in_batch, halo_sources
 from .compiler import CompiledGraph, axes_of, compile_graph
 from .meta import call_names, grouped_calls, region_id
 from .errors import HostMemoryError, MemoryBudgetError
@@ -219,25 +219,23 @@ def _halo_grids(policy: Policy, height: int, width: int) -> list[list[tuple[int,
     return out
 
 
-def _latent_shape(gm: GraphModule) -> tuple:
-    """The shape of the graph's first user input of 4 or more dims (a decoder's latents: frames first, height
-    and width last)."""
-    for n in gm.graph.nodes:
-        v = n.meta.get("val")
-        if n.op == "placeholder" and not n.name.startswith(("p_", "b_", "c_")) and getattr(v, "dim", lambda: 0)() >= 4:
-            return tuple(int(s) for s in v.shape)
-    return (1, 1, 1, 1)
+def _halo_lengths(gm: GraphModule) -> dict:
+    """{"frames", "height", "width": length} of a captured decoder graph's halo axes, as the ops name them
+    (:func:`~fxstream.analysis.axes.halo_sources`; 1 where there is no such axis)."""
+    sources = halo_sources(gm, axes_of(gm))
+    return {k: sources[k].length if k in sources else 1 for k in ("frames", "height", "width")}
 
 
 def _image_size(gm: GraphModule) -> tuple[int, int]:
-    return _latent_shape(gm)[-2:]
+    lengths = _halo_lengths(gm)
+    return lengths["height"], lengths["width"]
 
 
 def _frame_counts(gm: GraphModule, policy: Policy) -> list[int]:
-    """Slice counts along the frames (the latents' dim 0) the budget tries for what height halos cannot take
-    (a decoder's attention over each frame): 1, then doubling up to ``Policy.spatial`` (``slices``), or to the
+    """Slice counts along the frames (riding in the latents' dim 0) the budget tries for what height halos cannot
+    take (a decoder's attention over each frame): 1, then doubling up to ``Policy.spatial`` (``slices``), or to the
     frame count when the policy sets neither."""
-    frames = _latent_shape(gm)[0]
+    frames = _halo_lengths(gm)["frames"]
     cap = min(policy.spatial or policy.slices or frames, frames)
     return [1] + [c for c in _pow2_upto(cap) if c > 1]
 
