@@ -13,7 +13,10 @@ keys and values keep the original. Each copy is then sliced with the region that
 whole. A shared value made from weights, buffers and constants only (a *table*: a rotary embedding's cosines and
 sines, made once and read by every block's queries and keys) is copied for every reader instead, each copy just
 before its reader, and the original is no longer made: each region computes the slice of the table it reads.
-The copies are the same ops on the same inputs (bitwise the same values); the cost is the chain's compute again
+A chain is never copied where a copy could compute other bits: a seeded random op (dropout, ``rand_like``) or a
+value sharing a storage that an in-place write changes (analysis/effects.py: FreeU's ``h[:, :c] *= b``), in the
+chain or read by it, leaves it as it is. The copies are the same ops on the same inputs (bitwise the same
+values); the cost is the chain's compute again
 (a layer norm and a few pointwise ops per block, a table's expands and cat per reader, against the block's
 projections and attention).
 
@@ -27,6 +30,7 @@ import weakref
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from fxstream.analysis.effects import find_effects
 from fxstream.analysis.rules import rule_for
 from fxstream.graph_utils import fake_mode_of, lazy_module, propagate_nodes, refresh_values
 
@@ -39,9 +43,24 @@ MAX_CHAIN = 16  # ops in one copied chain
 DEPTH = 12  # edges searched upstream of an attention's queries, keys and values
 
 
+def _repeatable(n: Node) -> bool:
+    """An op that makes the same value when run again: not a seeded random op (dropout, rand_like: its copy would
+    draw other numbers) and not touching a storage an in-place write changes (analysis/effects.py)."""
+    tags = getattr(n.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags and n not in _PINNED.get(n.graph, ())
+
+
+def _reads_unwritten(chain: list) -> bool:
+    """Whether no value the chain reads from outside it shares a storage an in-place write changes: a copy runs
+    later than the original and must read the same bits."""
+    inside, pinned = set(chain), _PINNED.get(chain[0].graph, ())
+    return not any(p in pinned for c in chain for p in c.all_input_nodes if p not in inside)
+
+
 def _cheap(n: Node) -> bool:
     rule = rule_for(n)
-    return rule is not None and rule.kind in CHEAP and isinstance(n.meta.get("val"), torch.Tensor)
+    return rule is not None and rule.kind in CHEAP and isinstance(n.meta.get("val"), torch.Tensor) and \
+        _repeatable(n)
 
 
 def _pure(n: Node) -> bool:
@@ -81,7 +100,7 @@ def _table(f: Node, order: dict) -> list | None:
             if p.op == "get_attr":
                 continue
             rule = rule_for(p)
-            if p.op != "call_function" or rule is None or rule.kind not in TABLE:
+            if p.op != "call_function" or rule is None or rule.kind not in TABLE or not _repeatable(p):
                 return None
             chain.add(p)
             work.append(p)
@@ -111,6 +130,7 @@ def _chain(f: Node, first: Node, order: dict) -> list | None:
 
 
 _FOUND: "weakref.WeakKeyDictionary[GraphModule, tuple]" = weakref.WeakKeyDictionary()
+_PINNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # graph -> nodes an in-place write pins
 
 
 def shared_chains(gm: GraphModule) -> list:
@@ -127,6 +147,7 @@ def shared_chains(gm: GraphModule) -> list:
 
 
 def _find(gm: GraphModule) -> list:
+    _PINNED[gm.graph] = set(find_effects(gm).pinned)
     out, taken = [], set()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for s in gm.graph.nodes:
@@ -142,12 +163,14 @@ def _find(gm: GraphModule) -> list:
             if not users or not any(u in akv for u in f.users):
                 continue
             table = _table(f, order)
-            if table is not None:  # every reader makes its own copy (its region slices it); the original goes
+            if table is not None and _reads_unwritten(table):  # every reader makes its own copy (its region slices it); the original goes
                 taken.add(f)
                 out += [(f, table, [u]) for u in sorted(f.users, key=order.get)]
                 continue
             chain = _chain(f, min(users, key=order.get), order)
             if chain is None:
+                continue
+            if not _reads_unwritten(chain):
                 continue
             taken.add(f)
             out.append((f, chain, users))

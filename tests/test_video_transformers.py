@@ -127,3 +127,32 @@ def test_wan_recomputes_the_normed_tokens_for_its_queries(monkeypatch):
     monkeypatch.setattr(compiler, "_recompute_may_help", lambda *a: False)
     plain = fxstream.explain(m, kw, fxstream.Policy(slices=4))
     assert plain.recomputed == 0 and rep.peak_bytes < plain.peak_bytes
+
+
+class _WrittenBlock(_Block):
+    """The normed tokens written in place before the projections read them (as FreeU writes a block's features)."""
+
+    def forward(self, x, scale):
+        h = self.norm(x)
+        h[..., :4] *= 2.0
+        b, n, d = x.shape
+
+        def split(t):
+            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        a = torch.nn.functional.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        return x + self.o(a.transpose(1, 2).reshape(b, n, d))
+
+
+def test_recompute_leaves_chains_that_touch_written_storage():
+    """A copy runs later than its original: a chain reading (or made of) a storage an in-place write changes is
+    never copied, and the compile stays exact."""
+    from fxstream.compiler import capture, stripped_graph
+    from fxstream.passes.recompute_queries import shared_chains
+    torch.manual_seed(0)
+    m = _WrittenBlock().eval()
+    kw = dict(x=torch.randn(2, 64, 32), scale=torch.randn(1, 1, 32))
+    gm = stripped_graph(capture(m, kw).graph_module)
+    assert not [v for v, _, _ in shared_chains(gm) if v.target is not torch.ops.aten.view.default]
+    with torch.no_grad():
+        assert (fxstream.compile(m, fxstream.Policy(slices=4))(**kw) - m(**kw)).abs().max().item() <= 1e-5
