@@ -420,8 +420,8 @@ def _recompute_may_help(gm: GraphModule, grouped: GraphModule) -> bool:
     shared = {f.name for f, _, _ in shared_chains(stripped_graph(gm))}
     if not shared:
         return False
-    interior = {n.name for _, g in grouped_calls(grouped, "cut") for n in g.region.nodes} - \
-        {o.name for _, g in grouped_calls(grouped, "cut") for o, _ in g.region.outputs}
+    regions = [g.region for _, g in grouped_calls(grouped, "cut")]
+    interior = {n.name for r in regions for n in r.nodes} - {o.name for r in regions for o, _ in r.outputs}
     return bool(shared - interior)
 
 

@@ -19,6 +19,12 @@ __all__ = ["fake_mode_of", "propagate_meta", "propagate_nodes", "copy_meta", "st
 _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn") + KEPT
 
 
+def lifted(n: Node) -> bool:
+    """Whether a placeholder is one torch.export lifted from the module (a parameter, buffer or constant, named
+    ``p_``, ``b_``, ``c_``) rather than a user input."""
+    return n.op == "placeholder" and n.name.startswith(("p_", "b_", "c_"))
+
+
 def fake_mode_of(gm: GraphModule):
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])

@@ -303,10 +303,9 @@ def _halo_infos(compiled, mem: MemoryPlan) -> tuple[list, int]:
         r = loop.region
         hp = loop.plan(flops)
         largest = max(r.outputs, key=lambda o: r.length(o))
-        interior = sum(tensor_bytes(n) for n in r.nodes if n not in r.outputs)
         axis = f"{r.along} (halo)" if r.cols == 1 else "height x width (halo)"
         out.append(RegionInfo(common_module_path(r.nodes), axis, r.length(largest), r.count, len(r.nodes),
-                              interior, mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0), 1, name,
+                              r.saved_bytes, mem.region_peaks.get(name, 0), mem.region_working_bytes.get(name, 0), 1, name,
                               hp.passes, hp.compute_factor, sum(flops.get(n.name, 0) for n in r.nodes),
                               host_bytes=hp.host_bytes, host_traffic=hp.host_traffic, kind="halo"))
     return out, sum(flops.values())

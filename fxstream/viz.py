@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import GraphModule, Node
 
+from .graph_utils import lifted
 from .meta import Grouped, Marks, get_meta
 from .region_loop import RegionLoop
 from .runtime import LoopRegion
@@ -176,7 +177,7 @@ def _op_name(n: Node) -> str:
 
 
 def _is_weight(n: Node, user_inputs) -> bool:
-    return n.name not in user_inputs if user_inputs is not None else n.name.startswith(("p_", "b_", "c_"))
+    return n.name not in user_inputs if user_inputs is not None else lifted(n)
 
 
 class _Run:
@@ -303,7 +304,7 @@ class _Builder:
             r, body = loop.region, loop.body
             facts = {"dim": r.along if r.cols == 1 else "height x width",
                      "length": max(r.length(o) for o in r.outputs), "slices": loop.count,
-                     "saved": sum(_bytes(x.meta.get("val")) for x in r.nodes if x not in r.outputs),
+                     "saved": r.saved_bytes,
                      "module": info.module if info is not None else _innermost_path(n),
                      "ops": len(info.nodes) if info is not None else len(r.nodes)}
         else:

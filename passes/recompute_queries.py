@@ -32,7 +32,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxstream.analysis.effects import find_effects
 from fxstream.analysis.rules import rule_for
-from fxstream.graph_utils import fake_mode_of, lazy_module, propagate_nodes, refresh_values
+from fxstream.graph_utils import fake_mode_of, lazy_module, lifted, propagate_nodes, refresh_values
 
 __all__ = ["recompute_queries", "shared_chains"]
 
@@ -43,24 +43,24 @@ MAX_CHAIN = 16  # ops in one copied chain
 DEPTH = 12  # edges searched upstream of an attention's queries, keys and values
 
 
-def _repeatable(n: Node) -> bool:
+def _repeatable(n: Node, pinned) -> bool:
     """An op that makes the same value when run again: not a seeded random op (dropout, rand_like: its copy would
-    draw other numbers) and not touching a storage an in-place write changes (analysis/effects.py)."""
+    draw other numbers) and not touching a storage an in-place write changes (``pinned``: analysis/effects.py)."""
     tags = getattr(n.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded not in tags and n not in _PINNED.get(n.graph, ())
+    return torch.Tag.nondeterministic_seeded not in tags and n not in pinned
 
 
-def _reads_unwritten(chain: list) -> bool:
+def _reads_unwritten(chain: list, pinned) -> bool:
     """Whether no value the chain reads from outside it shares a storage an in-place write changes: a copy runs
     later than the original and must read the same bits."""
-    inside, pinned = set(chain), _PINNED.get(chain[0].graph, ())
+    inside = set(chain)
     return not any(p in pinned for c in chain for p in c.all_input_nodes if p not in inside)
 
 
-def _cheap(n: Node) -> bool:
+def _cheap(n: Node, pinned) -> bool:
     rule = rule_for(n)
     return rule is not None and rule.kind in CHEAP and isinstance(n.meta.get("val"), torch.Tensor) and \
-        _repeatable(n)
+        _repeatable(n, pinned)
 
 
 def _pure(n: Node) -> bool:
@@ -84,7 +84,7 @@ def _ancestors(n: Node, depth: int = DEPTH) -> set:
     return seen
 
 
-def _table(f: Node, order: dict) -> list | None:
+def _table(f: Node, order: dict, pinned) -> list | None:
     """Where ``f`` is a table (made from weights, buffers and constants only, by ops of the ``TABLE`` kinds: a
     rotary embedding's cosines and sines), every op it is made of, in graph order; else None."""
     chain, work = {f}, [f]
@@ -94,13 +94,13 @@ def _table(f: Node, order: dict) -> list | None:
             if p in chain:
                 continue
             if p.op == "placeholder":
-                if not p.name.startswith(("p_", "b_", "c_")):
+                if not lifted(p):
                     return None  # made from a user input: not a table
                 continue
             if p.op == "get_attr":
                 continue
             rule = rule_for(p)
-            if p.op != "call_function" or rule is None or rule.kind not in TABLE or not _repeatable(p):
+            if p.op != "call_function" or rule is None or rule.kind not in TABLE or not _repeatable(p, pinned):
                 return None
             chain.add(p)
             work.append(p)
@@ -109,7 +109,7 @@ def _table(f: Node, order: dict) -> list | None:
     return sorted(chain, key=order.get)
 
 
-def _chain(f: Node, first: Node, order: dict) -> list | None:
+def _chain(f: Node, first: Node, order: dict, pinned) -> list | None:
     """``f`` and the cheap ops it is made of that would die before ``first`` (the first op on the queries' side that
     reads ``f``), in graph order: what a copy for the queries computes again. A value read after ``first`` by
     anything else lives on anyway and is read by the copy instead. None when the chain is longer than
@@ -118,7 +118,7 @@ def _chain(f: Node, first: Node, order: dict) -> list | None:
     while work:
         x = work.pop()
         for p in x.all_input_nodes:
-            if p in chain or p.op != "call_function" or not _cheap(p):
+            if p in chain or p.op != "call_function" or not _cheap(p, pinned):
                 continue
             if max(order[u] for u in p.users) >= order[first]:
                 continue  # alive at the copy anyway: read it
@@ -130,7 +130,6 @@ def _chain(f: Node, first: Node, order: dict) -> list | None:
 
 
 _FOUND: "weakref.WeakKeyDictionary[GraphModule, tuple]" = weakref.WeakKeyDictionary()
-_PINNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # graph -> nodes an in-place write pins
 
 
 def shared_chains(gm: GraphModule) -> list:
@@ -147,7 +146,7 @@ def shared_chains(gm: GraphModule) -> list:
 
 
 def _find(gm: GraphModule) -> list:
-    _PINNED[gm.graph] = set(find_effects(gm).pinned)
+    pinned = set(find_effects(gm).pinned)
     out, taken = [], set()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for s in gm.graph.nodes:
@@ -157,20 +156,19 @@ def _find(gm: GraphModule) -> list:
         aq = _ancestors(q) | {q}
         akv = _ancestors(k) | _ancestors(v) | {k, v}
         for f in sorted(aq & akv, key=lambda n: n.name):
-            if f in taken or f.op != "call_function" or not _cheap(f):
+            if f in taken or f.op != "call_function" or not _cheap(f, pinned):
                 continue
             users = [u for u in f.users if u in aq and u not in akv]
             if not users or not any(u in akv for u in f.users):
                 continue
-            table = _table(f, order)
-            if table is not None and _reads_unwritten(table):  # every reader makes its own copy (its region slices it); the original goes
+            table = _table(f, order, pinned)
+            if table is not None and _reads_unwritten(table, pinned):
+                # a table: every reader makes its own copy (its region slices it), the original is no longer made
                 taken.add(f)
                 out += [(f, table, [u]) for u in sorted(f.users, key=order.get)]
                 continue
-            chain = _chain(f, min(users, key=order.get), order)
-            if chain is None:
-                continue
-            if not _reads_unwritten(chain):
+            chain = _chain(f, min(users, key=order.get), order, pinned)
+            if chain is None or not _reads_unwritten(chain, pinned):
                 continue
             taken.add(f)
             out.append((f, chain, users))

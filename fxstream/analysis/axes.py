@@ -34,6 +34,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import CantSlice
+from ..graph_utils import lifted
 from ..meta import BodyInput, get_meta
 from .cuts import Cut
 from .effects import find_effects
@@ -189,7 +190,7 @@ def _split_by_reshape(flood: Flood, axis: Axis) -> list[Axis]:
 def _user_inputs(gm: GraphModule):
     """Tensor inputs that are not weights, buffers or constants (nor, in a region body, taken whole)."""
     for n in gm.graph.nodes:
-        if n.op != "placeholder" or n.name.startswith(("p_", "b_", "c_")):
+        if n.op != "placeholder" or lifted(n):
             continue
         b = get_meta(n, BodyInput)
         if b is not None and b.whole:

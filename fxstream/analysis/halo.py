@@ -257,6 +257,11 @@ class HaloRegion:
         return common_module_path(self.nodes)
 
     @property
+    def saved_bytes(self) -> int:
+        """Bytes of its interior values, which never exist whole (as :attr:`Region.saved_bytes`)."""
+        return sum(_tensor_bytes(n) for n in self.nodes if n not in self.outputs)
+
+    @property
     def rows(self) -> int:
         return self.count // self.cols
 
