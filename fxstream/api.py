@@ -13,13 +13,11 @@ from collections import OrderedDict
 import torch
 import torch.utils._pytree as pytree
 
-from .analysis.cost import node_flops
 from .catalog import TIMESTEP_ARG
-from .distributed import LINKS, compile_policy, rank_plan
-from .entry import Entry, first_differing_region, guidance_split
+from .distributed import LINKS, compile_policy
+from .entry import Entry, first_differing_region, plan_ranks
 from .errors import CaptureError, FxstreamError, VerificationError
 from .guard import StructureGuard
-from .memory import weight_bytes
 from .policy import Policy, check_policy
 from .rehash.runtime import run_step, timestep_of
 from .report import Report
@@ -384,15 +382,6 @@ def explain(module: torch.nn.Module, example_kwargs: dict, policy: Policy | None
     if link not in LINKS:
         raise ValueError(f"link: expected one of {', '.join(repr(k) for k in LINKS)}, got {link!r}")
     entry = Entry(module, example_kwargs, compile_policy(policy))
-    flops = node_flops(entry.compiled.prepared)
-    gm, weights = entry.compiled.original, weight_bytes(entry.program)
-    plans = []
-    for n in counts:  # as a process group of n would run it: the guidance batch split where that plans faster
-        plan = rank_plan(entry.compiled, n, link, flops=flops)
-        split = guidance_split(gm, compile_policy(policy), weights, entry.compiled, n)
-        if split is not None:
-            alt = rank_plan(split[1], n, link)
-            plan = alt if alt.seconds < plan.seconds else plan
-        plans.append(plan)
+    plans = plan_ranks(entry, policy, counts, link)
     entry.report.ranks = plans
     return entry.report

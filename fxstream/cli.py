@@ -340,11 +340,9 @@ def cmd_explain(args, session: Session, progress: Progress) -> int:
     from .report import explain_table, report_json
     report = session.report
     if args.ranks:
-        from .analysis.cost import node_flops
-        from .distributed import rank_plan
+        from .entry import plan_ranks
         with progress.step(f"planning on {', '.join(map(str, args.ranks))} devices"):
-            flops = node_flops(session.entry.compiled.prepared)
-            report.ranks = [rank_plan(session.entry.compiled, n, args.link, flops=flops) for n in args.ranks]
+            report.ranks = plan_ranks(session.entry, report.policy, args.ranks, args.link)
     known = args.lower_bound or report.policy.max_memory is not None  # a budget computes it anyway
     if args.lower_bound:
         with progress.step("lower bound (the finest slicing the rules allow)"):

@@ -2,14 +2,16 @@
 
 ``fxstream.compile(unet, Policy(slices=8, distributed=True))`` in every process of an initialised process group
 (``torchrun --nproc-per-node N script.py``; NCCL on GPUs, gloo on CPUs): every rank holds the weights and calls
-the module with the same inputs. Each cut region of the compiled graph (:class:`~fxstream.runtime.LoopRegion`)
-runs on each rank only the slices of its block (rank ``r`` of ``N`` takes the ``r``-th of ``N`` contiguous runs
-of slices), then every rank gets the other blocks' parts of each region output by one all-gather (NOTE [Outputs
-that stay on their rank]: some need none): the same bytes on every rank, the bytes the one-process loop writes. Partial outputs (sums over the axis:
-GroupNorm statistics) are gathered slice by slice and added in slice order on every rank, so the sum is the one
-the one-process loop makes, bit for bit. Halo regions (VAE decoders, ``fxstream.halo_runtime``) spread each pass's
-slices the same way: the statistics passes gather every slice's (count, mean, M2) and merge them in slice order,
-the output pass gathers every slice's rows. Ops outside regions run whole on every rank.
+the module with the same inputs. The compile for ``N`` ranks cuts each region in ``8 * N`` slices (NOTE [Slices
+per rank]). Each cut region of the compiled graph (:class:`~fxstream.runtime.LoopRegion`) runs on each rank only
+the slices of its block (rank ``r`` of ``N`` takes the ``r``-th of ``N`` contiguous runs of slices). A region
+output that only spread regions read stays in parts: each rank keeps its own part, and a reader cutting another
+dim of it gets its part by one all-to-all (NOTE [Values held in parts]); any other output is gathered whole on
+every rank by one all-gather: the same bytes on every rank, the bytes the one-process loop writes. Partial outputs
+(sums over the axis: GroupNorm statistics) are gathered slice by slice and added in slice order on every rank, so
+the sum is the one the one-process loop makes, bit for bit. Halo regions (VAE decoders, ``fxstream.halo_runtime``)
+spread each pass's slices the same way: the statistics passes gather every slice's (count, mean, M2) and merge
+them in slice order, the output pass gathers every slice's rows. Ops outside regions run whole on every rank.
 
 NOTE [Batch splits across ranks]
 A batch split (``Policy(batch=k)``: regions whose bodies hold regions of their own, the classifier-free-guidance
@@ -29,9 +31,9 @@ NOTE [Sharded regions]
 What each rank computes is what the one-process compiled module computes for those slices (the same bodies on
 the same inputs), and every byte a rank did not compute arrives from the rank that did: the output on every rank
 equals the one-process compiled module's (bitwise where the kernels are the same: same thread counts, same
-device kind) and is the same on every rank. Memory per rank is today that of one device (every rank holds every
-region's whole outputs, plus one contiguous part in transit where a part is a strided view); the work of the
-regions is divided by ``N``.
+device kind) and is the same on every rank. The work of the regions is divided by ``N``; so is what a rank holds
+of the values between spread regions and of each slice's working set (NOTE [Values held in parts], NOTE [Slices
+per rank]), while values that ops outside regions read are whole on every rank.
 
 Checks and failures (:class:`Shards`):
 
@@ -57,14 +59,15 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from .analysis.cuts import PARTIAL
+from .analysis.cuts import PARTIAL, Cut
 from .errors import FxstreamError
 from .meta import grouped_calls
 from .runtime import contiguous_strides
 
 __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block", "rank_ranges",
-           "equal_runs", "local_outputs", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan",
+           "equal_runs", "held_values", "Held", "Reshard", "Sharding", "reshard", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan",
            "Link", "LINKS", "H200_SVD_FLOPS_PER_S", "spread_loops"]
 
 _POLL_S = 0.00005  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
@@ -236,6 +239,12 @@ class Shards:
         self._ready()
         self.wait(dist.all_gather_into_tensor(out, mine, group=self.group, async_op=True), what)
 
+    def all_to_all(self, out: torch.Tensor, send: torch.Tensor, out_sizes: list, send_sizes: list, what: str) -> None:
+        """``send`` (1-D, contiguous) cut in ``send_sizes`` elements, the ``q``-th run to rank ``q``; ``out`` (1-D)
+        gets, in rank order, what every rank sent this one (``out_sizes``)."""
+        self._ready()
+        self.wait(dist.all_to_all_single(out, send, out_sizes, send_sizes, group=self.group, async_op=True), what)
+
     def check_same(self, digest: bytes, describe) -> None:
         """Every rank's ``digest`` (of its inputs and plan) must be rank 0's; else a DistributedError naming the
         ranks that differ and ``describe()`` (this rank's inputs)."""
@@ -254,13 +263,28 @@ class Shards:
                 f"rank must call the compiled module with the same inputs. This rank's: {describe()}")
 
 
-def compile_policy(policy):
-    """The policy a compile for spread regions uses: ``distributed`` dropped (it changes no compile), and the
-    region floor at 0 where it is left at its default (NOTE [No region floor across devices])."""
+def compile_policy(policy, ranks: int = 1):
+    """The policy a compile for ``ranks`` ranks of spread regions uses: ``distributed`` dropped, the region floor
+    at 0 where it is left at its default (NOTE [No region floor across devices]), and the slice counts per rank
+    (NOTE [Slices per rank])."""
     from dataclasses import fields, replace
     default = next(f.default for f in fields(policy) if f.name == "min_region_fraction")
     floor = 0.0 if policy.min_region_fraction == default else policy.min_region_fraction
-    return replace(policy, distributed=None, min_region_fraction=floor)
+    changes = dict(distributed=None, min_region_fraction=floor)
+    if ranks > 1 and not (policy.batch and policy.batch % ranks == 0):
+        changes.update({name: getattr(policy, name) * ranks for name in ("slices", "spatial", "temporal")
+                        if getattr(policy, name)})
+    return replace(policy, **changes)
+
+
+# NOTE [Slices per rank]
+# ``Policy(slices=k)`` keeps its meaning on each rank: a rank cuts its part of each region in ``k`` slices, so a
+# compile for ``N`` ranks cuts each region in ``k * N`` (fewer where the axis is shorter) and rank ``r`` runs the
+# ``r``-th run of them. A slice's working set is then ``1/N`` of one device's, as the parts a rank holds between
+# regions are (NOTE [Values held in parts]). Where the batch split is spread itself (``batch`` a multiple of
+# ``N``: NOTE [Batch splits across ranks]) each rank runs whole parts of the batch, sliced ``k`` ways as on one
+# device: the counts stay. The output is the one-process output of that compile (``compile_policy(policy, N)``),
+# within float rounding of ``policy``'s own.
 
 
 # NOTE [No region floor across devices]
@@ -290,8 +314,8 @@ def spread_loops(gm: torch.nn.Module, ranks: int) -> set:
 
 
 def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
-    """Give every loop region :func:`spread_loops` spreads ``shards`` (None: run whole on this process), and mark
-    the outputs no rank needs whole (:func:`mark_local`); the number of regions spread."""
+    """Give every loop region :func:`spread_loops` spreads ``shards`` (None: run whole on this process), and what
+    each holds in parts (:func:`held_values`); the number of regions spread."""
     from torch.fx import GraphModule
 
     from .halo_runtime import HaloLoop
@@ -301,7 +325,7 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
     for m in gm.modules():
         if isinstance(m, LoopRegion):
             m.shards = shards if id(m) in spread else None
-            m.local = [False] * len(m.out_cuts)
+            m.sharding = None
             n += m.shards is not None
         elif isinstance(m, HaloLoop):  # each pass's slices spread, statistics and rows gathered (halo_runtime)
             m.shards = shards
@@ -309,8 +333,8 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
     if shards is not None:
         for m in gm.modules():
             if isinstance(m, GraphModule):
-                for loop, local in local_outputs(m, shards.size, lambda x: x.shards is not None).items():
-                    loop.local = local
+                for loop, sharding in held_values(m, shards.size, lambda x: x.shards is not None).items():
+                    loop.sharding = sharding
     return n
 
 
@@ -330,42 +354,151 @@ def equal_runs(loop, ranks: int) -> bool:
     return all(r is not None for r in ranges) and len({hi - lo for lo, hi in ranges}) == 1
 
 
-def local_outputs(gm, ranks: int, spread) -> dict:
-    """NOTE [Outputs that stay on their rank]
-    A spread region's cut output is sent to every rank so that whatever reads it whole can. Where every reader
-    is another spread region that takes it cut the same way (same dim, same layout of the axis in it) and whose
-    ranks compute the same elements of the axis (the same element ranges: equal slice counts, or bounds that
-    meet at the same places), each rank reads exactly the part it made itself: nothing is sent ("same axis:
-    nothing"). The part a rank did not make stays unwritten in its buffer and is never read: not by a region,
-    whose slices read only their own elements, and not by anything else, since nothing else reads the value (a
-    graph output, a view or any other op keeps it sent).
+# -- values held in parts between spread regions -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Held:
+    """How rank ``r`` holds a value cut along a region axis: the elements ``ranges[r]`` (``(lo, hi)``, None: none)
+    of the axis of ``length`` elements in ``cut.dim`` of the whole value (``shape``, ``dtype``), as one contiguous
+    tensor in the form a region's body takes it (``cut.dim`` unflattened into ``(outer, n * inner)`` where
+    ``outer > 1``)."""
 
-    ``spread(loop)``: whether a region of ``gm`` is spread. Returns {region: [whether output j stays local]}."""
+    cut: Cut
+    length: int
+    ranges: tuple
+    shape: tuple
+    dtype: torch.dtype
+
+    def count(self, rank: int) -> int:
+        r = self.ranges[rank]
+        return 0 if r is None else r[1] - r[0]
+
+    def start(self, rank: int) -> int:
+        r = self.ranges[rank]
+        return 0 if r is None else r[0]
+
+    def part_shape(self, rank: int) -> tuple:
+        c, d = self.cut, self.cut.dim
+        n = self.count(rank) * c.inner
+        mid = (c.outer, n) if c.outer > 1 else (n,)
+        return tuple(self.shape[:d]) + mid + tuple(self.shape[d + 1:])
+
+    def part_bytes(self, rank: int) -> int:
+        return math.prod(self.part_shape(rank)) * torch.empty((), dtype=self.dtype).element_size()
+
+    def canonical(self, part: torch.Tensor, rank: int) -> torch.Tensor:
+        """``part`` (this rank's) with ``cut.dim`` always as two dims ``(outer, n * inner)``."""
+        c = self.cut
+        return part if c.outer > 1 else part.unflatten(c.dim, (1, self.count(rank) * c.inner))
+
+    def select(self, canonical: torch.Tensor, at: int, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s elements of this value's axis in ``canonical`` (a view of the value in which this
+        axis's dim, at position ``at``, is whole and every other dim stays as it is)."""
+        c = self.cut
+        v = canonical.unflatten(at, (c.outer, self.length * c.inner))
+        return v.narrow(at + 1, self.start(rank) * c.inner, self.count(rank) * c.inner)
+
+
+@dataclass(frozen=True)
+class Reshard:
+    """A region argument held by its producer as ``src`` and taken by the region as ``dst`` (another dim of the
+    value): each rank sends every other rank the block of its part that the other's part holds (one
+    all-to-all)."""
+
+    src: Held
+    dst: Held
+
+
+@dataclass
+class Sharding:
+    """What a spread region holds in parts (NOTE [Values held in parts]): ``outs[j]``, the :class:`Held` layout of
+    output ``j`` when every rank keeps only its own part (None: the whole value, gathered); ``ins[i]``: None (the
+    argument is a whole value), ``"part"`` (this region's own layout: this rank's part as it is) or a
+    :class:`Reshard`."""
+
+    outs: list
+    ins: list
+
+
+def held_layout(loop, cut, shape, dtype, ranks: int) -> Held:
+    return Held(cut, loop.length, tuple(rank_ranges(loop, ranks)), tuple(shape), dtype)
+
+
+def held_values(gm, ranks: int, spread) -> dict:
+    """NOTE [Values held in parts]
+    Every rank holds one device's plan as long as each region output is gathered whole on every rank. A spread
+    region's cut output whose every reader is a spread region taking it cut (along any axis, all in one graph,
+    not through a view, not a graph output) is instead kept by each rank as its own part only, a tensor of the
+    part's size: nothing else ever reads it whole. A reader that takes it cut the same way (same dim and layout,
+    same element ranges per rank: "same axis: nothing") reads its part as it is; a reader that cuts another dim
+    of it (frames to height: a spatial region's output into a temporal one) gets its part by one all-to-all, each
+    rank sending every other the block of its part that the other's part holds, and frees it when it ends. So
+    between spread regions a rank holds ``1/N`` of each value (its run of slices), and with the slice count per
+    rank (``compile_policy``) each slice's working set is ``1/N`` too. Readers cutting the same dim another way
+    (another length or layout, other ranges) keep the value gathered whole.
+
+    ``spread(loop)``: whether a region of ``gm`` is spread. Returns {region: :class:`Sharding`} for the spread
+    regions without inner regions."""
     from .runtime import LoopRegion
     loops = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and spread(m)}
-    out = {}
+    loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and not m.nested and spread(m)}
+    out = {m: Sharding([None] * len(m.out_cuts), [None] * len(m.in_cuts)) for m in loops.values()}
     for node, loop in loops.items():
-        mine = rank_ranges(loop, ranks)
-        local = out[loop] = [False] * len(loop.out_cuts)
         for item in node.users:
             if item.op != "call_function" or item.target is not operator.getitem:
                 continue
             j = item.args[1]
             cut = loop.out_cuts[j]
-            if cut is None or cut is PARTIAL:
+            if not isinstance(cut, Cut) or not item.users:
                 continue
-            ok = bool(item.users)
+            shape, _, dtype = loop.out_meta[j]
+            src = held_layout(loop, cut, shape, dtype, ranks)
+            takes = {}  # (reader, arg index) -> "part" or Reshard
             for user in item.users:
                 reader = loops.get(user)
-                if reader is None or rank_ranges(reader, ranks) != mine or reader.length != loop.length:
-                    ok = False
+                if reader is None or item in user.kwargs.values():
                     break
-                cuts = [reader.in_cuts[i] for i, a in enumerate(user.args) if a is item]
-                if not cuts or any(c != cut for c in cuts) or item in user.kwargs.values():
-                    ok = False
-                    break
-            local[j] = ok
+                uses = [i for i, a in enumerate(user.args) if a is item]
+                for i in uses:
+                    c = reader.in_cuts[i]
+                    if not isinstance(c, Cut):
+                        break
+                    dst = held_layout(reader, c, shape, dtype, ranks)
+                    if dst == src:
+                        takes[(reader, i)] = "part"
+                    elif c.dim != cut.dim:
+                        takes[(reader, i)] = Reshard(src, dst)
+                    else:
+                        break
+                else:
+                    continue
+                break
+            else:
+                out[loop].outs[j] = src
+                for (reader, i), how in takes.items():
+                    out[reader].ins[i] = how
+    return out
+
+
+def reshard(sh: Shards, part: torch.Tensor, how: Reshard, what: str) -> torch.Tensor:
+    """This rank's part of a value in ``how.dst``'s layout, from every rank's part in ``how.src``'s (``part`` is
+    this rank's): one all-to-all of the blocks where the two layouts' parts meet (NOTE [Values held in parts])."""
+    src, dst, r = how.src, how.dst, sh.rank
+    d, e = src.cut.dim, dst.cut.dim
+    mine = src.canonical(part, r)  # src's dim as (outer, n): dst's dim sits one further where it comes after
+    at_e = e + (e > d)
+    pieces = [dst.select(mine, at_e, q) for q in range(sh.size)]
+    send = torch.cat([p.reshape(-1) for p in pieces]) if pieces else part.new_empty(0)
+    out = torch.empty(dst.part_shape(r), dtype=part.dtype, device=part.device)
+    view = dst.canonical(out, r)
+    at_d = d + (d > e)
+    slots = [src.select(view, at_d, p) for p in range(sh.size)]
+    got = torch.empty(sum(s.numel() for s in slots), dtype=part.dtype, device=part.device)
+    sh.all_to_all(got, send, [s.numel() for s in slots], [p.numel() for p in pieces], what)
+    del send
+    at = 0
+    for s in slots:
+        s.copy_(got[at:at + s.numel()].view(s.shape))
+        at += s.numel()
     return out
 
 
@@ -450,19 +583,24 @@ class RankPlan:
         return self.seconds_one / self.seconds if self.seconds else 1.0
 
 
-def _loop_traffic(loop, ranks: int, local=()) -> tuple[int, int, int]:
+def _loop_traffic(loop, ranks: int, sharding: Sharding | None = None) -> tuple[int, int, int]:
     """(bytes each rank receives, collectives, largest copy in transit) for one spread region, as
-    ``LoopRegion._run_sharded`` moves them: one all-gather per output that does not stay local (NOTE [Outputs that
-    stay on their rank]), in place where the parts follow each other in memory, else through chunks of the
-    largest part's size; partial sums: every slice's, in chunks of the longest run."""
+    ``LoopRegion._run_sharded`` moves them: one all-to-all per argument it takes in other parts than its
+    producer's, nothing for an output kept in parts (NOTE [Values held in parts]), one all-gather per other
+    output, in place where the parts follow each other in memory, else through chunks of the largest part's
+    size; partial sums: every slice's, in chunks of the longest run."""
     n = len(loop.bounds)
     most = max(len(block(n, ranks, r)) for r in range(ranks))
     in_place = equal_runs(loop, ranks)
     longest = max(hi - lo for lo, hi in (r for r in rank_ranges(loop, ranks) if r is not None))
     received = collectives = transit = 0
+    for how in (sharding.ins if sharding is not None else ()):
+        if isinstance(how, Reshard):  # the busiest rank's part, less the block it holds itself
+            received += how.dst.part_bytes(0) * (ranks - 1) // ranks
+            collectives += 1
     for j, (c, (shape, stride, dtype)) in enumerate(zip(loop.out_cuts, loop.out_meta)):
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if c is None or (j < len(local) and local[j]):
+        if c is None or (sharding is not None and sharding.outs[j] is not None):
             continue
         collectives += 1
         if c is PARTIAL:
@@ -478,13 +616,69 @@ def _loop_traffic(loop, ranks: int, local=()) -> tuple[int, int, int]:
     return received, collectives, transit
 
 
-def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H200_SVD_FLOPS_PER_S,
-              flops: dict | None = None) -> RankPlan:
-    """The plan of ``compiled`` (a :class:`~fxstream.compiler.CompiledGraph`) on ``ranks`` devices under
-    ``Policy(distributed=...)``, made without any process group: see :class:`RankPlan` and NOTE [Sharded regions]
-    (every rank holds one device's plan, plus the largest copy of a region's output in transit)."""
-    from torch.fx import GraphModule
+class RankParts:
+    """What rank 0 (whose runs are the longest: the busiest rank) holds where values are kept in parts, for
+    :func:`fxstream.memory.plan_memory` (NOTE [Values held in parts]): a kept output costs its part, an output
+    whose argument's storage it would take over costs a buffer of its own when that argument is a part, and a
+    region taking an argument in other parts holds that part while it runs, after an exchange that held the
+    send and receive buffers (its producer's part and its own)."""
 
+    def __init__(self, shardings: dict):
+        self.nodes = {}  # node -> [(storage key, bytes)] where they differ from its values' own
+        self.extra = {}  # region node -> (bytes held while it runs, bytes held only during the exchange)
+        for gm, node, loop, sharding in shardings:
+            val = node.meta.get("val")
+            if not isinstance(val, (tuple, list)):
+                continue
+            items = {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
+            sts = []
+            for j, t in enumerate(val):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                st = t.untyped_storage()
+                key, nbytes = StorageWeakRef(st), st.nbytes()
+                i = loop.reuse[j]
+                if sharding.outs[j] is not None:
+                    key, nbytes = ("part", node, j), sharding.outs[j].part_bytes(0)
+                elif i is not None and sharding.ins[i] is not None:
+                    key = ("own", node, j)
+                if not isinstance(key, StorageWeakRef) and j in items:
+                    self.nodes[items[j]] = [(key, nbytes)]
+                sts.append((key, nbytes))
+            self.nodes[node] = sts
+            moves = [h for h in sharding.ins if isinstance(h, Reshard)]
+            if moves:
+                self.extra[node] = (sum(h.dst.part_bytes(0) for h in moves),
+                                    max(h.src.part_bytes(0) + h.dst.part_bytes(0) for h in moves))
+
+    def storages(self, node):
+        return self.nodes.get(node)
+
+    def working(self, node, nbytes: int) -> int:
+        held, exchange = self.extra.get(node, (0, 0))
+        return held + max(nbytes, exchange)
+
+
+def rank_shardings(gm, ranks: int, spread: set) -> list:
+    """(graph, node, region, :class:`Sharding`) for every spread region without inner regions of ``gm`` and of
+    the graphs inside it, as :func:`shard_regions` would set them on ``ranks`` ranks."""
+    from torch.fx import GraphModule
+    out = []
+    for m in gm.modules():
+        if isinstance(m, GraphModule):
+            held = held_values(m, ranks, lambda x: id(x) in spread)
+            out += [(m, n, m.get_submodule(n.target), held[m.get_submodule(n.target)]) for n in m.graph.nodes
+                    if n.op == "call_module" and m.get_submodule(n.target) in held]
+    return out
+
+
+def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H200_SVD_FLOPS_PER_S,
+              flops: dict | None = None, one_device: int | None = None) -> RankPlan:
+    """The plan of ``compiled`` (a :class:`~fxstream.compiler.CompiledGraph`, compiled for ``ranks``:
+    :func:`compile_policy`) on ``ranks`` devices under ``Policy(distributed=...)``, made without any process
+    group: see :class:`RankPlan`, NOTE [Sharded regions] and NOTE [Values held in parts] (the busiest rank's
+    planned peak, plus the largest copy of a gathered output in transit). ``one_device``: the planned peak of the
+    policy's compile for one device (default: this compile's, as one process would run it)."""
     from .analysis.cost import node_flops
     from .memory import plan_memory
     from .runtime import LoopRegion
@@ -496,10 +690,8 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     total = sum(flops.values())
     gm = compiled.graph_module
     spread = spread_loops(gm, ranks)
-    local = {}  # NOTE [Outputs that stay on their rank], in every graph that holds spread regions
-    for m in gm.modules():
-        if isinstance(m, GraphModule):
-            local.update(local_outputs(m, ranks, lambda x: id(x) in spread))
+    shardings = rank_shardings(gm, ranks, spread) if ranks > 1 else []
+    held = {loop: sharding for _, _, loop, sharding in shardings}  # NOTE [Values held in parts]
     spread_flops = busiest = received = collectives = transit = 0
     for node, grouped in grouped_calls(gm, "cut"):
         loop, r = gm.get_submodule(node.target), grouped.region
@@ -514,13 +706,13 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
             for step in loop._steps:
                 for m in loop.bodies[step.body].modules():
                     if isinstance(m, LoopRegion) and not m.nested:
-                        b, c, t = _loop_traffic(m, ranks, local.get(m, ()))
+                        b, c, t = _loop_traffic(m, ranks, held.get(m))
                         received, collectives, transit = received + b, collectives + c, max(transit, t)
             continue
         n = len(loop.bounds)
         spread_flops += f
         busiest += f * len(block(n, ranks, 0)) / n  # rank 0's run is the longest
-        b, c, t = _loop_traffic(loop, ranks, local.get(loop, ()))
+        b, c, t = _loop_traffic(loop, ranks, held.get(loop))
         received, collectives, transit = received + b, collectives + c, max(transit, t)
     for node, _ in grouped_calls(gm, "halo"):  # halo regions: each pass's slices spread, rows and statistics gathered
         loop = gm.get_submodule(node.target)
@@ -535,12 +727,13 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     if ranks == 1:
         received = collectives = transit = 0
     per_rank = int(total - spread_flops + busiest)
-    peak = plan_memory(gm).peak_bytes
+    whole = plan_memory(gm).peak_bytes
+    peak = plan_memory(gm, parts=RankParts(shardings)).peak_bytes if shardings else whole
     lk = LINKS[link]
     one = total / flops_per_s
     many = per_rank / flops_per_s + received / lk.bytes_per_s + collectives * lk.latency_s
     parts = max((len(m.bounds) for m in gm.modules() if isinstance(m, LoopRegion) and m.nested and id(m) in spread),
                 default=1)
-    return RankPlan(ranks, peak + transit, peak, int(total), per_rank, spread_flops / total if total else 0.0,
+    return RankPlan(ranks, peak + transit, whole if one_device is None else one_device, int(total), per_rank, spread_flops / total if total else 0.0,
                     int(received), collectives, lk.name, flops_per_s, one, many if ranks > 1 else one,
                     parts if ranks > 1 else 1)

@@ -28,7 +28,7 @@ from .region_loop import RegionLoop
 from .rehash.runtime import RehashState
 from .report import Report, build_report
 
-__all__ = ["Entry", "first_differing_region"]
+__all__ = ["Entry", "first_differing_region", "plan_ranks"]
 
 
 class Entry:
@@ -56,7 +56,7 @@ class Entry:
         weights = weight_bytes(self.program)
         # Policy(distributed=...): the regions compiled for one process run their slices spread
         self.shards = shards_for(policy.distributed)
-        given, policy = policy, (compile_policy(policy) if self.shards is not None else policy)
+        given, policy = policy, (compile_policy(policy, self.shards.size) if self.shards is not None else policy)
         self.rehash = None
         if policy.rehash is not None:
             self.rehash = RehashState(module, gm, policy.rehash)
@@ -64,7 +64,7 @@ class Entry:
         with progress.step(f"fxstream: compiling {name} under {policy.describe()}"):
             self.compiled, bound = compile_cached(gm, policy, weights)
         if self.shards is not None:  # NOTE [Batch splits across ranks]: the guidance batch across the ranks
-            split = guidance_split(gm, policy, weights, self.compiled, self.shards.size)
+            split = guidance_split(gm, compile_policy(given), weights, self.compiled, self.shards.size)
             if split is not None:
                 policy, self.compiled, bound = split
                 given = replace(given, batch=policy.batch)
@@ -227,3 +227,27 @@ def guidance_split(gm, policy: Policy, weights: int, compiled, ranks: int):
     log.info("distributed: the batch split in %d across the ranks (planned %.1f ms against %.1f ms)", ranks,
              split.seconds * 1e3, now.seconds * 1e3)
     return alt_policy, alt, bound
+
+
+def plan_ranks(entry: Entry, policy: Policy, counts, link: str) -> list:
+    """``Policy(distributed=...)`` planned on each of ``counts`` devices without a process group, as a process
+    group of that size would run it: the compile for that many ranks (NOTE [Slices per rank]), or the guidance
+    batch across the ranks where that plans faster (:func:`guidance_split`). ``entry``: the one-device compile
+    for spread regions (``compile_policy(policy)``), whose planned peak each plan is compared with."""
+    from .analysis.cost import node_flops
+    from .memory import plan_memory
+    one_policy = compile_policy(policy)
+    gm, weights = entry.compiled.original, weight_bytes(entry.program)
+    one = plan_memory(entry.compiled.graph_module).peak_bytes
+    plans = []
+    for n in counts:
+        n_policy = compile_policy(policy, n)
+        compiled = entry.compiled if n_policy == one_policy else compile_cached(gm, n_policy, weights)[0]
+        flops = node_flops(compiled.prepared)
+        plan = rank_plan(compiled, n, link, flops=flops, one_device=one)
+        split = guidance_split(gm, one_policy, weights, compiled, n)
+        if split is not None:
+            alt = rank_plan(split[1], n, link, one_device=one)
+            plan = alt if alt.seconds < plan.seconds else plan
+        plans.append(plan)
+    return plans

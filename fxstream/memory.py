@@ -101,7 +101,7 @@ def _node_module(n) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _body_plans(gm: GraphModule, node, in_flight: int | None) -> tuple:
+def _body_plans(gm: GraphModule, node, in_flight: int | None, parts=None) -> tuple:
     """Plans of a ``call_module`` node's loop bodies by slice size (none for other modules) and its slices in
     flight."""
     loop = gm.get_submodule(node.target)
@@ -109,7 +109,7 @@ def _body_plans(gm: GraphModule, node, in_flight: int | None) -> tuple:
         return {}, 1
     bodies = loop.bodies
     k = 1 if loop.nested else loop.in_flight if in_flight is None else max(1, min(in_flight, len(loop.bounds)))
-    return {key: plan_memory(b, in_flight) for key, b in bodies.items()}, k
+    return {key: plan_memory(b, in_flight, parts) for key, b in bodies.items()}, k
 
 
 def _working_bytes(module) -> int:
@@ -133,7 +133,7 @@ def _working_set(loop, plans: dict, k: int, partial_bytes: int) -> int:
     return max(plans[sizes[0]].peak_bytes, partial_bytes + later if later else 0)
 
 
-def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
+def plan_memory(gm: GraphModule, in_flight: int | None = None, parts=None) -> MemoryPlan:
     """Walk ``gm`` in order with liveness per storage (``meta["val"]``) and return its :class:`MemoryPlan`.
 
     A node's output costs its storage's bytes unless the storage is already live (views, aliases, in-place
@@ -142,6 +142,10 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
     in flight (its own ``in_flight``; the argument overrides it for every region whose body holds no regions).
     A region whose body holds regions of its own (a batch split) is expanded in the timeline, and a peak inside
     it is named ``outer/inner``.
+
+    ``parts``: what one rank holds under ``Policy(distributed=...)`` where that is not the whole values of
+    ``meta["val"]`` (``fxstream.distributed.RankParts``: ``storages(node)``, a node's (storage key, bytes) or None
+    for its values' own; ``working(node, bytes)``, a region's working set on this rank).
     """
     nodes = list(gm.graph.nodes)
     last_use = {}
@@ -164,12 +168,13 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
                     live -= size[s]
 
     for i, n in enumerate(nodes):
-        sts = list(_storages(n.meta.get("val")))
+        sts = parts.storages(n) if parts is not None else None
+        sts = list(_storages(n.meta.get("val"))) if sts is None else sts
         body, k, plans, partial = None, 1, {}, 0
         if n.op == "placeholder":
             held_by_caller.update(s for s, _ in sts)
         elif n.op == "call_module":
-            plans, k = _body_plans(gm, n, in_flight)
+            plans, k = _body_plans(gm, n, in_flight, parts)
             body = max(plans.values(), key=lambda b: b.peak_bytes, default=None)
         values[n] = [s for s, _ in sts]
         if plans:  # partial sums (see NOTE [Partial sums]) are part of the working set, not made up front
@@ -186,6 +191,8 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None) -> MemoryPlan:
             owner_count[s] = owner_count.get(s, 0) + 1
         extra = _working_set(loop, plans, k, partial) if plans else _transient_bytes(n) if n.op != "call_module" \
             else _working_bytes(gm.get_submodule(n.target))  # a halo region's bands
+        if parts is not None and n.op == "call_module":
+            extra = parts.working(n, extra)
         during = live - partial + extra
         if n.op == "call_module":
             plan.region_peaks[n.name] = during

@@ -306,6 +306,9 @@ def _in_callers_state(fn):
     return run
 
 
+_NO_SHIFT: dict = {}
+
+
 class LoopRegion(RegionLoop):
     """A region sliced along one axis of ``length`` elements, as ``bounds`` (start, size) pairs.
 
@@ -333,7 +336,7 @@ class LoopRegion(RegionLoop):
         self.pipeline = pipeline
         self.cpu_mode = None  # "serial" or "workers"; None: measured on the first call (see _measure_cpu)
         self.shards = None  # a fxstream.distributed.Shards: this rank runs its block of slices (_run_sharded)
-        self.local = [False] * len(self.out_cuts)  # outputs no rank needs whole (fxstream.distributed.local_outputs)
+        self.sharding = None  # what a spread region holds in parts (fxstream.distributed.held_values)
         self.cpu_timing = None  # (seconds per slice serial, with workers) where measured
         # base views, made once per call: an argument or output cut with outer > 1 is unflattened first
         self._unflat_in = [(i, c.dim, (c.outer, length * c.inner)) for i, c in enumerate(self.in_cuts)
@@ -378,6 +381,8 @@ class LoopRegion(RegionLoop):
     def forward(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         device = tensors[0].device
+        if self.shards is not None and not any(is_fake(a) for a in tensors):
+            return self._run_sharded(args, device)
         outs = self._out_buffers(args, device)
         if any(is_fake(a) for a in tensors):
             # fake-tensor propagation of the enclosing graph: the outputs' shapes and storages, without the loop
@@ -392,9 +397,7 @@ class LoopRegion(RegionLoop):
         if device.type == "cpu":
             SHORT_WAITS.hold(torch.get_num_threads())
         k = self.in_flight
-        if self.shards is not None:
-            self._run_sharded(ins, dsts, outs, device)
-        elif k == 1:
+        if k == 1:
             self._run_serial(ins, dsts, outs)
         elif device.type == "cuda":
             self._run_streams(ins, dsts, outs, k, device)
@@ -407,10 +410,12 @@ class LoopRegion(RegionLoop):
                 self._run_serial(ins, dsts, outs)
         return tuple(outs)
 
-    def _body(self, step: _Step, ins: list):
+    def _body(self, step: _Step, ins: list, shift=_NO_SHIFT):
+        """Call the slice's body on its parts of ``ins`` (``shift[i]``: where argument ``i``'s elements start when
+        it is a rank's part, not the whole value: NOTE [Values held in parts])."""
         a = ins.copy()
         for i, d, s, n in step.ins:
-            a[i] = ins[i].narrow(d, s, n)
+            a[i] = ins[i].narrow(d, s - shift.get(i, 0), n)
         return self.bodies[step.body](*a)
 
     def _code_ready(self) -> None:
@@ -441,12 +446,13 @@ class LoopRegion(RegionLoop):
         # the pool holds k working sets at once: it has to be clearly faster, not faster by noise
         return "workers" if times["workers"] < _POOL_MARGIN * times["serial"] else "serial"
 
-    def _slice(self, step: _Step, ins: list, dsts: list):
-        """Run one slice: narrow its arguments, call its body, write its cut outputs; return the body's results."""
-        results = self._body(step, ins)
+    def _slice(self, step: _Step, ins: list, dsts: list, shift_in=_NO_SHIFT, shift_out=_NO_SHIFT):
+        """Run one slice: narrow its arguments, call its body, write its cut outputs; return the body's results.
+        ``shift_in`` / ``shift_out``: see :meth:`_body` (outputs kept in parts)."""
+        results = self._body(step, ins, shift_in)
         for j, d, s, n, ud, us in step.outs:
             r = results[j]
-            dsts[j].narrow(d, s, n).copy_(r if us is None else r.unflatten(ud, us))
+            dsts[j].narrow(d, s - shift_out.get(j, 0), n).copy_(r if us is None else r.unflatten(ud, us))
         return results
 
     def _accumulate(self, results, outs: list) -> None:
@@ -482,23 +488,55 @@ class LoopRegion(RegionLoop):
             for f in pending:
                 f.cancel() or f.exception()
 
-    def _run_sharded(self, ins, dsts, outs, device) -> None:
-        """This rank's block of slices, then every block's part of each output from the rank that made it
-        (NOTE [Sharded regions] in ``fxstream.distributed``)."""
-        from .distributed import block, equal_runs, rank_ranges
+    def _run_sharded(self, args, device) -> tuple:
+        """This rank's block of slices; then every block's part of each output gathered from the rank that made
+        it, except the outputs every rank keeps in parts (NOTE [Sharded regions], NOTE [Values held in parts] in
+        ``fxstream.distributed``)."""
+        from .distributed import block, equal_runs, rank_ranges, reshard
         sh = self.shards
         n = len(self._steps)
-        partials = {}  # slice index -> this rank's partial results (those outputs' order)
-        for i in block(n, sh.size, sh.rank):
-            results = self._slice(self._steps[i], ins, dsts)
-            if self.partial:
-                partials[i] = [results[j] for j in self.partial]
-            del results
+        run = block(n, sh.size, sh.rank)
+        lo = self.bounds[run[0]][0] if run else 0
+        held = self.sharding
         what = f"a {self.axis} region's outputs"
+        ins = list(args)
+        shift_in = {}  # argument -> elements its part starts at (this rank's part, not the whole value)
+        for i, c in enumerate(self.in_cuts):
+            how = held.ins[i] if self.sharding is not None else None
+            if how is None:
+                if isinstance(c, Cut) and c.outer > 1:
+                    ins[i] = ins[i].unflatten(c.dim, (c.outer, self.length * c.inner))
+                continue
+            if how != "part":
+                ins[i] = reshard(sh, args[i], how, f"the exchange of a region's input into {self.axis} parts")
+            shift_in[i] = lo * c.inner
+        outs, dsts, shift_out = [], [], {}
+        for j, (c, (shape, stride, dtype), i) in enumerate(zip(self.out_cuts, self.out_meta, self.reuse)):
+            part = held.outs[j] if self.sharding is not None else None
+            if part is not None:
+                buf = torch.empty(part.part_shape(sh.rank), dtype=dtype, device=device)
+                outs.append(buf)
+                dsts.append(buf)
+                shift_out[j] = lo * c.inner
+            elif not isinstance(c, Cut):
+                outs.append(None)
+                dsts.append(None)
+            else:  # whole: its storage taken over from an argument only where that argument is whole too
+                buf = (args[i].as_strided(shape, stride, 0) if i is not None and i not in shift_in
+                       else torch.empty_strided(shape, stride, dtype=dtype, device=device))
+                outs.append(buf)
+                dsts.append(buf.unflatten(c.dim, (c.outer, self.length * c.inner)) if c.outer > 1 else buf)
+        partials = {}  # slice index -> this rank's partial results (those outputs' order)
+        for idx in run:
+            results = self._slice(self._steps[idx], ins, dsts, shift_in, shift_out)
+            if self.partial:
+                partials[idx] = [results[j] for j in self.partial]
+            del results
+        del ins
         ranges = rank_ranges(self, sh.size)
         even = equal_runs(self, sh.size)
         for j, d, _, _, _, _ in self._steps[0].outs:
-            if self.local[j]:  # NOTE [Outputs that stay on their rank]
+            if j in shift_out:  # NOTE [Values held in parts]: every rank keeps its own part
                 continue
             inner = self.out_cuts[j].inner
             parts = [None if r is None else dsts[j].narrow(d, r[0] * inner, (r[1] - r[0]) * inner) for r in ranges]
@@ -516,8 +554,14 @@ class LoopRegion(RegionLoop):
                 if q != sh.rank and p is not None:
                     p.copy_(chunks[q * per:q * per + p.numel()].view(p.shape))
             del chunks
-        if not self.partial:
-            return
+        if self.partial:
+            self._gather_partials(partials, outs, device)
+        return tuple(outs)
+
+    def _gather_partials(self, partials: dict, outs: list, device) -> None:
+        from .distributed import block
+        sh = self.shards
+        n = len(self._steps)
         # partial sums: every slice's, gathered in one collective, added in slice order as _run_serial does
         runs = [block(n, sh.size, q) for q in range(sh.size)]
         most = max(len(r) for r in runs)

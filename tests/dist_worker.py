@@ -76,7 +76,11 @@ def equal(out: dict, names) -> None:
         got = got[0] if isinstance(got, (tuple, list)) else getattr(got, "sample", got)
         rep = compiled.explain()
         loops = [x for x in compiled._last.compiled.graph_module.modules() if isinstance(x, LoopRegion)]
+        held = [x.sharding for x in loops if x.sharding is not None]
         out[name] = dict(out=got, peak=peak, planned=rep.peak_bytes, regions=len(rep.regions),
+                         rank_planned=rep.ranks[0].peak_bytes if rep.ranks else None,
+                         parts=sum(o is not None for h in held for o in h.outs),
+                         reshards=sum(not isinstance(i, str) and i is not None for h in held for i in h.ins),
                          spread=[(x.nested, x.shards is not None) for x in loops])
     if "pipeline" in names:  # compile_pipeline: the UNet's cut regions and the decoder's halo regions spread
         out["pipeline"] = dict(out=run_pipeline(fxstream.Distributed(timeout=600)))

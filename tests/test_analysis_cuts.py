@@ -70,3 +70,14 @@ def test_slice_bounds_cover_the_axis(length, count):
     assert sum(n for _, n in b) == length
     assert [s for s, _ in b] == [sum(n for _, n in b[:i]) for i in range(len(b))]
     assert max(n for _, n in b) - min(n for _, n in b) <= 1
+
+
+@given(st.integers(1, 200), st.integers(1, 16), st.integers(1, 8))
+def test_slice_bounds_split_evenly_into_runs_of_equal_counts(length, per_rank, ranks):
+    """NOTE [Slices per rank]: a compile for N ranks cuts an axis in k * N slices and each rank runs k of them;
+    every rank's run then holds length / N elements give or take one (not the first ranks the longer slices)."""
+    b = slice_bounds(length, per_rank * ranks)
+    if len(b) < per_rank * ranks:
+        return  # the axis is shorter than the count: one element per slice
+    runs = [sum(n for _, n in b[r * per_rank:(r + 1) * per_rank]) for r in range(ranks)]
+    assert max(runs) - min(runs) <= 1, runs

@@ -48,7 +48,7 @@ def launch(scenario: str, ranks: int, tmp_path: Path) -> list[dict]:
     return results
 
 
-def _one_process(name: str):
+def _one_process(name: str, ranks: int):
     sys.path.insert(0, str(HERE))
     from dist_worker import _models
     _, m, kw = next(_models([name]))
@@ -58,7 +58,7 @@ def _one_process(name: str):
     torch.set_num_threads(1)  # as the ranks run: some CPU kernels choose their algorithm by the thread count
     try:
         with torch.no_grad():
-            got = fxstream.compile(m, compile_policy(policy))(**kw)
+            got = fxstream.compile(m, compile_policy(policy, ranks))(**kw)
     finally:
         torch.set_num_threads(threads)
     return got[0] if isinstance(got, (tuple, list)) else getattr(got, "sample", got)
@@ -107,15 +107,16 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
         spread = results[0]["svd-tiny-cfg"]["spread"]
         assert (True, True) in spread and all(not s for nested, s in spread if not nested), spread
     for name in names:
-        want = _one_process(name)
+        want = _one_process(name, ranks)
         for res in results:
             _close(res[name]["out"], want)
             assert torch.equal(res[name]["out"], results[0][name]["out"])  # every rank returns the same bytes
             # the same compile, the same kernels on the same slices, statistics merged in the same order
             assert torch.equal(res[name]["out"], want), name
             assert res[name]["regions"] > 0
-            # every rank holds every region's whole outputs today: one device's plan (and a part in transit)
-            assert res[name]["peak"] <= res[name]["planned"] * 1.25 + 2**20, (name, res[name])
+            # NOTE [Values held in parts]: what a rank holds is planned (and less than one device's plan)
+            assert res[name]["peak"] <= res[name]["rank_planned"] * 1.25 + 2**20, (name, res[name])
+            print(name, {k: v for k, v in res[name].items() if k not in ("out", "spread")})
     if "pipeline" in results[0]:
         sys.path.insert(0, str(HERE))
         from dist_worker import run_pipeline

@@ -80,15 +80,12 @@ def map_view_cut(src_shape, dst_shape, cut: Cut, length: int) -> Cut:
 
 
 def slice_bounds(length: int, count: int) -> list[tuple[int, int]]:
-    """``count`` contiguous (start, size) slices covering ``range(length)``, sizes differing by at most one
-    (as ``torch.tensor_split``)."""
+    """``count`` contiguous (start, size) slices covering ``range(length)``, sizes differing by at most one; slice
+    ``i`` starts at ``i * length // count``, so the longer slices are spread along the axis and any run of
+    ``count / N`` consecutive slices holds ``length / N`` elements give or take one (a rank's run: NOTE [Slices per
+    rank] in ``fxstream.distributed``)."""
     if count < 1:
         raise ValueError(f"count: expected >= 1, got {count}")
     count = min(count, length)
-    q, r = divmod(length, count)
-    bounds, start = [], 0
-    for i in range(count):
-        n = q + (1 if i < r else 0)
-        bounds.append((start, n))
-        start += n
-    return bounds
+    starts = [i * length // count for i in range(count + 1)]
+    return [(starts[i], starts[i + 1] - starts[i]) for i in range(count)]
