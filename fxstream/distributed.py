@@ -165,9 +165,33 @@ class Shards:
         self.store = dist.distributed_c10d._get_process_group_store(self.group)
         self._key = f"fxstream/{self.group.group_name}/failed"
         self.failed: str | None = None  # why this group was given up (then every later call raises it)
+        self._groups: dict = {}  # k -> (cross group, own group): see groups()
 
     def __repr__(self) -> str:
         return f"Shards(rank {self.rank} of {self.size}, {self.backend})"
+
+    def groups(self, k: int) -> tuple["Shards", "Shards"]:
+        """The ranks as ``k`` groups of ``size // k`` consecutive ranks (NOTE [Batch splits across ranks]): this
+        rank's *cross* group (the rank at its position in every group; its rank there is its group's index) and
+        its own group. Made once per ``k``, by every rank in the same order (each makes its two groups); they
+        report failures through this group's store, so a rank raising in one group stops the others too."""
+        if k not in self._groups:
+            if k < 2 or self.size % k or self.size == k:
+                raise ValueError(f"Shards.groups: expected k dividing {self.size} ranks, 1 < k < {self.size}, got {k}")
+            m = self.size // k
+            g, i = divmod(self.rank, m)
+            world = [dist.get_global_rank(self.group, r) for r in range(self.size)]
+            self._groups[k] = (self._sub([world[h * m + i] for h in range(k)]),
+                               self._sub([world[g * m + j] for j in range(m)]))
+        return self._groups[k]
+
+    def _sub(self, ranks: list) -> "Shards":
+        sub = object.__new__(Shards)
+        sub.group = dist.new_group(ranks, use_local_synchronization=True)
+        sub.spec, sub.backend, sub.store, sub._key = self.spec, self.backend, self.store, self._key
+        sub.size, sub.rank = len(ranks), dist.get_rank(sub.group)
+        sub.failed, sub._groups = None, {}
+        return sub
 
     # -- failures -----------------------------------------------------------------------------------------------
     def fail(self, error: BaseException) -> None:
@@ -271,8 +295,11 @@ def compile_policy(policy, ranks: int = 1):
     default = next(f.default for f in fields(policy) if f.name == "min_region_fraction")
     floor = 0.0 if policy.min_region_fraction == default else policy.min_region_fraction
     changes = dict(distributed=None, min_region_fraction=floor)
-    if ranks > 1 and not (policy.batch and policy.batch % ranks == 0):
-        changes.update({name: getattr(policy, name) * ranks for name in ("slices", "spatial", "temporal")
+    parts = policy.batch or 1
+    # the ranks a region's slices spread over: all, those of a group (ranks // parts), or none (whole parts)
+    per = ranks if parts == 1 or ranks % parts and parts % ranks else 1 if parts % ranks == 0 else ranks // parts
+    if per > 1:
+        changes.update({name: getattr(policy, name) * per for name in ("slices", "spatial", "temporal")
                         if getattr(policy, name)})
     return replace(policy, **changes)
 
@@ -283,7 +310,7 @@ def compile_policy(policy, ranks: int = 1):
 # ``r``-th run of them. A slice's working set is then ``1/N`` of one device's, as the parts a rank holds between
 # regions are (NOTE [Values held in parts]). Where the batch split is spread itself (``batch`` a multiple of
 # ``N``: NOTE [Batch splits across ranks]) each rank runs whole parts of the batch, sliced ``k`` ways as on one
-# device: the counts stay. The output is the one-process output of that compile (``compile_policy(policy, N)``),
+# device: the counts stay; where it is spread over groups of ``m`` ranks, the counts are ``k * m``. The output is the one-process output of that compile (``compile_policy(policy, N)``),
 # within float rounding of ``policy``'s own.
 
 
@@ -301,30 +328,55 @@ def shards_for(value) -> Shards | None:
     return None if spec is None else Shards(spec)
 
 
-def spread_loops(gm: torch.nn.Module, ranks: int) -> set:
-    """The loop regions of ``gm`` spread over ``ranks`` ranks: a batch split whose parts divide evenly over the
-    ranks, else its inner regions (NOTE [Batch splits across ranks]); every other loop region. Halo loops are
-    always spread (they are not LoopRegions)."""
+def spread_loops(gm: torch.nn.Module, ranks: int) -> dict:
+    """The loop regions of ``gm`` spread over ``ranks`` ranks, each with the number of ranks (or rank groups) its
+    slices are spread over (NOTE [Batch splits across ranks]): a batch split of ``k`` parts over all ``ranks``
+    where ``k % ranks == 0`` (its inner regions run whole on each rank), over ``k`` groups of ``ranks // k`` ranks
+    where ``ranks % k == 0`` (its inner regions spread over the ``ranks // k`` ranks of a group), else not (its
+    inner regions spread over all ``ranks``); every other loop region over ``ranks``. Halo loops are always
+    spread (they are not LoopRegions). Returns {id(region): ranks or groups}."""
     from .runtime import LoopRegion
     loops = [m for m in gm.modules() if isinstance(m, LoopRegion)]
-    whole = {id(m) for m in loops if m.nested and len(m.bounds) % ranks == 0}
-    inside = {id(x) for m in loops if id(m) in whole for b in m.bodies.values() for x in b.modules()
-              if isinstance(x, LoopRegion)}
-    return {id(m) for m in loops if (id(m) in whole if m.nested else id(m) not in inside)}
+    out, inside = {}, {}
+    for m in loops:
+        if not m.nested:
+            continue
+        k = len(m.bounds)
+        if k % ranks == 0:
+            out[id(m)], share = ranks, None
+        elif k > 1 and ranks % k == 0:
+            out[id(m)], share = k, ranks // k
+        else:
+            share = ranks
+        for b in m.bodies.values():
+            for x in b.modules():
+                if isinstance(x, LoopRegion) and not x.nested:
+                    inside[id(x)] = share
+    for m in loops:
+        if not m.nested:
+            share = inside.get(id(m), ranks)
+            if share is not None:
+                out[id(m)] = share
+    return out
 
 
 def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
-    """Give every loop region :func:`spread_loops` spreads ``shards`` (None: run whole on this process), and what
-    each holds in parts (:func:`held_values`); the number of regions spread."""
+    """Give every loop region :func:`spread_loops` spreads its :class:`Shards` (all of ``shards``' ranks, or a
+    group of them: :meth:`Shards.groups`; None: run whole on this process), and what each holds in parts
+    (:func:`held_values`); the number of regions spread."""
     from torch.fx import GraphModule
 
     from .halo_runtime import HaloLoop
     from .runtime import LoopRegion
-    spread = spread_loops(gm, shards.size) if shards is not None else set()
+    spread = spread_loops(gm, shards.size) if shards is not None else {}
     n = 0
     for m in gm.modules():
         if isinstance(m, LoopRegion):
-            m.shards = shards if id(m) in spread else None
+            size = spread.get(id(m))
+            m.shards = None
+            if size is not None:
+                m.shards = shards if size == shards.size else (
+                    shards.groups(size)[0] if m.nested else shards.groups(shards.size // size)[1])
             m.sharding = None
             n += m.shards is not None
         elif isinstance(m, HaloLoop):  # each pass's slices spread, statistics and rows gathered (halo_runtime)
@@ -333,8 +385,11 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
     if shards is not None:
         for m in gm.modules():
             if isinstance(m, GraphModule):
-                for loop, sharding in held_values(m, shards.size, lambda x: x.shards is not None).items():
-                    loop.sharding = sharding
+                calls = [m.get_submodule(n.target) for n in m.graph.nodes if n.op == "call_module"]
+                sizes = {spread[id(x)] for x in calls if id(x) in spread and not getattr(x, "nested", True)}
+                for size in sizes:
+                    for loop, sharding in held_values(m, size, lambda x, size=size: spread.get(id(x)) == size).items():
+                        loop.sharding = sharding
     return n
 
 
@@ -659,16 +714,21 @@ class RankParts:
         return held + max(nbytes, exchange)
 
 
-def rank_shardings(gm, ranks: int, spread: set) -> list:
+def rank_shardings(gm, ranks: int, spread: dict) -> list:
     """(graph, node, region, :class:`Sharding`) for every spread region without inner regions of ``gm`` and of
-    the graphs inside it, as :func:`shard_regions` would set them on ``ranks`` ranks."""
+    the graphs inside it, as :func:`shard_regions` would set them on ``ranks`` ranks (``spread``:
+    :func:`spread_loops`)."""
     from torch.fx import GraphModule
+
+    from .runtime import LoopRegion
     out = []
     for m in gm.modules():
         if isinstance(m, GraphModule):
-            held = held_values(m, ranks, lambda x: id(x) in spread)
-            out += [(m, n, m.get_submodule(n.target), held[m.get_submodule(n.target)]) for n in m.graph.nodes
-                    if n.op == "call_module" and m.get_submodule(n.target) in held]
+            calls = [(n, m.get_submodule(n.target)) for n in m.graph.nodes if n.op == "call_module"]
+            sizes = {spread[id(x)] for _, x in calls if isinstance(x, LoopRegion) and not x.nested and id(x) in spread}
+            for size in sizes:
+                held = held_values(m, size, lambda x, size=size: spread.get(id(x)) == size)
+                out += [(m, n, x, held[x]) for n, x in calls if x in held]
     return out
 
 
@@ -696,17 +756,28 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     for node, grouped in grouped_calls(gm, "cut"):
         loop, r = gm.get_submodule(node.target), grouped.region
         f = sum(flops.get(n.name, 0) for n in r.nodes)
-        if loop.nested and id(loop) not in spread:  # its parts one after another, its inner regions spread
+        size = spread.get(id(loop))
+        if loop.nested and size != ranks:
+            # its parts one after another (size None) or spread over groups of ranks // size ranks; its inner
+            # regions spread over the ranks of a group (all of them where the parts are not spread)
+            n, m = len(loop.bounds), ranks // (size or 1)
+            steps = [loop._steps[i] for i in (block(n, size, 0) if size else range(n))]
             if compiled.inner:
-                body = rank_plan(compiled.inner[0], ranks, link, flops_per_s)
-                spread_flops += f * body.spread_share
-                # the busiest rank's share of the spread part: its share of the body's FLOPs less the unspread part
+                body = rank_plan(compiled.inner[0], m, link, flops_per_s)
                 busy = body.flops_per_rank / body.flops if body.flops else 1.0
-                busiest += f * (busy - (1.0 - body.spread_share))
-            for step in loop._steps:
-                for m in loop.bodies[step.body].modules():
-                    if isinstance(m, LoopRegion) and not m.nested:
-                        b, c, t = _loop_traffic(m, ranks, held.get(m))
+                if size:  # the busiest group's parts, on the busiest rank of the group
+                    spread_flops += f
+                    busiest += f * len(steps) / n * busy
+                else:  # the busiest rank's share of the spread part: its share of the body less the unspread part
+                    spread_flops += f * body.spread_share
+                    busiest += f * (busy - (1.0 - body.spread_share))
+            if size:  # the parts' outputs gathered over the cross groups
+                b, c, t = _loop_traffic(loop, size)
+                received, collectives, transit = received + b, collectives + c, max(transit, t)
+            for step in steps:
+                for x in loop.bodies[step.body].modules():
+                    if isinstance(x, LoopRegion) and not x.nested:
+                        b, c, t = _loop_traffic(x, m, held.get(x))
                         received, collectives, transit = received + b, collectives + c, max(transit, t)
             continue
         n = len(loop.bounds)

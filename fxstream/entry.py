@@ -210,23 +210,31 @@ log = logging.getLogger(__name__)
 
 
 def guidance_split(gm, policy: Policy, weights: int, compiled, ranks: int):
-    """Under ``Policy(distributed=...)`` with no batch split asked for (``batch`` None) and no budget: the same
-    policy with the batch cut in ``ranks`` parts, where that compile makes a batch split spread itself over the
-    ranks (NOTE [Batch splits across ranks]: the guidance halves at once) and the latency model plans it faster on
-    the fastest link, NVLink (so faster on any slower one too). Returns (policy, compiled, bound) or None."""
+    """Under ``Policy(distributed=...)`` with no batch split asked for (``batch`` None) and no budget: the policy
+    with the batch cut in ``ranks`` parts (each rank runs whole parts) or, on an even number of ranks, in 2 (the
+    guidance halves, each on a group of ``ranks // 2`` ranks that spreads its regions), where that compile makes
+    a batch split spread over the ranks (NOTE [Batch splits across ranks]) and the latency model plans it faster
+    than ``compiled`` on the fastest link, NVLink (so on any slower one too); the fastest of the two. ``policy``:
+    the one-device compile policy (``compile_policy(policy)``). Returns (policy, compiled, bound) or None."""
     if policy.batch is not None or policy.max_memory is not None or ranks < 2:
         return None
-    alt_policy = replace(policy, batch=ranks)
-    alt, bound = compile_cached(gm, alt_policy, weights)
-    spread = spread_loops(alt.graph_module, ranks)
-    if not any(id(m) in spread and m.nested for m in alt.graph_module.modules() if isinstance(m, RegionLoop)):
-        return None
-    now, split = rank_plan(compiled, ranks, "nvlink"), rank_plan(alt, ranks, "nvlink")
-    if split.seconds >= now.seconds:
-        return None
-    log.info("distributed: the batch split in %d across the ranks (planned %.1f ms against %.1f ms)", ranks,
-             split.seconds * 1e3, now.seconds * 1e3)
-    return alt_policy, alt, bound
+    best, fastest = None, rank_plan(compiled, ranks, "nvlink").seconds
+    for k in sorted({ranks, 2} if ranks % 2 == 0 else {ranks}, reverse=True):
+        alt_policy = compile_policy(replace(policy, batch=k), ranks)
+        alt, bound = compile_cached(gm, alt_policy, weights)
+        spread = spread_loops(alt.graph_module, ranks)
+        # a split in k parts, spread (a batch shorter than k is split in fewer parts: the slice counts would not
+        # be those of NOTE [Slices per rank])
+        if not any(id(m) in spread and m.nested and len(m.bounds) == k
+                   for m in alt.graph_module.modules() if isinstance(m, RegionLoop)):
+            continue
+        seconds = rank_plan(alt, ranks, "nvlink").seconds
+        if seconds < fastest:
+            best, fastest = (alt_policy, alt, bound), seconds
+    if best is not None:
+        log.info("distributed: the batch split in %d across the ranks (planned %.1f ms)", best[0].batch,
+                 fastest * 1e3)
+    return best
 
 
 def plan_ranks(entry: Entry, policy: Policy, counts, link: str) -> list:

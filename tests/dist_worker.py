@@ -12,6 +12,8 @@ Scenarios:
   ``Policy(slices=4, distributed=True)`` (cut regions), an SD-style VAE decoder with ``Policy(halo=3, ...)``, and
   the tiny SVD pipeline under ``compile_pipeline`` (3 steps);
 - ``equal-small``: the tiny SVD UNet and the temporal decoder's halo regions only (for 3 ranks);
+- ``groups`` (for 4 ranks): tiny SVD with ``Policy(batch=2, slices=2)``: its guidance halves on two groups of 2
+  ranks, each group spreading its half's regions (NOTE [Batch splits across ranks]);
 - ``mismatch-raise`` (the group given as a DeviceMesh): rank 1 is called with other noise (every rank must raise
   naming it), then rank 1's region raises mid-call (rank 0 must raise quoting it);
 - ``die``: rank 1 exits inside a region mid-call (rank 0 must raise, not hang).
@@ -169,6 +171,8 @@ def main() -> int:
             equal(out, ["svd-tiny", "svd-tiny-cfg", "temporal-decoder-halo", "temporal-decoder-park"])
         elif scenario == "equal-more":
             equal(out, ["animatediff-tiny", "unet3d-tiny", "temporal-decoder", "sd-vae-decoder-halo", "pipeline"])
+        elif scenario == "groups":
+            equal(out, ["svd-tiny-cfg"])
         elif scenario == "equal-small":
             equal(out, ["svd-tiny", "temporal-decoder-halo"])
         elif scenario == "mismatch-raise":
