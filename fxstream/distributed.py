@@ -19,11 +19,16 @@ batch cut in ``k`` parts) is spread itself where its parts divide evenly over th
 rank runs its parts whole, its inner regions on the rank alone, and the loop's outputs are gathered once. Its
 FLOPs per rank are then exactly ``1/N`` of the loop's, which spreading the inner regions cannot beat (their ops
 outside regions run on every rank), and it moves only the loop's outputs where the inner regions move each of
-theirs: never more planned time. Otherwise (fewer parts than ranks, or a remainder) the inner regions are spread
-and the parts run one after another on every rank. ``Policy(batch=2, slices=8, distributed=True)`` on 2 GPUs runs
-the conditional and the unconditional halves of a guided step at once. Where the policy sets no ``batch`` (and no
-budget), the compile for N ranks also tries the batch cut in N parts and keeps it where such a split is spread
-and the latency model plans it faster on NVLink, the fastest link (so on any slower one too):
+theirs: never more planned time. Where the ranks divide evenly into the parts (``N % k == 0``), the ranks form
+``k`` groups of ``N // k`` consecutive ranks (:meth:`Shards.groups`): group ``g`` runs part ``g``, spreading its
+inner regions over its own ranks, and the parts' outputs are gathered over the *cross* groups (the ranks at one
+position in every group). On 4 GPUs with the guidance batch in 2 parts, ranks 0-1 run the conditional half and
+ranks 2-3 the unconditional one at once, each pair dividing its half's regions. Otherwise (a remainder either
+way) the inner regions are spread over all ranks and the parts run one after another on every rank.
+``Policy(batch=2, slices=8, distributed=True)`` on 2 GPUs runs the conditional and the unconditional halves of a
+guided step at once. Where the policy sets no ``batch`` (and no budget), the compile for N ranks also tries the
+batch cut in N parts and, on an even N, in 2, and keeps the fastest where such a split is spread (over ranks or
+groups) and the latency model plans it faster on NVLink, the fastest link (so on any slower one too):
 ``fxstream.entry.guidance_split``; ``explain(..., ranks=...)`` plans the same choice (``RankPlan.batch_split``).
 ``Policy(batch=1)`` keeps the batch whole.
 

@@ -28,7 +28,7 @@ from .region_loop import RegionLoop
 from .rehash.runtime import RehashState
 from .report import Report, build_report
 
-__all__ = ["Entry", "first_differing_region", "plan_ranks"]
+__all__ = ["Entry", "first_differing_region", "plan_ranks", "rank_compile"]
 
 
 class Entry:
@@ -237,25 +237,22 @@ def guidance_split(gm, policy: Policy, weights: int, compiled, ranks: int):
     return best
 
 
-def plan_ranks(entry: Entry, policy: Policy, counts, link: str) -> list:
-    """``Policy(distributed=...)`` planned on each of ``counts`` devices without a process group, as a process
-    group of that size would run it: the compile for that many ranks (NOTE [Slices per rank]), or the guidance
-    batch across the ranks where that plans faster (:func:`guidance_split`). ``entry``: the one-device compile
-    for spread regions (``compile_policy(policy)``), whose planned peak each plan is compared with."""
-    from .analysis.cost import node_flops
-    from .memory import plan_memory
+def rank_compile(entry: Entry, policy: Policy, ranks: int):
+    """The compile a process group of ``ranks`` runs for ``policy`` (NOTE [Slices per rank]; the guidance batch
+    across the ranks where that plans faster: :func:`guidance_split`), made without a process group. ``entry``:
+    the one-device compile for spread regions (``compile_policy(policy)``)."""
     one_policy = compile_policy(policy)
     gm, weights = entry.compiled.original, weight_bytes(entry.program)
+    n_policy = compile_policy(policy, ranks)
+    compiled = entry.compiled if n_policy == one_policy else compile_cached(gm, n_policy, weights)[0]
+    split = guidance_split(gm, one_policy, weights, compiled, ranks)
+    return compiled if split is None else split[1]
+
+
+def plan_ranks(entry: Entry, policy: Policy, counts, link: str) -> list:
+    """``Policy(distributed=...)`` planned on each of ``counts`` devices without a process group, as a process
+    group of that size would run it (:func:`rank_compile`), against the planned peak of ``entry``, the
+    one-device compile for spread regions (``compile_policy(policy)``)."""
+    from .memory import plan_memory
     one = plan_memory(entry.compiled.graph_module).peak_bytes
-    plans = []
-    for n in counts:
-        n_policy = compile_policy(policy, n)
-        compiled = entry.compiled if n_policy == one_policy else compile_cached(gm, n_policy, weights)[0]
-        flops = node_flops(compiled.prepared)
-        plan = rank_plan(compiled, n, link, flops=flops, one_device=one)
-        split = guidance_split(gm, one_policy, weights, compiled, n)
-        if split is not None:
-            alt = rank_plan(split[1], n, link, one_device=one)
-            plan = alt if alt.seconds < plan.seconds else plan
-        plans.append(plan)
-    return plans
+    return [rank_plan(rank_compile(entry, policy, n), n, link, one_device=one) for n in counts]

@@ -15,8 +15,8 @@ Two tables:
   counts them, and the largest difference from the one-process compiled output.
 - *Planned on the meta device* (fp16, batch 2, no weights, no compute): SVD 14x576x1024, SVD-XT 25x576x1024 and
   AnimateDiff 16x512x512 (frames x pixels) under ``Policy(slices=8)`` on 2, 4 and 8 devices (``--ranks``) over
-  NVLink and PCIe 4.0, and under ``Policy(batch=2, slices=8)`` (the guidance halves on 2 devices) on 2:
-  the per-rank planned peak against one device's, bytes received and collectives per call, and the latency model's
+  NVLink and PCIe 4.0, and under ``Policy(batch=2, slices=8)`` (the guidance halves) on 2 and 4: the per-rank
+  planned peak against the one-device plan's, bytes received and collectives per call, and the latency model's
   predicted speedup (fxstream.distributed.rank_plan; its link figures and compute rate are in NOTE [Link figures]).
 """
 from __future__ import annotations
@@ -95,6 +95,7 @@ def cpu_rows(model: str, slices: int, repeats: int, batch: int = 1) -> list:
             times = _calls(compiled, kw, repeats)
             (got, *_), peak = measure_peak(compiled, **kw)
             rows.append({"variant": label, "seconds": statistics.median(times), "peak MiB": peak / MiB,
+                         "planned MiB": compiled.explain().peak_bytes / MiB,
                          "received MiB": 0.0, "collectives": 0, "diff": 0.0})
             if policy.slices:
                 ref = got
@@ -112,7 +113,8 @@ def cpu_rows(model: str, slices: int, repeats: int, batch: int = 1) -> list:
         ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(2)]
     rows.append({"variant": f"batch {batch}: Policy({what}, distributed=True), 2 processes x 1 thread",
                  "seconds": max(statistics.median(r["times"]) for r in ranks),
-                 "peak MiB": max(r["peak"] for r in ranks) / MiB, "received MiB": ranks[0]["received"] / MiB,
+                 "peak MiB": max(r["peak"] for r in ranks) / MiB, "planned MiB": max(r["planned"] for r in ranks) / MiB,
+                 "received MiB": ranks[0]["received"] / MiB,
                  "collectives": ranks[0]["collectives"],
                  "diff": max((r["out"] - ref).abs().max().item() for r in ranks)})
     print(rows[-1], flush=True)
@@ -120,26 +122,45 @@ def cpu_rows(model: str, slices: int, repeats: int, batch: int = 1) -> list:
 
 
 def full_rows(ranks: list) -> list:
-    """Each model under ``Policy(slices=8)`` on ``ranks``, and with its guidance batch split (``Policy(batch=2,
-    slices=8)``) on 2 ranks (NOTE [Batch splits across ranks]: the split itself spread)."""
+    """Each model under ``Policy(slices=8)`` on ``ranks`` (the compile a process group of that size runs:
+    fxstream.entry.rank_compile), and under ``Policy(batch=2, slices=8)`` on 2 and 4 (the guidance halves on 2
+    ranks, or on 2 groups of 2)."""
     import fxstream
+    from fxstream.distributed import compile_policy, rank_plan
+    from fxstream.entry import Entry, rank_compile
+    from fxstream.memory import plan_memory
     from fxstream.models import build_unet, example_inputs
     rows = []
     for name, (extra, size) in FULL.items():
         unet = build_unet(name, device="meta", dtype=torch.float16)
         kw = example_inputs(name, unet, **extra)
-        for link, policy, counts in [(link, p, c) for p, c in ((fxstream.Policy(slices=8), ranks),
-                                                                (fxstream.Policy(batch=2, slices=8), [2]))
-                                     for link in ("nvlink", "pcie4")]:
-            rep = fxstream.explain(unet, kw, policy, ranks=counts, link=link)
-            for p in rep.ranks:
-                rows.append({"model": name, "size": size, "policy": policy.describe(), "ranks": p.ranks,
-                             "link": p.link, "batch across ranks": p.batch_split > 1,
-                             "one device GiB": p.one_device_peak_bytes / 2 ** 30, "per rank GiB": p.peak_bytes / 2 ** 30,
-                             "received GiB": p.bytes_received / 2 ** 30, "collectives": p.collectives,
-                             "spread": p.spread_share, "planned ms": p.seconds * 1e3, "speedup": p.speedup})
-                print(rows[-1], flush=True)
+        base = fxstream.Policy(slices=8)
+        one_entry = Entry(unet, kw, compile_policy(base))
+        one = plan_memory(one_entry.compiled.graph_module).peak_bytes  # the one-device sliced plan
+        for policy, counts in ((base, ranks), (fxstream.Policy(batch=2, slices=8), [2, 4])):
+            entry = one_entry if policy == base else Entry(unet, kw, compile_policy(policy), program=one_entry.program)
+            for n in counts:
+                t = time.perf_counter()
+                compiled = rank_compile(entry, policy, n)
+                seconds = time.perf_counter() - t
+                for link in ("nvlink", "pcie4"):
+                    p = rank_plan(compiled, n, link, one_device=one)
+                    rows.append({"model": name, "size": size, "policy": policy.describe(), "ranks": p.ranks,
+                                 "link": p.link, "batch split": p.batch_split,
+                                 "one device GiB": p.one_device_peak_bytes / 2 ** 30,
+                                 "per rank GiB": p.peak_bytes / 2 ** 30,
+                                 "received GiB": p.bytes_received / 2 ** 30, "collectives": p.collectives,
+                                 "spread": p.spread_share, "planned ms": p.seconds * 1e3, "speedup": p.speedup,
+                                 "compile s": seconds})
+                    print(rows[-1], flush=True)
     return rows
+
+
+def _split(r) -> str:
+    parts = r["batch split"]
+    if parts <= 1:
+        return "-"
+    return f"{parts} parts" + (f", groups of {r['ranks'] // parts}" if r["ranks"] > parts else "")
 
 
 def main(argv=None) -> None:
@@ -164,42 +185,47 @@ def main(argv=None) -> None:
     full = [] if args.no_full else full_rows(args.ranks)
     doc = "## Across devices (Policy(distributed=...))\n\n" + provenance(
         "python tools/bench_distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    doc += ("Each spread region runs a contiguous run of its slices on each rank; outputs move by one all-gather "
-            "each, except those every reader takes cut the same way on the same ranks (they stay); partial sums "
-            "are gathered and added in slice order; everything else runs on every rank (fxstream/distributed.py). "
-            "Every rank holds one device's plan today (plus a copy in transit): the division is of work, not yet of "
-            "memory. ")
+    doc += ("Each spread region runs a contiguous run of its slices on each rank, cut `k * N` ways for "
+            "`Policy(slices=k)` on N ranks (NOTE [Slices per rank]); a region output that only spread regions read "
+            "stays in parts, each rank keeping its own, and a reader cutting another dim gets its part by one "
+            "all-to-all (NOTE [Values held in parts]); other outputs are gathered by one all-gather; partial sums "
+            "are gathered and added in slice order; ops outside regions run on every rank "
+            "(fxstream/distributed.py). ")
     doc += (f"Timings: {args.not_quiet}.\n\n" if args.not_quiet else "Timings on a quiet machine.\n\n")
     if cpu:
         doc += (f"Measured on the CPU: {args.model}, fp32, random weights, batch 1, and batch 2 (a guided step) with "
                 f"its batch split in 2 (`Policy(batch=2)`: on 2 ranks the split itself is spread, NOTE [Batch "
                 f"splits across ranks]); the same 2 cores either as one "
                 f"process of 2 threads or as 2 gloo processes of 1 thread. Latency: median of {args.repeats} calls "
-                f"(the slower rank); peak: the tracker's activation peak (the larger rank's); received: per rank "
-                f"per call, as planned; diff: largest difference from the one-process `Policy(slices="
-                f"{args.slices})` output.\n\n```\n")
-        doc += tabulate([(r["variant"], f"{r['seconds']:.2f}", f"{r['peak MiB']:.1f}", f"{r['received MiB']:.1f}",
-                          r["collectives"], f"{r['diff']:.1e}") for r in cpu],
-                        headers=["variant", "latency s", "peak MiB", "received MiB", "collectives", "max |diff|"])
+                f"(the slower rank); peak: the tracker's activation peak (the larger rank's), planned: the "
+                f"plan's (per rank for the distributed rows); received: per rank per call, as planned; diff: "
+                f"largest difference from the one-process `Policy(slices={args.slices})` output (the 2-rank rows "
+                f"cut each region in {2 * args.slices}: float rounding).\n\n```\n")
+        doc += tabulate([(r["variant"], f"{r['seconds']:.2f}", f"{r['peak MiB']:.1f}", f"{r['planned MiB']:.1f}",
+                          f"{r['received MiB']:.1f}", r["collectives"], f"{r['diff']:.1e}") for r in cpu],
+                        headers=["variant", "latency s", "peak MiB", "planned MiB", "received MiB", "collectives",
+                                 "max |diff|"])
         doc += "\n```\n\n"
     if full:
-        doc += ("Planned on the meta device (fp16, batch 2: classifier-free guidance in one call), `Policy(slices=8)` "
-                "with no region floor (NOTE [No region floor across devices]), where it plans faster with the "
-                "guidance batch across the ranks (NOTE [Batch splits across ranks]: 'batch across ranks'; a rank's "
-                "'one device' figure is then that compile's), and `Policy(batch=2, slices=8)` asked for on 2: "
-                "per-rank planned activation peak "
-                "against one device's, what a rank receives per call, and the predicted speedup over one device "
-                "(compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links at 80% of their "
-                "nominal one-direction bandwidth, 20/30 us per collective: NOTE [Link figures]). Predictions, not "
-                "measurements: no multi-GPU machine was at hand.\n\n```\n")
-        doc += tabulate([(r["model"], r["size"], r["policy"], r["ranks"], r["link"],
-                          "yes" if r["batch across ranks"] else "-",
-                          f"{r['one device GiB']:.3f}", f"{r['per rank GiB']:.3f}", f"{r['received GiB']:.2f}",
-                          r["collectives"], f"{r['spread']:.1%}", f"{r['planned ms']:.0f}", f"{r['speedup']:.2f}x")
-                         for r in full],
-                        headers=["model", "frames x pixels", "policy", "ranks", "link", "batch across ranks",
-                                 "one device GiB", "per rank GiB",
-                                 "received GiB/call", "collectives", "FLOPs spread", "planned ms", "speedup"])
+        doc += ("Planned on the meta device (fp16, batch 2: classifier-free guidance in one call): `Policy(slices=8)` "
+                "with no region floor (NOTE [No region floor across devices]) as a process group of N runs it (the "
+                "guidance batch split where that plans faster: 'batch split', each rank running whole parts, or "
+                "groups of ranks each spreading one part's regions: NOTE [Batch splits across ranks]), and "
+                "`Policy(batch=2, slices=8)` asked for on 2 and 4. 'one device': the one-device `Policy(slices=8)` "
+                "plan (no region floor); 'per rank': the busiest rank's planned activation peak and its ratio to "
+                "one device's (issue 22's target: <= 1.1/N); what a rank receives per call; the predicted speedup "
+                "over one device (compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links "
+                "at 80% of their nominal one-direction bandwidth, 20/30 us per collective: NOTE [Link figures]); "
+                "'plan s': the wall time of that rank count's compiles. Predictions, not measurements: no multi-GPU "
+                "machine was at hand.\n\n```\n")
+        doc += tabulate([(r["model"], r["size"], r["policy"], r["ranks"], r["link"], _split(r),
+                          f"{r['one device GiB']:.3f}", f"{r['per rank GiB']:.3f}",
+                          f"{r['per rank GiB'] / r['one device GiB']:.3f} ({1.1 / r['ranks']:.3f})",
+                          f"{r['received GiB']:.2f}", r["collectives"], f"{r['spread']:.1%}", f"{r['planned ms']:.0f}",
+                          f"{r['speedup']:.2f}x", f"{r['compile s']:.0f}") for r in full],
+                        headers=["model", "frames x pixels", "policy", "ranks", "link", "batch split",
+                                 "one device GiB", "per rank GiB", "ratio (target)", "received GiB/call",
+                                 "collectives", "FLOPs spread", "planned ms", "speedup", "plan s"])
         doc += "\n```\n"
     print(doc)
     if not args.no_write:
