@@ -211,10 +211,15 @@ def explain_table(report: Report, top: int = 10, lower_bound: bool = True, missi
 def ranks_table(plans) -> str:
     """The plans across devices (:func:`fxstream.distributed.rank_plan`): per-rank planned peak, what a rank
     receives per call, and the latency model's speedup over one device."""
-    rows = [(p.ranks, p.link, "yes" if p.batch_split > 1 else "-", f"{p.peak_bytes / 2**30:.3f}",
+    def split(p) -> str:  # NOTE [Batch splits across ranks]: whole parts per rank, or a part per group of ranks
+        if p.batch_split <= 1:
+            return "-"
+        return f"{p.batch_split} parts" + (f", groups of {p.ranks // p.batch_split}" if p.ranks > p.batch_split else "")
+
+    rows = [(p.ranks, p.link, split(p), f"{p.peak_bytes / 2**30:.3f}",
              f"{p.one_device_peak_bytes / 2**30:.3f}", f"{p.spread_share:.1%}", f"{p.bytes_received / 2**30:.2f}",
              p.collectives, f"{p.seconds * 1e3:.1f}", f"{p.speedup:.2f}x") for p in plans]
-    return tabulate(rows, headers=["ranks", "link", "batch across ranks", "GiB per rank", "GiB one device",
+    return tabulate(rows, headers=["ranks", "link", "batch split", "GiB per rank", "GiB one device",
                                    "FLOPs spread", "GiB received per call", "collectives", "planned ms", "speedup"])
 
 

@@ -70,6 +70,7 @@ def policy_of(name: str, distributed=None):
 
 def equal(out: dict, names) -> None:
     for name, m, kw in _models([n for n in names if n != "pipeline"]):
+        start = time.monotonic()
         policy = policy_of(name, fxstream.Distributed(timeout=600))
         with torch.no_grad():
             compiled = fxstream.compile(m, policy)
@@ -83,10 +84,11 @@ def equal(out: dict, names) -> None:
                          rank_planned=rep.ranks[0].peak_bytes if rep.ranks else None,
                          parts=sum(o is not None for h in held for o in h.outs),
                          reshards=sum(not isinstance(i, str) and i is not None for h in held for i in h.ins),
-                         spread=[(x.nested, x.shards is not None) for x in loops])
+                         spread=[(x.nested, x.shards is not None) for x in loops], seconds=time.monotonic() - start)
     if "pipeline" in names:  # compile_pipeline: the UNet's cut regions and the decoder's halo regions spread
         out["pipeline"] = dict(out=run_pipeline(fxstream.Distributed(timeout=600)))
     if "svd-tiny" in names:  # Step Rehash: the full and the rehash steps' graphs are spread alike
+        start = time.monotonic()
         m = build_unet("svd-tiny")
         kw = example_inputs("svd-tiny", m)
         compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=True,
@@ -97,7 +99,8 @@ def equal(out: dict, names) -> None:
                 outs.append(compiled(**dict(kw, timestep=torch.tensor([t])))[0])
         # no batch split asked for: the guidance batch goes across the 2 ranks (planned faster; NOTE [Batch
         # splits across ranks]), in the full and the rehash steps' graphs alike
-        out["rehash"] = dict(outs=outs, log=list(compiled.step_log), batch=compiled._last.report.policy.batch)
+        out["rehash"] = dict(outs=outs, log=list(compiled.step_log), batch=compiled._last.report.policy.batch,
+                             seconds=time.monotonic() - start)
 
 
 def run_pipeline(distributed=None) -> torch.Tensor:
