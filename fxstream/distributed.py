@@ -75,6 +75,7 @@ __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_reg
            "equal_runs", "held_values", "Held", "Reshard", "Sharding", "reshard", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan",
            "Link", "LINKS", "H200_SVD_FLOPS_PER_S", "spread_loops"]
 
+_SUBGROUPS: dict = {}  # (parent group's name, global ranks) -> the ProcessGroup made for them (Shards.groups)
 _POLL_S = 0.00005  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
 _POLL_MAX_S = 0.002
 _CHECK_S = 0.05  # how often a wait asks the store whether another rank failed, and looks at the clock
@@ -169,8 +170,18 @@ class Shards:
         self.backend = dist.get_backend(self.group)
         self.store = dist.distributed_c10d._get_process_group_store(self.group)
         self._key = f"fxstream/{self.group.group_name}/failed"
-        self.failed: str | None = None  # why this group was given up (then every later call raises it)
+        self._root = self  # whose failure state this one shares (a group of ranks made by groups(): its parent's)
+        self._failed: str | None = None  # why this group was given up (then every later call raises it)
+        self._members = None  # a group of ranks: its global ranks until its process group is made
         self._groups: dict = {}  # k -> (cross group, own group): see groups()
+
+    @property
+    def failed(self) -> str | None:
+        return self._root._failed
+
+    @failed.setter
+    def failed(self, why: str | None) -> None:
+        self._root._failed = why
 
     def __repr__(self) -> str:
         return f"Shards(rank {self.rank} of {self.size}, {self.backend})"
@@ -178,25 +189,37 @@ class Shards:
     def groups(self, k: int) -> tuple["Shards", "Shards"]:
         """The ranks as ``k`` groups of ``size // k`` consecutive ranks (NOTE [Batch splits across ranks]): this
         rank's *cross* group (the rank at its position in every group; its rank there is its group's index) and
-        its own group. Made once per ``k``, by every rank in the same order (each makes its two groups); they
-        report failures through this group's store, so a rank raising in one group stops the others too."""
+        its own group. Their process groups are made on their first collective (after the call's input check;
+        ``new_group`` with local synchronisation: only the members take part, and each process makes each group
+        once, whatever compiled it). They share this group's failure state and store: a rank that raises, dies or
+        times out in one stops the others, and the whole group is given up."""
         if k not in self._groups:
             if k < 2 or self.size % k or self.size == k:
                 raise ValueError(f"Shards.groups: expected k dividing {self.size} ranks, 1 < k < {self.size}, got {k}")
             m = self.size // k
             g, i = divmod(self.rank, m)
             world = [dist.get_global_rank(self.group, r) for r in range(self.size)]
-            self._groups[k] = (self._sub([world[h * m + i] for h in range(k)]),
-                               self._sub([world[g * m + j] for j in range(m)]))
+            self._groups[k] = (self._sub([world[h * m + i] for h in range(k)], g),
+                               self._sub([world[g * m + j] for j in range(m)], i))
         return self._groups[k]
 
-    def _sub(self, ranks: list) -> "Shards":
+    def _sub(self, members: list, rank: int) -> "Shards":
         sub = object.__new__(Shards)
-        sub.group = dist.new_group(ranks, use_local_synchronization=True)
-        sub.spec, sub.backend, sub.store, sub._key = self.spec, self.backend, self.store, self._key
-        sub.size, sub.rank = len(ranks), dist.get_rank(sub.group)
-        sub.failed, sub._groups = None, {}
+        sub.group, sub._members, sub._groups = None, (self.group.group_name, tuple(members)), {}
+        sub.spec, sub.backend, sub.store, sub._key, sub._root = self.spec, self.backend, self.store, self._key, self._root
+        sub.size, sub.rank = len(members), rank
         return sub
+
+    def _made(self) -> None:
+        """A group of ranks' process group, made on its first collective (one per process and members)."""
+        if self._members not in _SUBGROUPS:
+            _SUBGROUPS[self._members] = dist.new_group(list(self._members[1]), use_local_synchronization=True)
+        self.group = _SUBGROUPS[self._members]
+        if dist.get_rank(self.group) != self.rank:
+            raise DistributedError(
+                f"fxstream: the ranks of the process group are not in the order of their global ranks (this rank is "
+                f"{dist.get_rank(self.group)} in its group of ranks {list(self._members[1])}, expected {self.rank}); "
+                "pass distributed= a group whose ranks follow the global order, or Policy(batch=1)")
 
     # -- failures -----------------------------------------------------------------------------------------------
     def fail(self, error: BaseException) -> None:
@@ -261,6 +284,8 @@ class Shards:
     def _ready(self) -> None:
         if self.failed is not None:
             raise self._given_up()
+        if self.group is None:
+            self._made()
 
     def all_gather(self, out: torch.Tensor, mine: torch.Tensor, what: str) -> None:
         """Every rank's ``mine`` (1-D, contiguous, the same size on every rank) into ``out`` (1-D, ``size`` times
@@ -312,11 +337,14 @@ def compile_policy(policy, ranks: int = 1):
 # NOTE [Slices per rank]
 # ``Policy(slices=k)`` keeps its meaning on each rank: a rank cuts its part of each region in ``k`` slices, so a
 # compile for ``N`` ranks cuts each region in ``k * N`` (fewer where the axis is shorter) and rank ``r`` runs the
-# ``r``-th run of them. A slice's working set is then ``1/N`` of one device's, as the parts a rank holds between
-# regions are (NOTE [Values held in parts]). Where the batch split is spread itself (``batch`` a multiple of
-# ``N``: NOTE [Batch splits across ranks]) each rank runs whole parts of the batch, sliced ``k`` ways as on one
-# device: the counts stay; where it is spread over groups of ``m`` ranks, the counts are ``k * m``. The output is the one-process output of that compile (``compile_policy(policy, N)``),
-# within float rounding of ``policy``'s own.
+# ``r``-th run of them. A slice's working set is then about ``1/N`` of one device's (one element of the axis at
+# least: a frame), as the parts a rank holds between regions are (NOTE [Values held in parts]). With a batch split
+# (``batch=b``; NOTE [Batch splits across ranks]) the counts follow ``b``: where ``b`` is a multiple of ``N`` each
+# rank runs whole parts, sliced ``k`` ways as on one device; where ``N`` is a multiple of ``b`` the parts run on
+# groups of ``m = N // b`` ranks and the counts are ``k * m`` (``1/m`` of a part's working set per rank). The counts
+# are chosen from the policy before the compile: a batch shorter than ``b`` is cut in fewer parts, whose slices
+# then differ from ``k`` per rank. The output is the one-process output of that compile
+# (``compile_policy(policy, N)``), within float rounding of ``policy``'s own.
 
 
 # NOTE [No region floor across devices]
@@ -445,6 +473,10 @@ class Held:
     def part_bytes(self, rank: int) -> int:
         return math.prod(self.part_shape(rank)) * torch.empty((), dtype=self.dtype).element_size()
 
+    def most_bytes(self) -> int:
+        """The largest part's bytes over the ranks."""
+        return max(self.part_bytes(r) for r in range(len(self.ranges)))
+
     def canonical(self, part: torch.Tensor, rank: int) -> torch.Tensor:
         """``part`` (this rank's) with ``cut.dim`` always as two dims ``(outer, n * inner)``."""
         c = self.cut
@@ -503,40 +535,49 @@ def held_values(gm, ranks: int, spread) -> dict:
     loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and not m.nested and spread(m)}
     out = {m: Sharding([None] * len(m.out_cuts), [None] * len(m.in_cuts)) for m in loops.values()}
     for node, loop in loops.items():
+        items: dict = {}  # output index -> the getitems reading it (one, unless a pass left two)
         for item in node.users:
             if item.op != "call_function" or item.target is not operator.getitem:
-                continue
-            j = item.args[1]
-            cut = loop.out_cuts[j]
-            if not isinstance(cut, Cut) or not item.users:
-                continue
-            shape, _, dtype = loop.out_meta[j]
-            src = held_layout(loop, cut, shape, dtype, ranks)
-            takes = {}  # (reader, arg index) -> "part" or Reshard
-            for user in item.users:
-                reader = loops.get(user)
-                if reader is None or item in user.kwargs.values():
-                    break
-                uses = [i for i, a in enumerate(user.args) if a is item]
-                for i in uses:
-                    c = reader.in_cuts[i]
-                    if not isinstance(c, Cut):
-                        break
-                    dst = held_layout(reader, c, shape, dtype, ranks)
-                    if dst == src:
-                        takes[(reader, i)] = "part"
-                    elif c.dim != cut.dim:
-                        takes[(reader, i)] = Reshard(src, dst)
-                    else:
-                        break
-                else:
-                    continue
+                items = None  # the tuple itself is read: every output stays whole
                 break
-            else:
-                out[loop].outs[j] = src
+            items.setdefault(item.args[1], []).append(item)
+        for j, its in (items or {}).items():
+            cut = loop.out_cuts[j]
+            takes = _takes(its, cut, loop, loops, ranks) if isinstance(cut, Cut) else None
+            if takes:
+                shape, _, dtype = loop.out_meta[j]
+                out[loop].outs[j] = held_layout(loop, cut, shape, dtype, ranks)
                 for (reader, i), how in takes.items():
                     out[reader].ins[i] = how
     return out
+
+
+def _takes(items: list, cut: Cut, loop, loops: dict, ranks: int) -> dict | None:
+    """How each spread region reading the getitems ``items`` of ``loop``'s output (cut as ``cut``) takes it:
+    {(region, argument index): "part" or :class:`Reshard`}; None where a reader is anything else or takes it
+    whole or cut the same dim another way."""
+    shape, _, dtype = loop.out_meta[items[0].args[1]]
+    src = held_layout(loop, cut, shape, dtype, ranks)
+    takes = {}
+    for item in items:
+        if not item.users:
+            return None
+        for user in item.users:
+            reader = loops.get(user)
+            if reader is None or item in user.kwargs.values():
+                return None
+            for i in (i for i, a in enumerate(user.args) if a is item):
+                c = reader.in_cuts[i]
+                if not isinstance(c, Cut):
+                    return None
+                dst = held_layout(reader, c, shape, dtype, ranks)
+                if dst == src:
+                    takes[(reader, i)] = "part"
+                elif c.dim != cut.dim:
+                    takes[(reader, i)] = Reshard(src, dst)
+                else:
+                    return None
+    return takes
 
 
 def reshard(sh: Shards, part: torch.Tensor, how: Reshard, what: str) -> torch.Tensor:
@@ -643,6 +684,14 @@ class RankPlan:
         return self.seconds_one / self.seconds if self.seconds else 1.0
 
 
+def _busiest_share(bounds, length: int, ranks: int) -> float:
+    """The largest share of an axis of ``length`` elements that one rank computes when ``bounds`` (start, size)
+    are spread as :func:`block` spreads slices."""
+    n = len(bounds)
+    runs = [block(n, ranks, r) for r in range(ranks)]
+    return max(sum(bounds[i][1] for i in run) for run in runs) / length
+
+
 def _loop_traffic(loop, ranks: int, sharding: Sharding | None = None) -> tuple[int, int, int]:
     """(bytes each rank receives, collectives, largest copy in transit) for one spread region, as
     ``LoopRegion._run_sharded`` moves them: one all-to-all per argument it takes in other parts than its
@@ -656,7 +705,7 @@ def _loop_traffic(loop, ranks: int, sharding: Sharding | None = None) -> tuple[i
     received = collectives = transit = 0
     for how in (sharding.ins if sharding is not None else ()):
         if isinstance(how, Reshard):  # the busiest rank's part, less the block it holds itself
-            received += how.dst.part_bytes(0) * (ranks - 1) // ranks
+            received += how.dst.most_bytes() * (ranks - 1) // ranks
             collectives += 1
     for j, (c, (shape, stride, dtype)) in enumerate(zip(loop.out_cuts, loop.out_meta)):
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -677,39 +726,40 @@ def _loop_traffic(loop, ranks: int, sharding: Sharding | None = None) -> tuple[i
 
 
 class RankParts:
-    """What rank 0 (whose runs are the longest: the busiest rank) holds where values are kept in parts, for
-    :func:`fxstream.memory.plan_memory` (NOTE [Values held in parts]): a kept output costs its part, an output
-    whose argument's storage it would take over costs a buffer of its own when that argument is a part, and a
-    region taking an argument in other parts holds that part while it runs, after an exchange that held the
-    send and receive buffers (its producer's part and its own)."""
+    """What the busiest rank holds where values are kept in parts, for :func:`fxstream.memory.plan_memory` (NOTE
+    [Values held in parts]): a kept output costs its largest part over the ranks (the ranks' runs differ by a
+    slice at most, and not always the first rank's is the longest), and a region taking an argument in other parts
+    holds that part while it runs, after an exchange that held, on top of it, the send and receive buffers (its
+    producer's part and its own). An output that would take over the storage of an argument held in parts gets a
+    buffer of its own (``_run_sharded``): its values keep their own storage here, which nothing else holds."""
 
-    def __init__(self, shardings: dict):
+    def __init__(self, shardings: list):
         self.nodes = {}  # node -> [(storage key, bytes)] where they differ from its values' own
         self.extra = {}  # region node -> (bytes held while it runs, bytes held only during the exchange)
         for gm, node, loop, sharding in shardings:
             val = node.meta.get("val")
             if not isinstance(val, (tuple, list)):
                 continue
-            items = {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
+            items: dict = {}
+            for u in node.users:
+                if u.op == "call_function" and u.target is operator.getitem:
+                    items.setdefault(u.args[1], []).append(u)
             sts = []
             for j, t in enumerate(val):
                 if not isinstance(t, torch.Tensor):
                     continue
                 st = t.untyped_storage()
                 key, nbytes = StorageWeakRef(st), st.nbytes()
-                i = loop.reuse[j]
                 if sharding.outs[j] is not None:
-                    key, nbytes = ("part", node, j), sharding.outs[j].part_bytes(0)
-                elif i is not None and sharding.ins[i] is not None:
-                    key = ("own", node, j)
-                if not isinstance(key, StorageWeakRef) and j in items:
-                    self.nodes[items[j]] = [(key, nbytes)]
+                    key, nbytes = ("part", node, j), sharding.outs[j].most_bytes()
+                    for item in items.get(j, ()):
+                        self.nodes[item] = [(key, nbytes)]
                 sts.append((key, nbytes))
             self.nodes[node] = sts
             moves = [h for h in sharding.ins if isinstance(h, Reshard)]
             if moves:
-                self.extra[node] = (sum(h.dst.part_bytes(0) for h in moves),
-                                    max(h.src.part_bytes(0) + h.dst.part_bytes(0) for h in moves))
+                self.extra[node] = (sum(h.dst.most_bytes() for h in moves),
+                                    max(h.src.most_bytes() + h.dst.most_bytes() for h in moves))
 
     def storages(self, node):
         return self.nodes.get(node)
@@ -772,7 +822,7 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
                 busy = body.flops_per_rank / body.flops if body.flops else 1.0
                 if size:  # the busiest group's parts, on the busiest rank of the group
                     spread_flops += f
-                    busiest += f * len(steps) / n * busy
+                    busiest += f * _busiest_share(loop.bounds, loop.length, size) * busy
                 else:  # the busiest rank's share of the spread part: its share of the body less the unspread part
                     spread_flops += f * body.spread_share
                     busiest += f * (busy - (1.0 - body.spread_share))
@@ -787,14 +837,14 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
             continue
         n = len(loop.bounds)
         spread_flops += f
-        busiest += f * len(block(n, ranks, 0)) / n  # rank 0's run is the longest
+        busiest += f * _busiest_share(loop.bounds, loop.length, ranks)
         b, c, t = _loop_traffic(loop, ranks, held.get(loop))
         received, collectives, transit = received + b, collectives + c, max(transit, t)
     for node, _ in grouped_calls(gm, "halo"):  # halo regions: each pass's slices spread, rows and statistics gathered
         loop = gm.get_submodule(node.target)
         f = sum(flops.get(n.name, 0) for n in loop.region.nodes)
         spread_flops += f
-        busiest += f * len(block(loop.count, ranks, 0)) / loop.count
+        busiest += f * len(block(loop.count, ranks, 0)) / loop.count  # block: the first runs are the longer
         for shape, _, dtype in loop.out_meta:
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             received += size * (ranks - 1) // ranks
@@ -810,6 +860,6 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     many = per_rank / flops_per_s + received / lk.bytes_per_s + collectives * lk.latency_s
     parts = max((len(m.bounds) for m in gm.modules() if isinstance(m, LoopRegion) and m.nested and id(m) in spread),
                 default=1)
-    return RankPlan(ranks, peak + transit, whole if one_device is None else one_device, int(total), per_rank, spread_flops / total if total else 0.0,
-                    int(received), collectives, lk.name, flops_per_s, one, many if ranks > 1 else one,
+    return RankPlan(ranks, peak + transit, whole if one_device is None else one_device, int(total), per_rank,
+                    spread_flops / total if total else 0.0, int(received), collectives, lk.name, flops_per_s, one, many if ranks > 1 else one,
                     parts if ranks > 1 else 1)
