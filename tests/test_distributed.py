@@ -246,7 +246,7 @@ def test_full_size_svd_xt_predicted_speedup_on_four_nvlink_gpus():
     two, four, eight = rep.ranks
     assert four.speedup >= 3.3, four
     assert two.speedup < four.speedup < eight.speedup
-    # NOTE [Values held in parts]: a rank holds a share of the one-device plan (planned 0.50x, 0.33x, 0.19x; above
+    # NOTE [Values held in parts]: a rank holds a share of the one-device plan (planned 0.50x, 0.35x, 0.19x; above
     # 1/N where a slice cut along frames holds one frame)
     one = two.one_device_peak_bytes
     assert one == four.one_device_peak_bytes == rep.peak_bytes
