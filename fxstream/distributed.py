@@ -582,24 +582,30 @@ def _takes(items: list, cut: Cut, loop, loops: dict, ranks: int) -> dict | None:
 
 def reshard(sh: Shards, part: torch.Tensor, how: Reshard, what: str) -> torch.Tensor:
     """This rank's part of a value in ``how.dst``'s layout, from every rank's part in ``how.src``'s (``part`` is
-    this rank's): one all-to-all of the blocks where the two layouts' parts meet (NOTE [Values held in parts])."""
+    this rank's): one all-to-all of the blocks where the two layouts' parts meet (NOTE [Values held in parts]).
+    Besides ``part`` it holds the send and receive buffers during the collective, then the receive buffer and the
+    new part while it copies: ``max(src, dst) + dst`` bytes at most (``RankParts``)."""
     src, dst, r = how.src, how.dst, sh.rank
     d, e = src.cut.dim, dst.cut.dim
-    mine = src.canonical(part, r)  # src's dim as (outer, n): dst's dim sits one further where it comes after
-    at_e = e + (e > d)
-    pieces = [dst.select(mine, at_e, q) for q in range(sh.size)]
-    send = torch.cat([p.reshape(-1) for p in pieces]) if pieces else part.new_empty(0)
-    out = torch.empty(dst.part_shape(r), dtype=part.dtype, device=part.device)
-    view = dst.canonical(out, r)
-    at_d = d + (d > e)
-    slots = [src.select(view, at_d, p) for p in range(sh.size)]
-    got = torch.empty(sum(s.numel() for s in slots), dtype=part.dtype, device=part.device)
-    sh.all_to_all(got, send, [s.numel() for s in slots], [p.numel() for p in pieces], what)
-    del send
+    at_e, at_d = e + (e > d), d + (d > e)  # a dim's position once the other layout's dim is split in two
+    pieces = [dst.select(src.canonical(part, r), at_e, q) for q in range(sh.size)]
+    send = part.new_empty(sum(p.numel() for p in pieces))
     at = 0
-    for s in slots:
-        s.copy_(got[at:at + s.numel()].view(s.shape))
-        at += s.numel()
+    for p in pieces:  # each block copied into its run of the buffer (no copy of its own)
+        send[at:at + p.numel()].view(p.shape).copy_(p)
+        at += p.numel()
+    shape = dst.part_shape(r)
+    layout = dst.canonical(torch.empty(shape, device="meta"), r)
+    sizes = [src.select(layout, at_d, q).numel() for q in range(sh.size)]
+    got = part.new_empty(sum(sizes))
+    sh.all_to_all(got, send, sizes, [p.numel() for p in pieces], what)
+    del send, pieces
+    out = part.new_empty(shape)
+    view, at = dst.canonical(out, r), 0
+    for q in range(sh.size):
+        slot = src.select(view, at_d, q)
+        slot.copy_(got[at:at + slot.numel()].view(slot.shape))
+        at += slot.numel()
     return out
 
 
@@ -729,8 +735,8 @@ class RankParts:
     """What the busiest rank holds where values are kept in parts, for :func:`fxstream.memory.plan_memory` (NOTE
     [Values held in parts]): a kept output costs its largest part over the ranks (the ranks' runs differ by a
     slice at most, and not always the first rank's is the longest), and a region taking an argument in other parts
-    holds that part while it runs, after an exchange that held, on top of it, the send and receive buffers (its
-    producer's part and its own). An output that would take over the storage of an argument held in parts gets a
+    holds that part while it runs; each exchange holds, on top of the parts made before it, the larger of its send
+    buffer (its producer's part) and its new part, plus its receive buffer (:func:`reshard`). An output that would take over the storage of an argument held in parts gets a
     buffer of its own (``_run_sharded``): its values keep their own storage here, which nothing else holds."""
 
     def __init__(self, shardings: list):
@@ -757,9 +763,9 @@ class RankParts:
                 sts.append((key, nbytes))
             self.nodes[node] = sts
             moves = [h for h in sharding.ins if isinstance(h, Reshard)]
-            if moves:
+            if moves:  # the new parts held while it runs; an exchange's buffers on top of them (reshard)
                 self.extra[node] = (sum(h.dst.most_bytes() for h in moves),
-                                    max(h.src.most_bytes() + h.dst.most_bytes() for h in moves))
+                                    max(max(h.src.most_bytes(), h.dst.most_bytes()) for h in moves))
 
     def storages(self, node):
         return self.nodes.get(node)
