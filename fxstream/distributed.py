@@ -397,8 +397,6 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
     """Give every loop region :func:`spread_loops` spreads its :class:`Shards` (all of ``shards``' ranks, or a
     group of them: :meth:`Shards.groups`; None: run whole on this process), and what each holds in parts
     (:func:`held_values`); the number of regions spread."""
-    from torch.fx import GraphModule
-
     from .halo_runtime import HaloLoop
     from .runtime import LoopRegion
     spread = spread_loops(gm, shards.size) if shards is not None else {}
@@ -416,13 +414,8 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
             m.shards = shards
             n += shards is not None
     if shards is not None:
-        for m in gm.modules():
-            if isinstance(m, GraphModule):
-                calls = [m.get_submodule(n.target) for n in m.graph.nodes if n.op == "call_module"]
-                sizes = {spread[id(x)] for x in calls if id(x) in spread and not getattr(x, "nested", True)}
-                for size in sizes:
-                    for loop, sharding in held_values(m, size, lambda x, size=size: spread.get(id(x)) == size).items():
-                        loop.sharding = sharding
+        for _, _, loop, sharding in rank_shardings(gm, shards.size, spread):
+            loop.sharding = sharding
     return n
 
 

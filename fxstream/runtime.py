@@ -306,9 +306,6 @@ def _in_callers_state(fn):
     return run
 
 
-_NO_SHIFT: dict = {}
-
-
 class LoopRegion(RegionLoop):
     """A region sliced along one axis of ``length`` elements, as ``bounds`` (start, size) pairs.
 
@@ -410,12 +407,10 @@ class LoopRegion(RegionLoop):
                 self._run_serial(ins, dsts, outs)
         return tuple(outs)
 
-    def _body(self, step: _Step, ins: list, shift=_NO_SHIFT):
-        """Call the slice's body on its parts of ``ins`` (``shift[i]``: where argument ``i``'s elements start when
-        it is a rank's part, not the whole value: NOTE [Values held in parts])."""
+    def _body(self, step: _Step, ins: list):
         a = ins.copy()
         for i, d, s, n in step.ins:
-            a[i] = ins[i].narrow(d, s - shift.get(i, 0), n)
+            a[i] = ins[i].narrow(d, s, n)
         return self.bodies[step.body](*a)
 
     def _code_ready(self) -> None:
@@ -446,13 +441,12 @@ class LoopRegion(RegionLoop):
         # the pool holds k working sets at once: it has to be clearly faster, not faster by noise
         return "workers" if times["workers"] < _POOL_MARGIN * times["serial"] else "serial"
 
-    def _slice(self, step: _Step, ins: list, dsts: list, shift_in=_NO_SHIFT, shift_out=_NO_SHIFT):
-        """Run one slice: narrow its arguments, call its body, write its cut outputs; return the body's results.
-        ``shift_in`` / ``shift_out``: see :meth:`_body` (outputs kept in parts)."""
-        results = self._body(step, ins, shift_in)
+    def _slice(self, step: _Step, ins: list, dsts: list):
+        """Run one slice: narrow its arguments, call its body, write its cut outputs; return the body's results."""
+        results = self._body(step, ins)
         for j, d, s, n, ud, us in step.outs:
             r = results[j]
-            dsts[j].narrow(d, s - shift_out.get(j, 0), n).copy_(r if us is None else r.unflatten(ud, us))
+            dsts[j].narrow(d, s, n).copy_(r if us is None else r.unflatten(ud, us))
         return results
 
     def _accumulate(self, results, outs: list) -> None:
@@ -501,18 +495,17 @@ class LoopRegion(RegionLoop):
         what = f"a {self.axis} region's outputs"
         ins = list(args)
         shift_in = {}  # argument -> elements its part starts at (this rank's part, not the whole value)
-        for i, c in enumerate(self.in_cuts):
-            how = held.ins[i] if self.sharding is not None else None
-            if how is None:
-                if isinstance(c, Cut) and c.outer > 1:
-                    ins[i] = ins[i].unflatten(c.dim, (c.outer, self.length * c.inner))
-                continue
-            if how != "part":
-                ins[i] = reshard(sh, args[i], how, f"the exchange of a region's input into {self.axis} parts")
-            shift_in[i] = lo * c.inner
+        for i, how in enumerate(held.ins if held is not None else ()):
+            if how is not None:
+                if how != "part":
+                    ins[i] = reshard(sh, args[i], how, f"the exchange of a region's input into {self.axis} parts")
+                shift_in[i] = lo * self.in_cuts[i].inner
+        for i, d, sizes in self._unflat_in:  # a part is already in the form the bodies take
+            if i not in shift_in:
+                ins[i] = ins[i].unflatten(d, sizes)
         outs, dsts, shift_out = [], [], {}
         for j, (c, (shape, stride, dtype), i) in enumerate(zip(self.out_cuts, self.out_meta, self.reuse)):
-            part = held.outs[j] if self.sharding is not None else None
+            part = held.outs[j] if held is not None else None
             if part is not None:
                 buf = torch.empty(part.part_shape(sh.rank), dtype=dtype, device=device)
                 outs.append(buf)
@@ -527,8 +520,13 @@ class LoopRegion(RegionLoop):
                 outs.append(buf)
                 dsts.append(buf.unflatten(c.dim, (c.outer, self.length * c.inner)) if c.outer > 1 else buf)
         partials = {}  # slice index -> this rank's partial results (those outputs' order)
+        # the slices' offsets into this rank's parts, not into the whole values (once per call, not per slice)
+        steps = {idx: self._steps[idx] for idx in run} if not (shift_in or shift_out) else {
+            idx: _Step(st.body, tuple((i, d, s - shift_in.get(i, 0), m) for i, d, s, m in st.ins),
+                       tuple((j, d, s - shift_out.get(j, 0), m, ud, us) for j, d, s, m, ud, us in st.outs))
+            for idx, st in ((idx, self._steps[idx]) for idx in run)}
         for idx in run:
-            results = self._slice(self._steps[idx], ins, dsts, shift_in, shift_out)
+            results = self._slice(steps[idx], ins, dsts)
             if self.partial:
                 partials[idx] = [results[j] for j in self.partial]
             del results
