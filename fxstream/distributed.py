@@ -11,7 +11,9 @@ every rank by one all-gather: the same bytes on every rank, the bytes the one-pr
 (sums over the axis: GroupNorm statistics) are gathered slice by slice and added in slice order on every rank, so
 the sum is the one the one-process loop makes, bit for bit. Halo regions (VAE decoders, ``fxstream.halo_runtime``)
 spread each pass's slices the same way: the statistics passes gather every slice's (count, mean, M2) and merge
-them in slice order, the output pass gathers every slice's rows. Ops outside regions run whole on every rank.
+them in slice order; an output only halo regions read stays in rows, each rank holding the rows it made and its
+readers' halo rows, filled from the neighbours (NOTE [Rows held in parts]); any other output is gathered from
+every slice's rows. Ops outside regions run whole on every rank.
 
 NOTE [Batch splits across ranks]
 A batch split (``Policy(batch=k)``: regions whose bodies hold regions of their own, the classifier-free-guidance
@@ -72,8 +74,9 @@ from .meta import grouped_calls
 from .runtime import contiguous_strides
 
 __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block", "rank_ranges",
-           "equal_runs", "held_values", "Held", "Reshard", "Sharding", "reshard", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan",
-           "Link", "LINKS", "H200_SVD_FLOPS_PER_S", "spread_loops"]
+           "equal_runs", "held_values", "Held", "Reshard", "Sharding", "reshard", "Rows", "HaloRows", "halo_rows",
+           "fill_rows", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan", "Link", "LINKS",
+           "H200_SVD_FLOPS_PER_S", "spread_loops"]
 
 _SUBGROUPS: dict = {}  # (parent group's name, global ranks) -> the ProcessGroup made for them (Shards.groups)
 _POLL_S = 0.00005  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
@@ -331,6 +334,9 @@ def compile_policy(policy, ranks: int = 1):
     if per > 1:
         changes.update({name: getattr(policy, name) * per for name in ("slices", "spatial", "temporal")
                         if getattr(policy, name)})
+    if ranks > 1 and policy.halo is not None:  # halo regions spread over every rank, their bands of rows too
+        rows, cols = policy.halo_grid
+        changes["halo"] = rows * ranks if isinstance(policy.halo, int) else (rows * ranks, cols)
     return replace(policy, **changes)
 
 
@@ -343,8 +349,10 @@ def compile_policy(policy, ranks: int = 1):
 # rank runs whole parts, sliced ``k`` ways as on one device; where ``N`` is a multiple of ``b`` the parts run on
 # groups of ``m = N // b`` ranks and the counts are ``k * m`` (``1/m`` of a part's working set per rank). The counts
 # are chosen from the policy before the compile: a batch shorter than ``b`` is cut in fewer parts, whose slices
-# then differ from ``k`` per rank. The output is the one-process output of that compile
-# (``compile_policy(policy, N)``), within float rounding of ``policy``'s own.
+# then differ from ``k`` per rank. ``Policy(halo=h)`` likewise: halo regions are spread over all ``N`` ranks, so
+# the compile cuts them in ``h * N`` bands of rows (a grid: ``h * N`` rows of tiles), each rank computing ``h`` of
+# them and holding their rows (NOTE [Rows held in parts]); thinner bands recompute more halo rows. The output is
+# the one-process output of that compile (``compile_policy(policy, N)``), within float rounding of ``policy``'s own.
 
 
 # NOTE [No region floor across devices]
@@ -410,12 +418,14 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
                     shards.groups(size)[0] if m.nested else shards.groups(shards.size // size)[1])
             m.sharding = None
             n += m.shards is not None
-        elif isinstance(m, HaloLoop):  # each pass's slices spread, statistics and rows gathered (halo_runtime)
-            m.shards = shards
+        elif isinstance(m, HaloLoop):  # each pass's slices spread, statistics gathered (halo_runtime)
+            m.shards, m.rows = shards, None
             n += shards is not None
     if shards is not None:
         for _, _, loop, sharding in rank_shardings(gm, shards.size, spread):
             loop.sharding = sharding
+        for _, _, loop, rows in halo_rows(gm, shards.size):  # NOTE [Rows held in parts]
+            loop.rows = rows
     return n
 
 
@@ -602,6 +612,184 @@ def reshard(sh: Shards, part: torch.Tensor, how: Reshard, what: str) -> torch.Te
     return out
 
 
+# -- halo regions' values held in rows ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rows:
+    """How the ranks hold a halo region's output in rows (NOTE [Rows held in parts]): along ``dim`` of the value
+    (``shape``, ``stride``, ``dtype``), rank ``r`` computes the rows ``made[r]`` (``(lo, hi)``; None: none; the
+    ranks' runs of slices partition the rows) and holds ``span[r]``: those and the rows its readers' slices need
+    beyond them (their halos), which the ranks that made them send it."""
+
+    dim: int
+    made: tuple
+    span: tuple
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+    def part_shape(self, rank: int) -> tuple:
+        s = self.span[rank]
+        shape = list(self.shape)
+        shape[self.dim] = 0 if s is None else s[1] - s[0]
+        return tuple(shape)
+
+    def start(self, rank: int) -> int:
+        s = self.span[rank]
+        return 0 if s is None else s[0]
+
+    def part_bytes(self, rank: int) -> int:
+        return math.prod(self.part_shape(rank)) * torch.empty((), dtype=self.dtype).element_size()
+
+    def most_bytes(self) -> int:
+        return max(self.part_bytes(r) for r in range(len(self.span)))
+
+    def sent(self, src: int, dst: int):
+        """The rows rank ``src`` sends rank ``dst`` (None: none): those it made that ``dst`` holds and did not."""
+        if src == dst:
+            return None
+        a, b = self.made[src], self.span[dst]
+        if a is None or b is None or max(a[0], b[0]) >= min(a[1], b[1]):
+            return None
+        return max(a[0], b[0]), min(a[1], b[1])
+
+    def moves(self) -> bool:
+        """Whether any rank sends another rows (else the exchange is skipped on every rank alike)."""
+        n = len(self.span)
+        return any(self.sent(q, r) is not None for q in range(n) for r in range(n))
+
+    def row_bytes(self) -> int:
+        return math.prod(self.shape) // max(self.shape[self.dim], 1) * torch.empty((), dtype=self.dtype).element_size()
+
+    def exchange_bytes(self, rank: int) -> tuple[int, int]:
+        """(bytes ``rank`` sends, bytes it receives) in the exchange."""
+        n = len(self.span)
+        rows = lambda x: 0 if x is None else x[1] - x[0]  # noqa: E731
+        return (sum(rows(self.sent(rank, q)) for q in range(n)) * self.row_bytes(),
+                sum(rows(self.sent(q, rank)) for q in range(n)) * self.row_bytes())
+
+    def empty(self, rank: int, device) -> torch.Tensor:
+        """This rank's part: its span's rows, its dims in the memory order of the whole value's strides."""
+        shape = self.part_shape(rank)
+        order = sorted(range(len(shape)), key=lambda i: (-self.stride[i], i))
+        t = torch.empty([shape[i] for i in order], dtype=self.dtype, device=device)
+        return t.permute([order.index(i) for i in range(len(shape))])
+
+
+@dataclass
+class HaloRows:
+    """What a spread halo region holds in rows: ``outs[j]``, the :class:`Rows` of output ``j`` (None: gathered
+    whole); ``ins[i]``: the producer's :class:`Rows` of argument ``i`` (None: a whole value)."""
+
+    outs: list
+    ins: list
+
+
+def halo_rows(gm, ranks: int) -> list:
+    """NOTE [Rows held in parts]
+    A halo region spread over ``N`` ranks gathers each output whole on every rank (one all-gather of every slice's
+    rows): each rank then holds the decoder's whole values, one device's plan. Where every reader of an output is
+    a spread halo region taking it in rows along the same dim (in the same graph, as a positional argument that
+    none of its ops reads whole, neither on a grid), each rank instead keeps only the rows its run of slices made
+    (:func:`block`: contiguous runs, so contiguous rows) and the rows its readers' slices on this rank need around
+    them (the halo of their convolutions, in every pass): ``span``. When the output pass ends, each rank sends each
+    other the rows it made that the other's span holds and it did not make: neighbours' halo rows, one all-to-all
+    in which every other pair sends nothing (:func:`fill_rows`). A reader reads its argument's rows out of the part
+    at the span's offset. So between halo regions a rank holds ``1/N`` of each value plus halo rows; the
+    statistics passes still gather every slice's statistics (a few numbers per group) and merge them in slice
+    order. Every row a rank reads is the row the one-process loop computes, made by the same slice.
+
+    Returns (graph, node, region, :class:`HaloRows`) for every halo region of ``gm`` and the graphs inside it
+    (each region spread over all ``ranks``)."""
+    from torch.fx import GraphModule
+
+    from .halo_runtime import HaloLoop
+    out = []
+    for m in gm.modules():
+        if not isinstance(m, GraphModule):
+            continue
+        loops = {n: m.get_submodule(n.target) for n in m.graph.nodes if n.op == "call_module"}
+        loops = {n: x for n, x in loops.items() if isinstance(x, HaloLoop)}
+        rows = {x: HaloRows([None] * len(x.out_meta), [None] * len(x.region.inputs)) for x in loops.values()}
+        for node, loop in loops.items():
+            items: dict = {}
+            for item in node.users:
+                if item.op != "call_function" or item.target is not operator.getitem:
+                    items = None
+                    break
+                items.setdefault(item.args[1], []).append(item)
+            for j, its in (items or {}).items():
+                takes = _rows_takes(its, loop, j, loops, ranks)
+                if takes is None:
+                    continue
+                o = loop.region.outputs[j]
+                shape, stride, dtype = loop.out_meta[j]
+                made = loop.made_rows(o, ranks)
+                span = []
+                for r in range(ranks):
+                    spans = [made[r]] + [reader.needed_rows(reader.region.inputs[i], ranks)[r] for reader, i in takes]
+                    spans = [x for x in spans if x is not None]
+                    span.append((min(x[0] for x in spans), max(x[1] for x in spans)) if spans else None)
+                held = Rows(loop.region.dims[o], tuple(made), tuple(span), tuple(shape), tuple(stride), dtype)
+                rows[loop].outs[j] = held
+                for reader, i in takes:
+                    rows[reader].ins[i] = held
+        out += [(m, n, x, rows[x]) for n, x in loops.items() if any(rows[x].outs) or any(rows[x].ins)]
+    return out
+
+
+def _rows_takes(items: list, loop, j: int, loops: dict, ranks: int) -> list | None:
+    """The (reader, argument index) of every spread halo region reading output ``j`` of ``loop`` through the
+    getitems ``items`` in rows along its dim; None where a reader is anything else or may read it whole."""
+    if loop.cols != 1:
+        return None
+    d = loop.region.dims.get(loop.region.outputs[j])
+    takes = []
+    for item in items:
+        if not item.users:
+            return None
+        for user in item.users:
+            reader = loops.get(user)
+            if reader is None or reader.cols != 1 or item in user.kwargs.values():
+                return None
+            for i in (i for i, a in enumerate(user.args) if a is item):
+                ph = reader.region.inputs[i]
+                if d is None or reader.region.dims.get(ph) != d or not reader.read_in_rows(ph):
+                    return None
+                takes.append((reader, i))
+    return takes
+
+
+def fill_rows(sh: Shards, part: torch.Tensor, rows: Rows, what: str) -> None:
+    """Fill this rank's ``part`` (its span's rows of a value held in :class:`Rows`, those it made already
+    written) with the rows other ranks made: one all-to-all, each rank sending each other the rows it made that
+    the other holds (NOTE [Rows held in parts])."""
+    r, n, d = sh.rank, sh.size, rows.dim
+    start = rows.start(r)
+    blocks = []
+    for q in range(n):
+        x = rows.sent(r, q)
+        blocks.append(None if x is None else part.narrow(d, x[0] - start, x[1] - x[0]))
+    send = part.new_empty(sum(b.numel() for b in blocks if b is not None))
+    at = 0
+    for b in blocks:
+        if b is not None:
+            send[at:at + b.numel()].view(b.shape).copy_(b)
+            at += b.numel()
+    slots = []
+    for q in range(n):
+        x = rows.sent(q, r)
+        slots.append(None if x is None else part.narrow(d, x[0] - start, x[1] - x[0]))
+    got = part.new_empty(sum(s.numel() for s in slots if s is not None))
+    sh.all_to_all(got, send, [0 if s is None else s.numel() for s in slots],
+                  [0 if b is None else b.numel() for b in blocks], what)
+    del send, blocks
+    at = 0
+    for s in slots:
+        if s is not None:
+            s.copy_(got[at:at + s.numel()].view(s.shape))
+            at += s.numel()
+
+
 def inputs_digest(flat: list, plan: tuple) -> bytes:
     """A sha256 of the call's leaves (tensors by shape, dtype and two float64 sums; other values by repr) and
     ``plan``: equal on two ranks when they were called alike and compiled alike."""
@@ -732,9 +920,27 @@ class RankParts:
     buffer (its producer's part) and its new part, plus its receive buffer (:func:`reshard`). An output that would take over the storage of an argument held in parts gets a
     buffer of its own (``_run_sharded``): its values keep their own storage here, which nothing else holds."""
 
-    def __init__(self, shardings: list):
+    def __init__(self, shardings: list, rows: list = ()):
         self.nodes = {}  # node -> [(storage key, bytes)] where they differ from its values' own
         self.extra = {}  # region node -> (bytes held while it runs, bytes held only during the exchange)
+        for gm, node, loop, held in rows:  # NOTE [Rows held in parts]: a halo region's outputs as spans of rows
+            val = node.meta.get("val")
+            if not isinstance(val, (tuple, list)):
+                continue
+            sts = []
+            for j, t in enumerate(val):
+                st = t.untyped_storage()
+                key, nbytes = StorageWeakRef(st), st.nbytes()
+                if held.outs[j] is not None:
+                    key, nbytes = ("part", node, j), held.outs[j].most_bytes()
+                    for item in node.users:
+                        if item.op == "call_function" and item.target is operator.getitem and item.args[1] == j:
+                            self.nodes[item] = [(key, nbytes)]
+                sts.append((key, nbytes))
+            self.nodes[node] = sts
+            moves = [h for h in held.outs if h is not None and h.moves()]
+            if moves:  # fill_rows: its send and receive buffers, one output after another
+                self.extra[node] = (0, max(sum(h.exchange_bytes(r)) for h in moves for r in range(len(h.span))))
         for gm, node, loop, sharding in shardings:
             val = node.meta.get("val")
             if not isinstance(val, (tuple, list)):
@@ -839,21 +1045,36 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
         busiest += f * _busiest_share(loop.bounds, loop.length, ranks)
         b, c, t = _loop_traffic(loop, ranks, held.get(loop))
         received, collectives, transit = received + b, collectives + c, max(transit, t)
-    for node, _ in grouped_calls(gm, "halo"):  # halo regions: each pass's slices spread, rows and statistics gathered
+    rows = halo_rows(gm, ranks) if ranks > 1 else []
+    in_rows = {loop: held for _, _, loop, held in rows}  # NOTE [Rows held in parts]
+    for node, _ in grouped_calls(gm, "halo"):  # halo regions: each pass's slices spread, statistics gathered
         loop = gm.get_submodule(node.target)
         f = sum(flops.get(n.name, 0) for n in loop.region.nodes)
         spread_flops += f
         busiest += f * len(block(loop.count, ranks, 0)) / loop.count  # block: the first runs are the longer
-        for shape, _, dtype in loop.out_meta:
+        held = in_rows.get(loop)
+        for j, (shape, _, dtype) in enumerate(loop.out_meta):
+            how = held.outs[j] if held is not None else None
+            if how is not None:  # its span's rows from the neighbours (the busiest rank's), where any move
+                if how.moves():
+                    received += max(how.exchange_bytes(r)[1] for r in range(ranks))
+                    collectives += 1
+                continue
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             received += size * (ranks - 1) // ranks
             transit = max(transit, size)
-        collectives += len(loop.out_meta) + sum(1 for p in loop.passes if p.stats)
+            collectives += 1
+        collectives += sum(1 for p in loop.passes if p.stats)
+        for v in loop.region.parked:  # parked values gathered whole into host memory through a device chunk
+            val = v.meta["val"]
+            transit = max(transit, val.numel() * val.element_size())
+            received += val.numel() * val.element_size() * (ranks - 1) // ranks
+            collectives += 1
     if ranks == 1:
         received = collectives = transit = 0
     per_rank = int(total - spread_flops + busiest)
     whole = plan_memory(gm).peak_bytes
-    peak = plan_memory(gm, parts=RankParts(shardings)).peak_bytes if shardings else whole
+    peak = plan_memory(gm, parts=RankParts(shardings, rows)).peak_bytes if shardings or rows else whole
     lk = LINKS[link]
     one = total / flops_per_s
     many = per_rank / flops_per_s + received / lk.bytes_per_s + collectives * lk.latency_s

@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 from .analysis.halo import (HALO_RULES, WHOLE, HaloRegion, carried_rows, conv_band, conv_params, kept_rows, norm_chunks,
                             passes, simulate_halo)
 from .graph_utils import graph_key
-from .distributed import block
+from .distributed import block, fill_rows
 from .memory import host_storage
 from .region_loop import RegionLoop
 from .runtime import buffer_layout
@@ -204,6 +204,44 @@ class HaloLoop(RegionLoop):
         self._convs = {n for n in self.region.nodes if HALO_RULES[n.target].kind == "conv"}
         self.line_buffers = False  # set by set_line_buffers where they do not raise the planned peak
         self.shards = None  # a fxstream.distributed.Shards: this rank runs its run of each pass's slices
+        self.rows = None  # a fxstream.distributed.HaloRows: outputs and arguments held in rows (spread only)
+
+    # -- rows per rank (NOTE [Rows held in parts] in fxstream.distributed) --------------------------------------
+    def made_rows(self, o: Node, ranks: int) -> list:
+        """The rows of output ``o`` each of ``ranks`` ranks computes (``(lo, hi)``, None: none): the rows its run
+        of slices is assigned in the output pass."""
+        last = self.passes[-1]
+        out = []
+        for r in range(ranks):
+            bands = [last.assign[i][o] for i in block(self.count, ranks, r) if o in last.assign[i]]
+            bands = [b for b in bands if b[0] < b[1]]
+            out.append((min(b[0] for b in bands), max(b[1] for b in bands)) if bands else None)
+        return out
+
+    def needed_rows(self, ph: Node, ranks: int) -> list:
+        """The rows of input ``ph`` each of ``ranks`` ranks reads (``(lo, hi)``, None: none): over every pass, what
+        its run of slices needs."""
+        out = []
+        for r in range(ranks):
+            bands = [p.slices[i][ph] for p in self.passes for i in block(len(p.slices), ranks, r)
+                     if ph in p.slices[i]]
+            bands = [b for b in bands if b[0] < b[1]]
+            out.append((min(b[0] for b in bands), max(b[1] for b in bands)) if bands else None)
+        return out
+
+    def read_in_rows(self, ph: Node) -> bool:
+        """Whether every op of the region reads input ``ph`` by rows along its dim (never whole): then it may be
+        given only the rows its slices need."""
+        d = self.region.dims.get(ph)
+        if d is None or self.cols != 1:
+            return False
+        for n in self.region.nodes:
+            if ph in n.all_input_nodes:
+                req = HALO_RULES[n.target].need(n, self.region.dims[n], 0, self.region.length(n))
+                r = req.get(ph, WHOLE)
+                if r is WHOLE or r[0] != d:
+                    return False
+        return True
 
     @property
     def passes(self) -> list:
@@ -284,6 +322,17 @@ class HaloLoop(RegionLoop):
         if self._plans is None:
             self._plans = [[self._schedule(p, i) for i in range(len(p.slices))] for p in self.passes]
         full = dict(zip(self.region.inputs, args))
+        held = self.rows if self.shards is not None else None  # NOTE [Rows held in parts]
+        starts = {}  # an input or output held in rows -> (its part's first row,)
+        if held is not None:
+            r = self.shards.rank
+            for ph, how in zip(self.region.inputs, held.ins):
+                if how is not None:
+                    starts[ph] = (how.start(r),)
+            for j, (o, how) in enumerate(zip(self.region.outputs, held.outs)):
+                if how is not None:
+                    outs[j] = how.empty(r, device)
+                    starts[o] = (how.start(r),)
         stats: dict = {}
         out_index = {o: j for j, o in enumerate(self.region.outputs)}
         sh = self.shards
@@ -307,7 +356,8 @@ class HaloLoop(RegionLoop):
                 env = {}
                 for ph in self.region.inputs:
                     if ph in need and ph in self.region.dims:
-                        env[ph] = (self._narrow(full[ph], ph, need[ph]), tuple(lo for lo, _ in need[ph]))
+                        env[ph] = (self._narrow(full[ph], ph, need[ph], starts.get(ph)),
+                                   tuple(lo for lo, _ in need[ph]))
                 for x in summed:
                     if x.op == "placeholder" and x in env:
                         self._gather(x, summed[x], sink, assign, env)
@@ -335,7 +385,8 @@ class HaloLoop(RegionLoop):
                         self._gather(n, summed[n], sink, assign, env)
                     if not p.stats and n in out_index and n in assign:
                         t, offsets = env[n]
-                        self._narrow(outs[out_index[n]], n, assign[n]).copy_(self._narrow(t, n, assign[n], offsets))
+                        self._narrow(outs[out_index[n]], n, assign[n], starts.get(n)).copy_(
+                            self._narrow(t, n, assign[n], offsets))
                         del t  # else the band outlives its slice
                     for f in free:
                         env.pop(f, None)
@@ -345,7 +396,11 @@ class HaloLoop(RegionLoop):
                     host.sync()
                 self._share_rows(plans, [(v, host.buffers[v]) for v in p.park], device, "a halo region's parked values")
             elif sh is not None:
-                self._share_rows(plans, [(n, outs[j]) for n, j in out_index.items()], device, "a halo region's outputs")
+                whole = [(n, outs[j]) for n, j in out_index.items() if held is None or held.outs[j] is None]
+                self._share_rows(plans, whole, device, "a halo region's outputs")
+                for j, how in enumerate(held.outs if held is not None else ()):
+                    if how is not None and how.moves():
+                        fill_rows(sh, outs[j], how, "a halo region's rows for its neighbours")
             for g, s in acc.items():
                 x = g.args[0].meta["val"]
                 compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype

@@ -4,13 +4,13 @@ what it raised, for the test to check.
 
 Scenarios:
 - ``equal``: the tiny SVD UNet compiled with ``Policy(slices=4, distributed=True)``, SVD's temporal decoder
-  (tests/test_halo.py's, two layers per block) with ``Policy(halo=3, distributed=True)`` (halo regions; once more
-  with ``host_memory``: parked values gathered on every rank), tiny SVD with ``Policy(batch=2, slices=2)`` (its
-  guidance batch split spread over 2 ranks, the inner regions whole on each), and tiny SVD under Step Rehash over
-  4 steps: their outputs, the measured activation peaks and the compiled reports' planned peaks;
+  (tests/test_halo.py's, two layers per block) with ``Policy(halo=2, distributed=True)`` (halo regions, their outputs
+  held in rows; once more with ``halo=3`` and ``host_memory``: parked values gathered on every rank), tiny SVD with ``Policy(batch=2, slices=2)`` (its
+  guidance batch split spread over 2 ranks, the inner regions whole on each): their outputs, the measured
+  activation peaks and the compiled reports' planned peaks;
 - ``equal-more`` (the test marks it slow): the tiny AnimateDiff and UNet3D UNets and SVD's temporal decoder with
-  ``Policy(slices=4, distributed=True)`` (cut regions), an SD-style VAE decoder with ``Policy(halo=3, ...)``, and
-  the tiny SVD pipeline under ``compile_pipeline`` (3 steps);
+  ``Policy(slices=4, distributed=True)`` (cut regions), an SD-style VAE decoder with ``Policy(halo=2, ...)``, the
+  tiny SVD pipeline under ``compile_pipeline`` (3 steps) and tiny SVD under Step Rehash over 4 steps;
 - ``equal-small``: the tiny SVD UNet and the temporal decoder's halo regions only (for 3 ranks);
 - ``groups`` (for 4 ranks): tiny SVD with ``Policy(batch=2, slices=2)``: its guidance halves on two groups of 2
   ranks, each group spreading its half's regions (NOTE [Batch splits across ranks]);
@@ -61,15 +61,17 @@ def policy_of(name: str, distributed=None):
     """The policy each scenario's model is compiled with (``-cfg``: the guidance batch split in 2 parts, spread
     over the ranks themselves: NOTE [Batch splits across ranks]; the others ``batch=1``: no split, so that their
     cut regions are the ones spread)."""
-    if name.endswith(("-halo", "-park")):
-        return fxstream.Policy(halo=3, distributed=distributed, host_memory="1GiB" if name.endswith("-park") else None)
+    if name.endswith("-halo"):  # on 2 ranks 4 bands: regions cut at the blocks, whose outputs are held in rows
+        return fxstream.Policy(halo=2, distributed=distributed)
+    if name.endswith("-park"):
+        return fxstream.Policy(halo=3, distributed=distributed, host_memory="1GiB")
     if name.endswith("-cfg"):
         return fxstream.Policy(batch=2, slices=2, distributed=distributed)
     return fxstream.Policy(slices=SLICES.get(name, 4), batch=1, distributed=distributed)
 
 
 def equal(out: dict, names) -> None:
-    for name, m, kw in _models([n for n in names if n != "pipeline"]):
+    for name, m, kw in _models([n for n in names if n not in ("pipeline", "rehash")]):
         start = time.monotonic()
         policy = policy_of(name, fxstream.Distributed(timeout=600))
         with torch.no_grad():
@@ -80,14 +82,18 @@ def equal(out: dict, names) -> None:
         rep = compiled.explain()
         loops = [x for x in compiled._last.compiled.graph_module.modules() if isinstance(x, LoopRegion)]
         held = [x.sharding for x in loops if x.sharding is not None]
+        from fxstream.halo_runtime import HaloLoop
+        halos = [x.rows for x in compiled._last.compiled.graph_module.modules()
+                 if isinstance(x, HaloLoop) and x.rows is not None]
         out[name] = dict(out=got, peak=peak, planned=rep.peak_bytes, regions=len(rep.regions),
                          rank_planned=rep.ranks[0].peak_bytes if rep.ranks else None,
                          parts=sum(o is not None for h in held for o in h.outs),
                          reshards=sum(not isinstance(i, str) and i is not None for h in held for i in h.ins),
+                         rows=sum(o is not None for h in halos for o in h.outs),  # NOTE [Rows held in parts]
                          spread=[(x.nested, x.shards is not None) for x in loops], seconds=time.monotonic() - start)
     if "pipeline" in names:  # compile_pipeline: the UNet's cut regions and the decoder's halo regions spread
         out["pipeline"] = dict(out=run_pipeline(fxstream.Distributed(timeout=600)))
-    if "svd-tiny" in names:  # Step Rehash: the full and the rehash steps' graphs are spread alike
+    if "rehash" in names:  # Step Rehash: the full and the rehash steps' graphs are spread alike
         start = time.monotonic()
         m = build_unet("svd-tiny")
         kw = example_inputs("svd-tiny", m)
@@ -173,7 +179,7 @@ def main() -> int:
         if scenario == "equal":
             equal(out, ["svd-tiny", "svd-tiny-cfg", "temporal-decoder-halo", "temporal-decoder-park"])
         elif scenario == "equal-more":
-            equal(out, ["animatediff-tiny", "unet3d-tiny", "temporal-decoder", "sd-vae-decoder-halo", "pipeline"])
+            equal(out, ["animatediff-tiny", "unet3d-tiny", "temporal-decoder", "sd-vae-decoder-halo", "pipeline", "rehash"])
         elif scenario == "groups":
             equal(out, ["svd-tiny-cfg"])
         elif scenario == "equal-small":

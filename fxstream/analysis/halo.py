@@ -415,6 +415,28 @@ def _trim_entries(comp: set, order: dict) -> set:
     return comp
 
 
+def _join_bare(pieces: list) -> list:
+    """NOTE [Bare pieces]: of the consecutive pieces of a region cut at its checkpoints, each piece that holds no
+    value of its own (no op whose value only the piece reads, as a region's interior: a lone residual ``div``, a
+    ``permute`` and ``reshape`` between a spatial and a temporal block) is joined to the piece after it (the last one: to the piece before). Alone, such
+    a piece is no region (nothing inside it to slice) and its ops would run whole between two regions: one more
+    whole value, and one that a region spread over ranks could not hold in parts (NOTE [Rows held in parts])."""
+    out: list = []
+    carry: list = []
+    for i, piece in enumerate(pieces):
+        inside = set(piece)
+        bare = not any(_tensor_bytes(n) for n in piece if all(u in inside for u in n.users))
+        if bare and i < len(pieces) - 1:
+            carry += piece
+            continue
+        if bare and out:
+            out[-1] = out[-1] + carry + piece
+        else:
+            out.append(carry + piece)
+        carry = []
+    return out
+
+
 def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, exclude=(),
                       keep_bytes: int = 0, cols: int = 1, along: str = "height",
                       axes: list | None = None) -> tuple[list, dict]:
@@ -481,12 +503,13 @@ def find_halo_regions(gm: GraphModule, count: int, min_fraction: float = 0.05, e
         cut_up = []
         for comp in done:
             nodes = sorted(comp, key=order.get)
-            start = 0
+            start, pieces = 0, []
             for c in checkpoints(nodes, comp, keep_bytes):
                 end = nodes.index(c) + 1
-                cut_up.append(set(nodes[start:end]))
+                pieces.append(nodes[start:end])
                 start = end
-            cut_up.append(set(nodes[start:]))
+            pieces.append(nodes[start:])
+            cut_up += [set(p) for p in _join_bare([p for p in pieces if p])]
         done = [c for c in cut_up if c]
     regions = []
     for comp in done:
