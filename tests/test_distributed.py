@@ -242,8 +242,8 @@ def test_per_rank_plan_holds_parts():
 def test_a_full_size_decoder_divides_its_memory_over_ranks(kind):
     """NOTE [Rows held in parts], NOTE [Slices per rank]: SVD's temporal decoder (14 frames, 576x1024) and the SD
     1.5 VAE's (16 frames, 512x512), fp16 on meta, ``Policy(halo=8)``: planned per rank at 2 and 4 ranks (the
-    compile for N ranks cuts 8N bands) against one device's plan (planned 0.49x / 0.35x and 0.50x / 0.36x; before,
-    every rank held the whole values: 0.93x and 0.89x at 8 bands)."""
+    compile for N ranks cuts 8N bands) against one device's plan (planned 0.50x / 0.35x and 0.51x / 0.37x; before,
+    every rank held the decoder's whole values)."""
     sys.path.insert(0, str(HERE.parent / "tools"))
     from bench_decoder import build_vae, decoder_inputs
 

@@ -17,7 +17,8 @@ Two tables:
   AnimateDiff 16x512x512 (frames x pixels) under ``Policy(slices=8)`` on 2, 4 and 8 devices (``--ranks``) over
   NVLink and PCIe 4.0, and under ``Policy(batch=2, slices=8)`` (the guidance halves) on 2 and 4: the per-rank
   planned peak against the one-device plan's, bytes received and collectives per call, and the latency model's
-  predicted speedup (fxstream.distributed.rank_plan; its link figures and compute rate are in NOTE [Link figures]).
+  predicted speedup (fxstream.distributed.rank_plan; its link figures and compute rate are in NOTE [Link figures]);
+  and the VAE decoders of SVD (14 frames at 576x1024) and SD 1.5 (16 at 512x512) under ``Policy(halo=8)``.
 """
 from __future__ import annotations
 
@@ -156,6 +157,39 @@ def full_rows(ranks: list) -> list:
     return rows
 
 
+DECODERS = {"svd": ((14, 72, 128), "14x576x1024"), "sd15": ((16, 64, 64), "16x512x512")}
+
+
+def decoder_rows(ranks: list) -> list:
+    """The VAE decoders (SVD's temporal decoder, SD 1.5's) under ``Policy(halo=8)`` on ``ranks``: their halo regions
+    spread, each rank holding its rows of the values between them (NOTE [Rows held in parts]); 8 bands per rank."""
+    import fxstream
+    from fxstream.distributed import compile_policy, rank_plan
+    from fxstream.entry import Entry
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_decoder import build_vae, decoder_inputs
+    rows = []
+    for kind, ((frames, h, w), size) in DECODERS.items():
+        vae = build_vae(kind, "meta", torch.float16)
+        kw = decoder_inputs(kind, frames, h, w, "meta", torch.float16)
+        policy = fxstream.Policy(halo=8)
+        one_entry = Entry(vae.decoder, kw, compile_policy(policy))
+        one = one_entry.report.peak_bytes
+        for n in ranks:
+            t = time.perf_counter()
+            compiled = Entry(vae.decoder, kw, compile_policy(policy, n), program=one_entry.program).compiled
+            seconds = time.perf_counter() - t
+            for link in ("nvlink", "pcie4"):
+                p = rank_plan(compiled, n, link, one_device=one)
+                rows.append({"model": f"{kind} VAE decoder", "size": size, "policy": policy.describe(), "ranks": n,
+                             "link": p.link, "batch split": 1, "one device GiB": one / 2 ** 30,
+                             "per rank GiB": p.peak_bytes / 2 ** 30, "received GiB": p.bytes_received / 2 ** 30,
+                             "collectives": p.collectives, "spread": p.spread_share, "planned ms": p.seconds * 1e3,
+                             "speedup": p.speedup, "compile s": seconds})
+                print(rows[-1], flush=True)
+    return rows
+
+
 def _split(r) -> str:
     parts = r["batch split"]
     if parts <= 1:
@@ -182,15 +216,16 @@ def main(argv=None) -> None:
     from fxstream.bench import provenance, write_section
     cpu = [] if args.no_cpu else cpu_rows(args.model, args.slices, args.repeats) + \
         cpu_rows(args.model, args.slices, args.repeats, batch=2)
-    full = [] if args.no_full else full_rows(args.ranks)
+    full = [] if args.no_full else full_rows(args.ranks) + decoder_rows(args.ranks)
     doc = "## Across devices (Policy(distributed=...))\n\n" + provenance(
         "python tools/bench_distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     doc += ("Each spread region runs a contiguous run of its slices on each rank, cut `k * N` ways for "
             "`Policy(slices=k)` on N ranks (NOTE [Slices per rank]); a region output that only spread regions read "
             "stays in parts, each rank keeping its own, and a reader cutting another dim gets its part by one "
             "all-to-all (NOTE [Values held in parts]); other outputs are gathered by one all-gather; partial sums "
-            "are gathered and added in slice order; ops outside regions run on every rank "
-            "(fxstream/distributed.py). ")
+            "are gathered and added in slice order; a halo region's output that only halo regions read stays in "
+            "rows, each rank holding the rows it made and its readers' halo rows, sent by its neighbours (NOTE "
+            "[Rows held in parts]); ops outside regions run on every rank (fxstream/distributed.py). ")
     doc += (f"Timings: {args.not_quiet}.\n\n" if args.not_quiet else "Timings on a quiet machine.\n\n")
     if cpu:
         doc += (f"Measured on the CPU: {args.model}, fp32, random weights, batch 1, and batch 2 (a guided step) with "
@@ -211,8 +246,9 @@ def main(argv=None) -> None:
                 "with no region floor (NOTE [No region floor across devices]) as a process group of N runs it (the "
                 "guidance batch split where that plans faster: 'batch split', each rank running whole parts, or "
                 "groups of ranks each spreading one part's regions: NOTE [Batch splits across ranks]), and "
-                "`Policy(batch=2, slices=8)` asked for on 2 and 4. 'one device': the one-device `Policy(slices=8)` "
-                "plan (no region floor); 'per rank': the busiest rank's planned activation peak and its ratio to "
+                "`Policy(batch=2, slices=8)` asked for on 2 and 4; the VAE decoders (random weights from the "
+                "released configs, the latents of those videos) under `Policy(halo=8)`, cut in 8N bands on N ranks. "
+                "'one device': the one-device plan of the same policy (`Policy(slices=8)` with no region floor); 'per rank': the busiest rank's planned activation peak and its ratio to "
                 "one device's (issue 22's target: <= 1.1/N); what a rank receives per call; the predicted speedup "
                 "over one device (compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links "
                 "at 80% of their nominal one-direction bandwidth, 20/30 us per collective: NOTE [Link figures]); "
