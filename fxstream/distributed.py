@@ -76,7 +76,7 @@ from .runtime import contiguous_strides
 __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block", "rank_ranges",
            "equal_runs", "held_values", "Held", "Reshard", "Sharding", "reshard", "Rows", "HaloRows", "halo_rows",
            "fill_rows", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan", "Link", "LINKS",
-           "H200_SVD_FLOPS_PER_S", "spread_loops"]
+           "H200_SVD_FLOPS_PER_S", "spread_loops", "feature_parts", "gather_parts"]
 
 _SUBGROUPS: dict = {}  # (parent group's name, global ranks) -> the ProcessGroup made for them (Shards.groups)
 _POLL_S = 0.00005  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
@@ -401,10 +401,11 @@ def spread_loops(gm: torch.nn.Module, ranks: int) -> dict:
     return out
 
 
-def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
+def shard_regions(gm: torch.nn.Module, shards: Shards | None, outputs=(), given=None) -> int:
     """Give every loop region :func:`spread_loops` spreads its :class:`Shards` (all of ``shards``' ranks, or a
     group of them: :meth:`Shards.groups`; None: run whole on this process), and what each holds in parts
-    (:func:`held_values`); the number of regions spread."""
+    (:func:`held_values`; ``outputs`` and ``given``: NOTE [A cached feature held in parts]); the number of regions
+    spread."""
     from .halo_runtime import HaloLoop
     from .runtime import LoopRegion
     spread = spread_loops(gm, shards.size) if shards is not None else {}
@@ -422,7 +423,7 @@ def shard_regions(gm: torch.nn.Module, shards: Shards | None) -> int:
             m.shards, m.rows = shards, None
             n += shards is not None
     if shards is not None:
-        for _, _, loop, sharding in rank_shardings(gm, shards.size, spread):
+        for _, _, loop, sharding in rank_shardings(gm, shards.size, spread, outputs, given):
             loop.sharding = sharding
         for _, _, loop, rows in halo_rows(gm, shards.size):  # NOTE [Rows held in parts]
             loop.rows = rows
@@ -518,7 +519,7 @@ def held_layout(loop, cut, shape, dtype, ranks: int) -> Held:
     return Held(cut, loop.length, tuple(rank_ranges(loop, ranks)), tuple(shape), dtype)
 
 
-def held_values(gm, ranks: int, spread) -> dict:
+def held_values(gm, ranks: int, spread, outputs=(), given=None) -> dict:
     """NOTE [Values held in parts]
     Every rank holds one device's plan as long as each region output is gathered whole on every rank. A spread
     region's cut output whose every reader is a spread region taking it cut (along any axis, all in one graph,
@@ -531,12 +532,25 @@ def held_values(gm, ranks: int, spread) -> dict:
     rank (``compile_policy``) each slice's working set is ``1/N`` too. Readers cutting the same dim another way
     (another length or layout, other ranges) keep the value gathered whole.
 
+    NOTE [A cached feature held in parts]: Step Rehash's full graph returns the feature it caches as its last
+    output, and the rehash graph takes it back as its last input. Where the feature is a spread region's cut
+    output and every reader of it in both graphs is a spread region taking it cut (:func:`feature_parts`), each
+    rank caches its own part between steps (``outputs``: the graph outputs that may stay in parts; ``given``:
+    {placeholder: its :class:`Held` layout}, inputs that arrive in parts), as it would hold it between regions.
+
     ``spread(loop)``: whether a region of ``gm`` is spread. Returns {region: :class:`Sharding`} for the spread
     regions without inner regions."""
     from .runtime import LoopRegion
     loops = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and not m.nested and spread(m)}
     out = {m: Sharding([None] * len(m.out_cuts), [None] * len(m.in_cuts)) for m in loops.values()}
+    allowed = _output_items(gm, outputs)
+    for ph, src in (given or {}).items():
+        takes = _takes([ph], src, loops, ranks, allowed)
+        if takes is None:
+            raise ValueError(f"held_values: input {ph.name} is given in parts, but a reader takes it otherwise")
+        for (reader, i), how in takes.items():
+            out[reader].ins[i] = how
     for node, loop in loops.items():
         items: dict = {}  # output index -> the getitems reading it (one, unless a pass left two)
         for item in node.users:
@@ -546,26 +560,44 @@ def held_values(gm, ranks: int, spread) -> dict:
             items.setdefault(item.args[1], []).append(item)
         for j, its in (items or {}).items():
             cut = loop.out_cuts[j]
-            takes = _takes(its, cut, loop, loops, ranks) if isinstance(cut, Cut) else None
-            if takes:
-                shape, _, dtype = loop.out_meta[j]
-                out[loop].outs[j] = held_layout(loop, cut, shape, dtype, ranks)
+            if not isinstance(cut, Cut):
+                continue
+            shape, _, dtype = loop.out_meta[j]
+            src = held_layout(loop, cut, shape, dtype, ranks)
+            takes = _takes(its, src, loops, ranks, allowed)
+            if takes is not None and (takes or any(item in allowed for item in its)):
+                out[loop].outs[j] = src
                 for (reader, i), how in takes.items():
                     out[reader].ins[i] = how
     return out
 
 
-def _takes(items: list, cut: Cut, loop, loops: dict, ranks: int) -> dict | None:
-    """How each spread region reading the getitems ``items`` of ``loop``'s output (cut as ``cut``) takes it:
-    {(region, argument index): "part" or :class:`Reshard`}; None where a reader is anything else or takes it
-    whole or cut the same dim another way."""
-    shape, _, dtype = loop.out_meta[items[0].args[1]]
-    src = held_layout(loop, cut, shape, dtype, ranks)
+def _output_items(gm, outputs) -> set:
+    """The nodes at the graph output positions ``outputs`` of ``gm``."""
+    if not outputs:
+        return set()
+    ret = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    ret = ret if isinstance(ret, (tuple, list)) else [ret]
+    return {ret[k] for k in outputs}
+
+
+def _takes(items: list, src: Held, loops: dict, ranks: int, allowed=frozenset()) -> dict | None:
+    """How each spread region reading the nodes ``items`` (a region output's getitems, or a placeholder), held as
+    ``src``, takes them: {(region, argument index): "part" or :class:`Reshard`}; None where a reader is anything
+    else or takes it whole or cut the same dim another way. The graph output may read an item of ``allowed``
+    (NOTE [A cached feature held in parts]), once."""
+    shape, dtype = src.shape, src.dtype
+    cut = src.cut
     takes = {}
     for item in items:
         if not item.users:
             return None
         for user in item.users:
+            if user.op == "output" and item in allowed:
+                ret = user.args[0]
+                if sum(a is item for a in (ret if isinstance(ret, (tuple, list)) else [ret])) != 1:
+                    return None
+                continue
             reader = loops.get(user)
             if reader is None or item in user.kwargs.values():
                 return None
@@ -581,6 +613,52 @@ def _takes(items: list, cut: Cut, loop, loops: dict, ranks: int) -> dict | None:
                 else:
                     return None
     return takes
+
+
+def feature_parts(full, rehash, ranks: int) -> Held | None:
+    """NOTE [A cached feature held in parts]: the :class:`Held` layout in which each of ``ranks`` ranks keeps Step
+    Rehash's cached feature, the last output of the full graph ``full`` and the last input of the rehash graph
+    ``rehash``; None where it is cached whole (it is not a cut output of a region spread over all the ranks, or a
+    reader of it in either graph takes it otherwise than cut)."""
+    from torch.fx import Node
+
+    from .runtime import LoopRegion
+    ret = next(n for n in reversed(full.graph.nodes) if n.op == "output").args[0]
+    ret = ret if isinstance(ret, (tuple, list)) else [ret]
+    item = ret[-1]
+    if not isinstance(item, Node) or item.op != "call_function" or item.target is not operator.getitem:
+        return None
+    node, j = item.args
+    loop = full.get_submodule(node.target) if node.op == "call_module" else None
+    spread = spread_loops(full, ranks)
+    if not isinstance(loop, LoopRegion) or loop.nested or spread.get(id(loop)) != ranks or \
+            not isinstance(loop.out_cuts[j], Cut):
+        return None
+    held = held_values(full, ranks, lambda x: spread.get(id(x)) == ranks, outputs=(len(ret) - 1,))
+    src = held[loop].outs[j]
+    if src is None:
+        return None
+    ph = [n for n in rehash.graph.nodes if n.op == "placeholder"][-1]
+    later = spread_loops(rehash, ranks)
+    loops = {n: rehash.get_submodule(n.target) for n in rehash.graph.nodes if n.op == "call_module"}
+    loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and not m.nested and later.get(id(m)) == ranks}
+    return src if _takes([ph], src, loops, ranks) else None
+
+
+def gather_parts(sh: Shards, part: torch.Tensor, held: Held, what: str) -> torch.Tensor:
+    """The whole value from every rank's part (``part``: this rank's, in ``held``'s layout): one all-gather
+    through chunks of the largest part's size."""
+    per = max(math.prod(held.part_shape(q)) for q in range(sh.size))
+    chunks = part.new_empty(sh.size * per)
+    chunks[sh.rank * per:sh.rank * per + part.numel()].view(part.shape).copy_(part)
+    sh.all_gather(chunks, chunks[sh.rank * per:(sh.rank + 1) * per], what)
+    out = part.new_empty(held.shape)
+    for q in range(sh.size):
+        if held.count(q):
+            shape = held.part_shape(q)
+            held.select(out, held.cut.dim, q).copy_(
+                held.canonical(chunks[q * per:q * per + math.prod(shape)].view(shape), q))
+    return out
 
 
 def reshard(sh: Shards, part: torch.Tensor, how: Reshard, what: str) -> torch.Tensor:
@@ -974,10 +1052,10 @@ class RankParts:
         return held + max(nbytes, exchange)
 
 
-def rank_shardings(gm, ranks: int, spread: dict) -> list:
+def rank_shardings(gm, ranks: int, spread: dict, outputs=(), given=None) -> list:
     """(graph, node, region, :class:`Sharding`) for every spread region without inner regions of ``gm`` and of
     the graphs inside it, as :func:`shard_regions` would set them on ``ranks`` ranks (``spread``:
-    :func:`spread_loops`)."""
+    :func:`spread_loops`; ``outputs``, ``given``: of ``gm`` itself, see :func:`held_values`)."""
     from torch.fx import GraphModule
 
     from .runtime import LoopRegion
@@ -987,18 +1065,21 @@ def rank_shardings(gm, ranks: int, spread: dict) -> list:
             calls = [(n, m.get_submodule(n.target)) for n in m.graph.nodes if n.op == "call_module"]
             sizes = {spread[id(x)] for _, x in calls if isinstance(x, LoopRegion) and not x.nested and id(x) in spread}
             for size in sizes:
-                held = held_values(m, size, lambda x, size=size: spread.get(id(x)) == size)
+                top = m is gm and size == ranks
+                held = held_values(m, size, lambda x, size=size: spread.get(id(x)) == size,
+                                   outputs if top else (), given if top else None)
                 out += [(m, n, x, held[x]) for n, x in calls if x in held]
     return out
 
 
 def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H200_SVD_FLOPS_PER_S,
-              flops: dict | None = None, one_device: int | None = None) -> RankPlan:
+              flops: dict | None = None, one_device: int | None = None, outputs=()) -> RankPlan:
     """The plan of ``compiled`` (a :class:`~fxstream.compiler.CompiledGraph`, compiled for ``ranks``:
     :func:`compile_policy`) on ``ranks`` devices under ``Policy(distributed=...)``, made without any process
     group: see :class:`RankPlan`, NOTE [Sharded regions] and NOTE [Values held in parts] (the busiest rank's
     planned peak, plus the largest copy of a gathered output in transit). ``one_device``: the planned peak of the
-    policy's compile for one device (default: this compile's, as one process would run it)."""
+    policy's compile for one device (default: this compile's, as one process would run it). ``outputs``: graph
+    outputs kept in parts (NOTE [A cached feature held in parts])."""
     from .analysis.cost import node_flops
     from .memory import plan_memory
     from .runtime import LoopRegion
@@ -1010,7 +1091,7 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     total = sum(flops.values())
     gm = compiled.graph_module
     spread = spread_loops(gm, ranks)
-    shardings = rank_shardings(gm, ranks, spread) if ranks > 1 else []
+    shardings = rank_shardings(gm, ranks, spread, outputs) if ranks > 1 else []
     held = {loop: sharding for _, _, loop, sharding in shardings}  # NOTE [Values held in parts]
     spread_flops = busiest = received = collectives = transit = 0
     for node, grouped in grouped_calls(gm, "cut"):

@@ -15,7 +15,8 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
 from .compiler import capture, describe_inputs
-from .distributed import (compile_policy, inputs_digest, plan_digest, rank_plan, shard_regions, shards_for,
+from .distributed import (compile_policy, feature_parts, inputs_digest, plan_digest, rank_plan, shard_regions,
+                          shards_for,
                           spread_loops)
 from .errors import ExecutionError
 from .guard import touched
@@ -80,11 +81,25 @@ class Entry:
             with progress.step(f"fxstream: compiling {name}'s rehash step"):
                 r.compiled, _ = compile_cached(r.graphs.rehash, policy, weights + r.resident_bytes)
             self.report.rehash = r.info(r.compiled)
+        # NOTE [A cached feature held in parts]: Step Rehash's feature cached by each rank in its own part, where it can
+        self.cache_parts = None
         if self.shards is not None:
-            for graph in self._graphs():
-                shard_regions(graph, self.shards)
+            full, last = self.compiled.graph_module, ()
+            if self.rehash is not None:
+                self.cache_parts = feature_parts(full, self.rehash.compiled.graph_module, self.shards.size)
+                if self.cache_parts is not None:
+                    last = (_outputs(full) - 1,)
+            shard_regions(full, self.shards, outputs=last)
+            if self.rehash is not None:
+                rehash = self.rehash.compiled.graph_module
+                given = None
+                if self.cache_parts is not None:
+                    given = {[n for n in rehash.graph.nodes if n.op == "placeholder"][-1]: self.cache_parts}
+                shard_regions(rehash, self.shards, given=given)
+                if self.rehash.graphs.probe is not None:
+                    shard_regions(self.rehash.graphs.probe, self.shards)
             self._plan = tuple(plan_digest(g) for g in self._graphs())
-            self.report.ranks = [rank_plan(self.compiled, self.shards.size)]
+            self.report.ranks = [rank_plan(self.compiled, self.shards.size, outputs=last)]
 
     def _graphs(self) -> list:
         """Every graph this signature runs (the rehash step's and probe's too)."""
@@ -124,7 +139,10 @@ class Entry:
         """A call on every rank (``fxstream.distributed``): the ranks' inputs and plans checked alike first; an
         error raised here is told to the other ranks (they raise too, instead of waiting)."""
         sh = self.shards
-        sh.check_same(inputs_digest(list(flat) + list(extra), self._plan),
+        checked = list(extra)
+        if self.cache_parts is not None and graph is self.rehash.compiled.graph_module:
+            checked.pop()  # this rank's own part of the cached feature (NOTE [A cached feature held in parts])
+        sh.check_same(inputs_digest(list(flat) + checked, self._plan),
                       lambda: describe_inputs(module, kwargs))
         try:
             return list(graph(*state, *flat, *extra))
@@ -147,6 +165,12 @@ class _Live:
 
     def __getitem__(self, target: str):
         return self.get(self.module, target)
+
+
+def _outputs(gm) -> int:
+    """How many outputs graph ``gm`` returns."""
+    ret = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    return len(ret) if isinstance(ret, (tuple, list)) else 1
 
 
 def _holder(module: torch.nn.Module, get, target: str) -> tuple:

@@ -10,11 +10,12 @@ Scenarios:
   activation peaks and the compiled reports' planned peaks;
 - ``equal-more`` (the test marks it slow): the tiny AnimateDiff and UNet3D UNets and SVD's temporal decoder with
   ``Policy(slices=4, distributed=True)`` (cut regions), an SD-style VAE decoder with ``Policy(halo=2, ...)``, the
-  tiny SVD pipeline under ``compile_pipeline`` (3 steps) and tiny SVD under Step Rehash over 4 steps;
+  tiny SVD pipeline under ``compile_pipeline`` (3 steps) and tiny SVD under Step Rehash over 4 steps (the guidance
+  batch across the ranks, and ``batch=1``: the regions spread, the cached feature kept in parts);
 - ``equal-small``: the tiny SVD UNet and the temporal decoder's halo regions only (for 3 ranks);
 - ``groups`` (for 4 ranks): tiny SVD with ``Policy(batch=2, slices=2)``: its guidance halves on two groups of 2
   ranks, each group spreading its half's regions (NOTE [Batch splits across ranks]);
-- ``mismatch-raise`` (the group given as a DeviceMesh): rank 1 is called with other noise (every rank must raise
+- ``mismatch-raise`` (the temporal decoder's cut regions; the group given as a DeviceMesh): rank 1 is called with other noise (every rank must raise
   naming it), then rank 1's region raises mid-call (rank 0 must raise quoting it);
 - ``die``: rank 1 exits inside a region mid-call (rank 0 must raise, not hang).
 """
@@ -71,7 +72,7 @@ def policy_of(name: str, distributed=None):
 
 
 def equal(out: dict, names) -> None:
-    for name, m, kw in _models([n for n in names if n not in ("pipeline", "rehash")]):
+    for name, m, kw in _models([n for n in names if n not in ("pipeline", "rehash", "rehash-parts")]):
         start = time.monotonic()
         policy = policy_of(name, fxstream.Distributed(timeout=600))
         with torch.no_grad():
@@ -93,20 +94,23 @@ def equal(out: dict, names) -> None:
                          spread=[(x.nested, x.shards is not None) for x in loops], seconds=time.monotonic() - start)
     if "pipeline" in names:  # compile_pipeline: the UNet's cut regions and the decoder's halo regions spread
         out["pipeline"] = dict(out=run_pipeline(fxstream.Distributed(timeout=600)))
-    if "rehash" in names:  # Step Rehash: the full and the rehash steps' graphs are spread alike
+    for key, batch in (("rehash", None), ("rehash-parts", 1)):  # Step Rehash: both steps' graphs spread alike
+        if key not in names:
+            continue
         start = time.monotonic()
         m = build_unet("svd-tiny")
         kw = example_inputs("svd-tiny", m)
-        compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=True,
+        compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=True, batch=batch,
                                                        rehash=fxstream.StepRehash(full_every=2, steps=4)))
         outs = []
         with torch.no_grad():
             for t in (900.0, 600.0, 300.0, 100.0):
                 outs.append(compiled(**dict(kw, timestep=torch.tensor([t])))[0])
         # no batch split asked for: the guidance batch goes across the 2 ranks (planned faster; NOTE [Batch
-        # splits across ranks]), in the full and the rehash steps' graphs alike
-        out["rehash"] = dict(outs=outs, log=list(compiled.step_log), batch=compiled._last.report.policy.batch,
-                             seconds=time.monotonic() - start)
+        # splits across ranks]), in the full and the rehash steps' graphs alike; batch=1: the regions spread,
+        # the cached feature kept in parts (NOTE [A cached feature held in parts])
+        out[key] = dict(outs=outs, log=list(compiled.step_log), batch=compiled._last.report.policy.batch,
+                        parts=compiled._last.cache_parts is not None, seconds=time.monotonic() - start)
 
 
 def run_pipeline(distributed=None) -> torch.Tensor:
@@ -121,8 +125,7 @@ def run_pipeline(distributed=None) -> torch.Tensor:
 
 def mismatch_raise(out: dict, rank: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    m = build_unet("svd-tiny")
-    kw = example_inputs("svd-tiny", m)
+    _, m, kw = next(_models(["temporal-decoder"]))  # cut regions, compiled in a few seconds
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # the group given as a DeviceMesh
     compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=fxstream.Distributed(mesh, TIMEOUT)))
     other = dict(kw, sample=kw["sample"] + (1.0 if rank == 1 else 0.0))
@@ -149,8 +152,7 @@ def mismatch_raise(out: dict, rank: int) -> None:
 
 
 def die(out: dict, rank: int) -> None:
-    m = build_unet("svd-tiny")
-    kw = example_inputs("svd-tiny", m)
+    _, m, kw = next(_models(["temporal-decoder"]))
     compiled = fxstream.compile(m, fxstream.Policy(slices=4, distributed=fxstream.Distributed(timeout=TIMEOUT)))
     with torch.no_grad():
         compiled(**kw)
@@ -179,7 +181,8 @@ def main() -> int:
         if scenario == "equal":
             equal(out, ["svd-tiny", "svd-tiny-cfg", "temporal-decoder-halo", "temporal-decoder-park"])
         elif scenario == "equal-more":
-            equal(out, ["animatediff-tiny", "unet3d-tiny", "temporal-decoder", "sd-vae-decoder-halo", "pipeline", "rehash"])
+            equal(out, ["animatediff-tiny", "unet3d-tiny", "temporal-decoder", "sd-vae-decoder-halo", "pipeline", "rehash",
+                        "rehash-parts"])
         elif scenario == "groups":
             equal(out, ["svd-tiny-cfg"])
         elif scenario == "equal-small":

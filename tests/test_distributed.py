@@ -105,7 +105,7 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     results = launch(scenario, ranks, tmp_path)
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
-    names = [k for k in results[0] if k not in ("rehash", "pipeline")]
+    names = [k for k in results[0] if k not in ("rehash", "rehash-parts", "pipeline")]
     assert len(names) == {"equal": 4, "equal-more": 4, "equal-small": 2, "groups": 1}[scenario]
     if scenario == "equal":  # NOTE [Batch splits across ranks]: 2 parts on 2 ranks, the split itself spread
         spread = results[0]["svd-tiny-cfg"]["spread"]
@@ -145,10 +145,12 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
             want = [compiled(**dict(kw, timestep=torch.tensor([t])))[0] for t in (900.0, 600.0, 300.0, 100.0)]
         for res in results:
             assert res["rehash"]["batch"] == (2 if ranks == 2 else None), res["rehash"]["batch"]
-            assert res["rehash"]["log"] == compiled.step_log and "rehash" in compiled.step_log
-            for got, w, first in zip(res["rehash"]["outs"], want, results[0]["rehash"]["outs"]):
-                _close(got, w)
-                assert torch.equal(got, first)
+            assert res["rehash-parts"]["parts"]  # NOTE [A cached feature held in parts]
+            for key in ("rehash", "rehash-parts"):
+                assert res[key]["log"] == compiled.step_log and "rehash" in compiled.step_log
+                for got, w, first in zip(res[key]["outs"], want, results[0][key]["outs"]):
+                    _close(got, w)
+                    assert torch.equal(got, first)
 
 
 def test_mismatched_inputs_and_a_raising_rank(tmp_path):
@@ -333,8 +335,6 @@ def test_halo_regions_hold_rows_and_exchange_halos(name, ranks):
     """NOTE [Rows held in parts]: a decoder's halo regions spread over ranks (threads here) keep their outputs in
     rows (a rank's span: the rows it made and its readers' halo rows), fill the halos from the neighbours, and every
     rank returns the one-process output bitwise."""
-    import copy
-
     from fxstream.distributed import halo_rows, shard_regions
     from fxstream.entry import Entry
     from fxstream.halo_runtime import HaloLoop
@@ -358,10 +358,7 @@ def test_halo_regions_hold_rows_and_exchange_halos(name, ranks):
     assert any(r.most_bytes() < math.prod(r.shape) * r.dtype.itemsize for r in outs)
 
     def work(sh):
-        mine = torch.fx.GraphModule(gm, gm.graph)  # the same regions and weights, each region's rank state its own
-        for name, x in list(mine.named_children()):
-            if isinstance(x, HaloLoop):
-                setattr(mine, name, copy.copy(x))
+        mine = _own_regions(gm)
         shard_regions(mine, sh)
         assert any(x.rows is not None for x in mine.modules() if isinstance(x, HaloLoop))
         with torch.no_grad():
@@ -370,6 +367,56 @@ def test_halo_regions_hold_rows_and_exchange_halos(name, ranks):
     got = _on_thread_ranks(ranks, work)
     for r in range(ranks):
         assert torch.equal(got[r], want), (r, (got[r] - want).abs().max())
+
+
+def _own_regions(gm):
+    """``gm`` with regions of its own (shallow copies: the same bodies and weights), so that each thread-rank
+    sets its regions' rank state apart."""
+    import copy
+
+    from fxstream.region_loop import RegionLoop
+    mine = torch.fx.GraphModule(gm, gm.graph)
+    for name, x in list(mine.named_children()):
+        if isinstance(x, RegionLoop):
+            setattr(mine, name, copy.copy(x))
+    return mine
+
+
+def test_a_cached_feature_stays_in_parts_between_steps():
+    """NOTE [A cached feature held in parts]: under Step Rehash, the full graph's cached feature (a spread region's
+    cut output) is returned as each rank's part and the rehash graph takes the part back: both graphs' outputs are
+    the one-process ones bitwise, and the parts gathered are the whole feature (threads as 2 ranks)."""
+    from fxstream.distributed import feature_parts, gather_parts, shard_regions
+    from fxstream.entry import Entry
+    m = build_unet("svd-tiny")
+    kw = example_inputs("svd-tiny", m)
+    policy = fxstream.Policy(slices=2, batch=1, rehash=fxstream.StepRehash(full_every=2, steps=4))
+    entry = Entry(m, kw, compile_policy(policy, 2))
+    full, rehash = entry.compiled.graph_module, entry.rehash.compiled.graph_module
+    held = feature_parts(full, rehash, 2)
+    assert held is not None and held.count(0) and held.count(1)
+    flat = [*entry.weights(m), *torch.utils._pytree.tree_flatten(((), kw))[0]]
+    with torch.no_grad():
+        want = list(full(*flat))
+        want_rehash = list(rehash(*flat, want[-1]))
+    ph = [n for n in rehash.graph.nodes if n.op == "placeholder"][-1]
+
+    def work(sh):
+        f, r = _own_regions(full), _own_regions(rehash)
+        shard_regions(f, sh, outputs=(len(want) - 1,))
+        shard_regions(r, sh, given={ph: held})
+        with torch.no_grad():
+            out = list(f(*flat))
+            part = out.pop()
+            assert tuple(part.shape) == held.part_shape(sh.rank)
+            return out, list(r(*flat, part)), gather_parts(sh, part, held, "test")
+
+    got = _on_thread_ranks(2, work)
+    for r in range(2):
+        out, out_rehash, feature = got[r]
+        assert all(torch.equal(a, b) for a, b in zip(out, want[:-1])), r
+        assert all(torch.equal(a, b) for a, b in zip(out_rehash, want_rehash)), r
+        assert torch.equal(feature, want[-1]), r
 
 
 @given(st.data())

@@ -12,6 +12,7 @@ import torch
 from ..analysis.cost import node_flops
 from ..catalog import TIMESTEP_ARG
 from ..analysis.slicer import module_path
+from ..distributed import gather_parts
 from ..errors import FxstreamError
 from ..graph_utils import strip_asserts
 from ..memory import plan_memory
@@ -132,8 +133,10 @@ def run_step(entry, module: torch.nn.Module, kwargs: dict, step: int, slot: int 
         out = entry.call(entry.compiled.graph_module, module, kwargs, extra, stamp)
         s.cache, s.since_full = out.pop(), 0
         s.probe_ref = extra[0] if extra else None
-        if recording is not None and slot == 0:
-            recording.add(step, s.cache)
+        if recording is not None and slot == 0:  # the whole feature, where each rank caches its part
+            held = getattr(entry, "cache_parts", None)
+            recording.add(step, s.cache if held is None else
+                          gather_parts(entry.shards, s.cache, held, "the recorded feature's parts"))
     else:
         out = entry.call(r.compiled.graph_module, module, kwargs, extra + [s.cache], stamp)
         s.since_full += 1
