@@ -519,7 +519,7 @@ def held_layout(loop, cut, shape, dtype, ranks: int) -> Held:
     return Held(cut, loop.length, tuple(rank_ranges(loop, ranks)), tuple(shape), dtype)
 
 
-def held_values(gm, ranks: int, spread, outputs=(), given=None) -> dict:
+def held_values(gm, ranks: int, spread, outputs=(), given=None, nested: bool = False) -> dict:
     """NOTE [Values held in parts]
     Every rank holds one device's plan as long as each region output is gathered whole on every rank. A spread
     region's cut output whose every reader is a spread region taking it cut (along any axis, all in one graph,
@@ -536,13 +536,16 @@ def held_values(gm, ranks: int, spread, outputs=(), given=None) -> dict:
     output, and the rehash graph takes it back as its last input. Where the feature is a spread region's cut
     output and every reader of it in both graphs is a spread region taking it cut (:func:`feature_parts`), each
     rank caches its own part between steps (``outputs``: the graph outputs that may stay in parts; ``given``:
-    {placeholder: its :class:`Held` layout}, inputs that arrive in parts), as it would hold it between regions.
+    {placeholder: its :class:`Held` layout}, inputs that arrive in parts), as it would hold it between regions. A
+    batch split spread itself over all the ranks is such a region (``nested``): on 2 GPUs with the guidance halves
+    each rank caches its half's feature.
 
     ``spread(loop)``: whether a region of ``gm`` is spread. Returns {region: :class:`Sharding`} for the spread
-    regions without inner regions."""
+    regions without inner regions, and with ``nested`` for the batch splits spread themselves over all ``ranks``
+    too (each rank runs whole parts: NOTE [Batch splits across ranks]; their outputs are parts alike)."""
     from .runtime import LoopRegion
     loops = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and not m.nested and spread(m)}
+    loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and (nested or not m.nested) and spread(m)}
     out = {m: Sharding([None] * len(m.out_cuts), [None] * len(m.in_cuts)) for m in loops.values()}
     allowed = _output_items(gm, outputs)
     for ph, src in (given or {}).items():
@@ -631,17 +634,16 @@ def feature_parts(full, rehash, ranks: int) -> Held | None:
     node, j = item.args
     loop = full.get_submodule(node.target) if node.op == "call_module" else None
     spread = spread_loops(full, ranks)
-    if not isinstance(loop, LoopRegion) or loop.nested or spread.get(id(loop)) != ranks or \
-            not isinstance(loop.out_cuts[j], Cut):
+    if not isinstance(loop, LoopRegion) or spread.get(id(loop)) != ranks or not isinstance(loop.out_cuts[j], Cut):
         return None
-    held = held_values(full, ranks, lambda x: spread.get(id(x)) == ranks, outputs=(len(ret) - 1,))
+    held = held_values(full, ranks, lambda x: spread.get(id(x)) == ranks, outputs=(len(ret) - 1,), nested=True)
     src = held[loop].outs[j]
     if src is None:
         return None
     ph = [n for n in rehash.graph.nodes if n.op == "placeholder"][-1]
     later = spread_loops(rehash, ranks)
     loops = {n: rehash.get_submodule(n.target) for n in rehash.graph.nodes if n.op == "call_module"}
-    loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and not m.nested and later.get(id(m)) == ranks}
+    loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and later.get(id(m)) == ranks}
     return src if _takes([ph], src, loops, ranks) else None
 
 
@@ -1063,11 +1065,12 @@ def rank_shardings(gm, ranks: int, spread: dict, outputs=(), given=None) -> list
     for m in gm.modules():
         if isinstance(m, GraphModule):
             calls = [(n, m.get_submodule(n.target)) for n in m.graph.nodes if n.op == "call_module"]
-            sizes = {spread[id(x)] for _, x in calls if isinstance(x, LoopRegion) and not x.nested and id(x) in spread}
+            sizes = {spread[id(x)] for _, x in calls if isinstance(x, LoopRegion) and id(x) in spread
+                     and (not x.nested or spread[id(x)] == ranks)}
             for size in sizes:
                 top = m is gm and size == ranks
                 held = held_values(m, size, lambda x, size=size: spread.get(id(x)) == size,
-                                   outputs if top else (), given if top else None)
+                                   outputs if top else (), given if top else None, nested=size == ranks)
                 out += [(m, n, x, held[x]) for n, x in calls if x in held]
     return out
 
@@ -1112,8 +1115,8 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
                 else:  # the busiest rank's share of the spread part: its share of the body less the unspread part
                     spread_flops += f * body.spread_share
                     busiest += f * (busy - (1.0 - body.spread_share))
-            if size:  # the parts' outputs gathered over the cross groups
-                b, c, t = _loop_traffic(loop, size)
+            if size:  # the parts' outputs gathered over the cross groups (or kept in parts: NOTE [A cached...])
+                b, c, t = _loop_traffic(loop, size, held.get(loop))
                 received, collectives, transit = received + b, collectives + c, max(transit, t)
             for step in steps:
                 for x in loop.bodies[step.body].modules():

@@ -11,7 +11,7 @@ Scenarios:
   ``Policy(slices=4, distributed=True)`` (cut regions), an SD-style VAE decoder with ``Policy(halo=2, ...)``, the
   temporal decoder with ``halo=3`` and ``host_memory`` (parked values gathered on every rank), the
   tiny SVD pipeline under ``compile_pipeline`` (3 steps) and tiny SVD under Step Rehash over 4 steps (the guidance
-  batch across the ranks, and ``batch=1``: the regions spread, the cached feature kept in parts);
+  batch across the ranks, and ``batch=1``: the regions spread; either way the cached feature kept in parts);
 - ``equal-small``: the tiny SVD UNet and the temporal decoder's halo regions only (for 3 ranks);
 - ``groups`` (for 4 ranks): tiny SVD with ``Policy(batch=2, slices=2)``: its guidance halves on two groups of 2
   ranks, each group spreading its half's regions (NOTE [Batch splits across ranks]);

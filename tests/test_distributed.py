@@ -145,7 +145,7 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
             want = [compiled(**dict(kw, timestep=torch.tensor([t])))[0] for t in (900.0, 600.0, 300.0, 100.0)]
         for res in results:
             assert res["rehash"]["batch"] == (2 if ranks == 2 else None), res["rehash"]["batch"]
-            assert res["rehash-parts"]["parts"]  # NOTE [A cached feature held in parts]
+            assert res["rehash"]["parts"] and res["rehash-parts"]["parts"]  # NOTE [A cached feature held in parts]
             for key in ("rehash", "rehash-parts"):
                 assert res[key]["log"] == compiled.step_log and "rehash" in compiled.step_log
                 for got, w, first in zip(res[key]["outs"], want, results[0][key]["outs"]):
@@ -382,15 +382,17 @@ def _own_regions(gm):
     return mine
 
 
-def test_a_cached_feature_stays_in_parts_between_steps():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_cached_feature_stays_in_parts_between_steps(batch):
     """NOTE [A cached feature held in parts]: under Step Rehash, the full graph's cached feature (a spread region's
-    cut output) is returned as each rank's part and the rehash graph takes the part back: both graphs' outputs are
-    the one-process ones bitwise, and the parts gathered are the whole feature (threads as 2 ranks)."""
+    cut output; with ``batch=2`` the guidance batch split spread itself, each rank caching its half) is returned as
+    each rank's part and the rehash graph takes the part back: both graphs' outputs are the one-process ones
+    bitwise, and the parts gathered are the whole feature (threads as 2 ranks)."""
     from fxstream.distributed import feature_parts, gather_parts, shard_regions
     from fxstream.entry import Entry
     m = build_unet("svd-tiny")
     kw = example_inputs("svd-tiny", m)
-    policy = fxstream.Policy(slices=2, batch=1, rehash=fxstream.StepRehash(full_every=2, steps=4))
+    policy = fxstream.Policy(slices=2, batch=batch, rehash=fxstream.StepRehash(full_every=2, steps=4))
     entry = Entry(m, kw, compile_policy(policy, 2))
     full, rehash = entry.compiled.graph_module, entry.rehash.compiled.graph_module
     held = feature_parts(full, rehash, 2)

@@ -7,7 +7,7 @@
 Two tables:
 
 - *Measured on the CPU* (gloo on 127.0.0.1, fp32, random weights): a UNet (``--model``, default svd-mid) with
-  ``Policy(slices=N)`` in one process with 2 intra-op threads, against the same policy with ``distributed=True``
+  ``Policy(slices=N)``, and SVD's temporal VAE decoder with ``Policy(halo=8)``, in one process with 2 intra-op threads, against the same policy with ``distributed=True``
   in 2 processes of 1 thread each (the same 2 cores), and the exported graph (``Policy()``, 2 threads); then the
   same at batch 2 with ``Policy(batch=2, slices=N)`` (the guidance batch split, spread itself on 2 ranks). Median
   latency of ``--repeats`` calls after one untimed call (each rank's median; the slower rank counts), the
@@ -50,6 +50,30 @@ def _calls(compiled, kw, repeats: int) -> list:
     return times
 
 
+DECODER_CPU = (4, 16, 16)  # frames, latent height and width of the decoder measured on the CPU (128x128 pixels)
+
+
+def _subject(model: str, batch: int = 1):
+    """The module and inputs measured: a UNet (``batch`` 2: a guided step's batch) or, for ``svd-decoder``, SVD's
+    temporal VAE decoder (the released architecture, random weights) on ``DECODER_CPU`` latents."""
+    if model == "svd-decoder":
+        sys.path.insert(0, str(ROOT / "tools"))
+        from bench_decoder import build_vae, decoder_inputs
+        frames, h, w = DECODER_CPU
+        return build_vae("svd").decoder, decoder_inputs("svd", frames, h, w)
+    from fxstream.models import build_unet, example_inputs
+    unet = build_unet(model)
+    return unet, example_inputs(model, unet, batch=batch)
+
+
+def _policy(model: str, slices: int, batch: int = 1, distributed=None):
+    """``Policy(halo=slices)`` for the decoder, else ``Policy(slices=slices)`` (``batch`` 2: split in 2)."""
+    import fxstream
+    if model == "svd-decoder":
+        return fxstream.Policy(halo=slices, distributed=distributed)
+    return fxstream.Policy(batch=batch if batch > 1 else None, slices=slices, distributed=distributed)
+
+
 def child(model: str, slices: int, repeats: int, out: str, batch: int = 1) -> None:
     """One rank of the distributed row (RANK, WORLD_SIZE, MASTER_* set by the parent); ``batch`` 2: the guidance
     batch split in 2 (``Policy(batch=2)``)."""
@@ -57,18 +81,15 @@ def child(model: str, slices: int, repeats: int, out: str, batch: int = 1) -> No
 
     import fxstream
     from fxstream.memory import measure_peak
-    from fxstream.models import build_unet, example_inputs
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    unet = build_unet(model)
-    kw = example_inputs(model, unet, batch=batch)
-    split = batch if batch > 1 else None
+    unet, kw = _subject(model, batch)
     with torch.no_grad():
-        compiled = fxstream.compile(unet, fxstream.Policy(batch=split, slices=slices,
-                                                          distributed=fxstream.Distributed(timeout=3600)))
+        compiled = fxstream.compile(unet, _policy(model, slices, batch, fxstream.Distributed(timeout=3600)))
         compiled(**kw)
         times = _calls(compiled, kw, repeats)
-        (got, *_), peak = measure_peak(compiled, **kw)
+        got, peak = measure_peak(compiled, **kw)
+        got = got[0] if isinstance(got, (tuple, list)) else getattr(got, "sample", got)
     plan = compiled.explain().ranks[0]
     torch.save({"times": times, "peak": peak, "out": got, "received": plan.bytes_received,
                 "collectives": plan.collectives, "planned": plan.peak_bytes}, f"{out}/rank{dist.get_rank()}.pt")
@@ -80,25 +101,24 @@ def cpu_rows(model: str, slices: int, repeats: int, batch: int = 1) -> list:
     """The CPU rows at ``batch`` (2: a guided step's batch, split in 2 by ``Policy(batch=2)``)."""
     import fxstream
     from fxstream.memory import measure_peak
-    from fxstream.models import build_unet, example_inputs
     torch.set_num_threads(2)
-    unet = build_unet(model)
-    kw = example_inputs(model, unet, batch=batch)
-    split = batch if batch > 1 else None
-    what = f"batch={split}, slices={slices}" if split else f"slices={slices}"
+    unet, kw = _subject(model, batch)
+    policy = _policy(model, slices, batch)
+    what = policy.describe().removeprefix("Policy(").removesuffix(")")
+    label = f"{model}" if model == "svd-decoder" else f"batch {batch}"
     rows = []
     with torch.no_grad():
-        for label, policy in ((f"batch {batch}: exported graph, 1 process x 2 threads", fxstream.Policy()),
-                              (f"batch {batch}: Policy({what}), 1 process x 2 threads",
-                               fxstream.Policy(batch=split, slices=slices))):
-            compiled = fxstream.compile(unet, policy)
+        for name, p in ((f"{label}: exported graph, 1 process x 2 threads", fxstream.Policy()),
+                        (f"{label}: Policy({what}), 1 process x 2 threads", policy)):
+            compiled = fxstream.compile(unet, p)
             compiled(**kw)
             times = _calls(compiled, kw, repeats)
-            (got, *_), peak = measure_peak(compiled, **kw)
-            rows.append({"variant": label, "seconds": statistics.median(times), "peak MiB": peak / MiB,
+            got, peak = measure_peak(compiled, **kw)
+            got = got[0] if isinstance(got, (tuple, list)) else getattr(got, "sample", got)
+            rows.append({"variant": name, "seconds": statistics.median(times), "peak MiB": peak / MiB,
                          "planned MiB": compiled.explain().peak_bytes / MiB,
                          "received MiB": 0.0, "collectives": 0, "diff": 0.0})
-            if policy.slices:
+            if p is policy:
                 ref = got
             print(rows[-1], flush=True)
     with socket.socket() as s:
@@ -112,7 +132,7 @@ def cpu_rows(model: str, slices: int, repeats: int, batch: int = 1) -> list:
             if p.wait() != 0:
                 raise SystemExit(f"a rank exited with {p.returncode}")
         ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(2)]
-    rows.append({"variant": f"batch {batch}: Policy({what}, distributed=True), 2 processes x 1 thread",
+    rows.append({"variant": f"{label}: Policy({what}, distributed=True), 2 processes x 1 thread",
                  "seconds": max(statistics.median(r["times"]) for r in ranks),
                  "peak MiB": max(r["peak"] for r in ranks) / MiB, "planned MiB": max(r["planned"] for r in ranks) / MiB,
                  "received MiB": ranks[0]["received"] / MiB,
@@ -215,7 +235,7 @@ def main(argv=None) -> None:
         return
     from fxstream.bench import provenance, write_section
     cpu = [] if args.no_cpu else cpu_rows(args.model, args.slices, args.repeats) + \
-        cpu_rows(args.model, args.slices, args.repeats, batch=2)
+        cpu_rows(args.model, args.slices, args.repeats, batch=2) + cpu_rows("svd-decoder", 8, args.repeats)
     full = [] if args.no_full else full_rows(args.ranks) + decoder_rows(args.ranks)
     doc = "## Across devices (Policy(distributed=...))\n\n" + provenance(
         "python tools/bench_distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
@@ -228,14 +248,19 @@ def main(argv=None) -> None:
             "[Rows held in parts]); ops outside regions run on every rank (fxstream/distributed.py). ")
     doc += (f"Timings: {args.not_quiet}.\n\n" if args.not_quiet else "Timings on a quiet machine.\n\n")
     if cpu:
+        frames, h, w = DECODER_CPU
         doc += (f"Measured on the CPU: {args.model}, fp32, random weights, batch 1, and batch 2 (a guided step) with "
                 f"its batch split in 2 (`Policy(batch=2)`: on 2 ranks the split itself is spread, NOTE [Batch "
-                f"splits across ranks]); the same 2 cores either as one "
+                f"splits across ranks]); and SVD's temporal VAE decoder (the released architecture, random "
+                f"weights) on {frames} frames of {h}x{w} latents ({8 * h}x{8 * w} pixels) with `Policy(halo=8)` (on 2 "
+                f"ranks 16 bands, the values between its halo regions held in rows: NOTE [Rows held in parts]); the "
+                f"same 2 cores either as one "
                 f"process of 2 threads or as 2 gloo processes of 1 thread. Latency: median of {args.repeats} calls "
                 f"(the slower rank); peak: the tracker's activation peak (the larger rank's), planned: the "
                 f"plan's (per rank for the distributed rows); received: per rank per call, as planned; diff: "
-                f"largest difference from the one-process `Policy(slices={args.slices})` output (the 2-rank rows "
-                f"cut each region in {2 * args.slices}: float rounding).\n\n```\n")
+                f"largest difference from the one-process `Policy(slices={args.slices})` output (the decoder's: "
+                f"`Policy(halo=8)`; the 2-rank rows cut each region in twice as many slices: float rounding)."
+                f"\n\n```\n")
         doc += tabulate([(r["variant"], f"{r['seconds']:.2f}", f"{r['peak MiB']:.1f}", f"{r['planned MiB']:.1f}",
                           f"{r['received MiB']:.1f}", r["collectives"], f"{r['diff']:.1e}") for r in cpu],
                         headers=["variant", "latency s", "peak MiB", "planned MiB", "received MiB", "collectives",
