@@ -7,9 +7,10 @@
 Two tables:
 
 - *Measured on the CPU* (gloo on 127.0.0.1, fp32, random weights): a UNet (``--model``, default svd-mid) with
-  ``Policy(slices=N)``, and SVD's temporal VAE decoder with ``Policy(halo=8)``, in one process with 2 intra-op threads, against the same policy with ``distributed=True``
+  ``Policy(slices=N)`` in one process with 2 intra-op threads, against the same policy with ``distributed=True``
   in 2 processes of 1 thread each (the same 2 cores), and the exported graph (``Policy()``, 2 threads); then the
-  same at batch 2 with ``Policy(batch=2, slices=N)`` (the guidance batch split, spread itself on 2 ranks). Median
+  same at batch 2 with ``Policy(batch=2, slices=N)`` (the guidance batch split, spread itself on 2 ranks), and for
+  SVD's temporal VAE decoder (2 frames of 16x16 latents) with ``Policy(halo=4)``. Median
   latency of ``--repeats`` calls after one untimed call (each rank's median; the slower rank counts), the
   activation peak measured by fxstream's tracker (per rank), the bytes each rank received per call as the plan
   counts them, and the largest difference from the one-process compiled output.
@@ -50,12 +51,16 @@ def _calls(compiled, kw, repeats: int) -> list:
     return times
 
 
-DECODER_CPU = (4, 16, 16)  # frames, latent height and width of the decoder measured on the CPU (128x128 pixels)
+# the decoder measured on the CPU: SVD's temporal decoder (released widths), 2 frames of 16x16 latents (128x128
+# pixels), Policy(halo=4): about 11 s a call on 2 cores (the statistics passes recompute; 1.7 s exported). At
+# bench_decoder's small widths the values between regions are too small for checkpoints at 8 bands: one region.
+DECODER_CPU = (2, 16, 16)
+DECODER_HALO = 4
 
 
 def _subject(model: str, batch: int = 1):
     """The module and inputs measured: a UNet (``batch`` 2: a guided step's batch) or, for ``svd-decoder``, SVD's
-    temporal VAE decoder (the released architecture, random weights) on ``DECODER_CPU`` latents."""
+    temporal VAE decoder (random weights) on ``DECODER_CPU`` latents."""
     if model == "svd-decoder":
         sys.path.insert(0, str(ROOT / "tools"))
         from bench_decoder import build_vae, decoder_inputs
@@ -235,7 +240,7 @@ def main(argv=None) -> None:
         return
     from fxstream.bench import provenance, write_section
     cpu = [] if args.no_cpu else cpu_rows(args.model, args.slices, args.repeats) + \
-        cpu_rows(args.model, args.slices, args.repeats, batch=2) + cpu_rows("svd-decoder", 8, args.repeats)
+        cpu_rows(args.model, args.slices, args.repeats, batch=2) + cpu_rows("svd-decoder", DECODER_HALO, args.repeats)
     full = [] if args.no_full else full_rows(args.ranks) + decoder_rows(args.ranks)
     doc = "## Across devices (Policy(distributed=...))\n\n" + provenance(
         "python tools/bench_distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
@@ -251,15 +256,16 @@ def main(argv=None) -> None:
         frames, h, w = DECODER_CPU
         doc += (f"Measured on the CPU: {args.model}, fp32, random weights, batch 1, and batch 2 (a guided step) with "
                 f"its batch split in 2 (`Policy(batch=2)`: on 2 ranks the split itself is spread, NOTE [Batch "
-                f"splits across ranks]); and SVD's temporal VAE decoder (the released architecture, random "
-                f"weights) on {frames} frames of {h}x{w} latents ({8 * h}x{8 * w} pixels) with `Policy(halo=8)` (on 2 "
-                f"ranks 16 bands, the values between its halo regions held in rows: NOTE [Rows held in parts]); the "
+                f"splits across ranks]); and SVD's temporal VAE decoder (random weights) on {frames} frames of "
+                f"{h}x{w} latents ({8 * h}x{8 * w} pixels) with `Policy(halo={DECODER_HALO})` (on 2 ranks "
+                f"{2 * DECODER_HALO} bands, the values between its halo regions held in rows: NOTE [Rows held in "
+                f"parts]); the "
                 f"same 2 cores either as one "
                 f"process of 2 threads or as 2 gloo processes of 1 thread. Latency: median of {args.repeats} calls "
                 f"(the slower rank); peak: the tracker's activation peak (the larger rank's), planned: the "
                 f"plan's (per rank for the distributed rows); received: per rank per call, as planned; diff: "
                 f"largest difference from the one-process `Policy(slices={args.slices})` output (the decoder's: "
-                f"`Policy(halo=8)`; the 2-rank rows cut each region in twice as many slices: float rounding)."
+                f"`Policy(halo={DECODER_HALO})`; the 2-rank rows cut each region in twice as many slices: float rounding)."
                 f"\n\n```\n")
         doc += tabulate([(r["variant"], f"{r['seconds']:.2f}", f"{r['peak MiB']:.1f}", f"{r['planned MiB']:.1f}",
                           f"{r['received MiB']:.1f}", r["collectives"], f"{r['diff']:.1e}") for r in cpu],
