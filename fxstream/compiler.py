@@ -124,6 +124,7 @@ class Job:
     halo_frames: int = 1  # halo regions along frames for what height halos cannot take (a decoder's attention)
     halo_keep: int | None = None
     host_memory: int | None = None  # Policy.host_memory: halo regions park GroupNorm inputs within it
+    halo_ranks: int = 1  # Policy.halo_ranks: the ranks the halo bands spread over (NOTE [Checkpoints across ranks])
     # found by the steps
     axes: list | None = None  # every axis of the graph's inputs (named from the ops; step 0 finds them)
     left_whole: dict = field(default_factory=dict)  # region id -> why: regions left whole (they raised the peak)
@@ -242,6 +243,13 @@ def step_set_in_flight(gm: GraphModule, job: Job) -> GraphModule:
     return gm
 
 
+def default_halo_keep(gm: GraphModule, tiles: int) -> int:
+    """The default ``halo_keep`` for ``tiles`` halo tiles (bands times columns): the graph's largest activation
+    over ``tiles``, about one tile's size (see :func:`compile_graph`)."""
+    biggest = max((tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
+    return biggest // tiles
+
+
 def step_plan_halos(gm: GraphModule, job: Job) -> GraphModule:
     """Analysis (``Policy(halo=...)``): halo regions along height (and width), then along frames for what height
     halos could not take; ``job.halo`` and ``job.halo_reasons``."""
@@ -250,8 +258,7 @@ def step_plan_halos(gm: GraphModule, job: Job) -> GraphModule:
         return gm
     keep = job.halo_keep
     if keep is None:
-        biggest = max((tensor_bytes(n) for n in gm.graph.nodes if n.op == "call_function"), default=0)
-        keep = biggest // (rows * cols)
+        keep = default_halo_keep(gm, max(1, rows * cols // job.halo_ranks))  # NOTE [Checkpoints across ranks]
     job.halo, why = find_halo_regions(gm, rows, job.min_fraction, keep_bytes=keep, cols=cols, axes=job.axes)
     job.halo_reasons = {n.name: f"{'height' if cols == 1 else 'height x width'} (halo): {r}" for n, r in why.items()}
     if job.halo_frames > 1 and frames_in_batch(gm, job.axes):
@@ -462,7 +469,8 @@ def _job(policy: Policy, counts, inner_counts, halo_keep) -> Job:
                min_fraction=policy.min_region_fraction, in_flight=policy.pipeline, cpu_workers=policy.cpu_workers,
                region_counts=None if batch_split else counts, inner=rest if batch_split else None,
                inner_counts=inner_counts, halo_grid=policy.halo_grid if policy.halo_tiles > 1 else (1, 1),
-               halo_frames=policy.count_for("spatial"), halo_keep=halo_keep, host_memory=policy.host_memory)
+               halo_frames=policy.count_for("spatial"), halo_keep=halo_keep, host_memory=policy.host_memory,
+               halo_ranks=policy.halo_ranks)
 
 
 def _plan(gm: GraphModule, job: Job) -> SlicePlan:

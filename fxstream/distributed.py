@@ -76,7 +76,7 @@ from .runtime import contiguous_strides
 __all__ = ["Distributed", "DistributedError", "Shards", "shards_for", "shard_regions", "block", "rank_ranges",
            "equal_runs", "held_values", "Held", "Reshard", "Sharding", "reshard", "Rows", "HaloRows", "halo_rows",
            "fill_rows", "compile_policy", "inputs_digest", "plan_digest", "rank_plan", "RankPlan", "Link", "LINKS",
-           "H200_SVD_FLOPS_PER_S", "spread_loops", "feature_parts", "gather_parts"]
+           "H200_SVD_FLOPS_PER_S", "spread_loops", "feature_parts", "gather_parts", "planned_flops"]
 
 _SUBGROUPS: dict = {}  # (parent group's name, global ranks) -> the ProcessGroup made for them (Shards.groups)
 _POLL_S = 0.00005  # first poll interval; doubles up to _POLL_MAX_S while a collective is not complete
@@ -294,7 +294,7 @@ class Shards:
         """Every rank's ``mine`` (1-D, contiguous, the same size on every rank) into ``out`` (1-D, ``size`` times
         as long), in rank order; ``mine`` may be this rank's part of ``out`` (in place)."""
         self._ready()
-        self.wait(dist.all_gather_into_tensor(out, mine, group=self.group, async_op=True), what)
+        self.wait(dist.all_gather_single(out, mine, group=self.group, async_op=True), what)
 
     def all_to_all(self, out: torch.Tensor, send: torch.Tensor, out_sizes: list, send_sizes: list, what: str) -> None:
         """``send`` (1-D, contiguous) cut in ``send_sizes`` elements, the ``q``-th run to rank ``q``; ``out`` (1-D)
@@ -337,7 +337,23 @@ def compile_policy(policy, ranks: int = 1):
     if ranks > 1 and policy.halo is not None:  # halo regions spread over every rank, their bands of rows too
         rows, cols = policy.halo_grid
         changes["halo"] = rows * ranks if isinstance(policy.halo, int) else (rows * ranks, cols)
+        changes["halo_ranks"] = ranks  # NOTE [Checkpoints across ranks]
     return replace(policy, **changes)
+
+
+# NOTE [Checkpoints across ranks]
+# A halo region is cut where a value at most ``halo_keep`` bytes whole crosses (a checkpoint, kept between the
+# regions; NOTE [Statistics passes]): by default the largest activation over the bands, about one band's size. The
+# compile for ``N`` ranks cuts ``h * N`` bands (NOTE [Slices per rank]), and over ``h * N`` bands that threshold
+# would keep ``N`` times fewer values: full-size SVD's temporal decoder, ``Policy(halo=8)``, would plan 11 regions
+# at 2 ranks and 2 at 8 (17 on one device), its statistics passes computing 31x / 110x its ops' FLOPs (13x on one
+# device), slower on 2 ranks than on one. But a value kept between spread halo regions is held in rows (NOTE [Rows
+# held in parts]): a rank holds about ``1/N`` of it. So the threshold stays the one device's, the largest
+# activation over ``h`` (the bands per rank): a rank's part of a kept value costs what it costs on one device
+# against a band, and the regions are the one device's (17; compute 15.6x / 20.2x / 29.0x at 2 / 4 / 8 ranks,
+# spread: 7.8x / 5.0x / 3.6x per rank), for a per-rank peak of 0.58 / 0.40 / 0.34 of one device's (0.50 / 0.35
+# / 0.34 with the threshold over ``h * N``). ``compile_policy`` says so with ``Policy(halo_ranks=N)``, so that the
+# one-process compile of ``compile_policy(policy, N)`` is the same graph. A budget (``max_memory``) chooses its own.
 
 
 # NOTE [Slices per rank]
@@ -1075,14 +1091,30 @@ def rank_shardings(gm, ranks: int, spread: dict, outputs=(), given=None) -> list
     return out
 
 
+def planned_flops(compiled, flops: dict | None = None) -> int:
+    """The FLOPs ``compiled`` runs per call on one device: its ops' (:func:`~fxstream.analysis.cost.node_flops`),
+    each halo region's weighted by its planned compute (halo rows and statistics passes computed again:
+    ``HaloPlan.compute_factor``)."""
+    from .analysis.cost import node_flops
+    flops = node_flops(compiled.prepared) if flops is None else flops
+    extra = 0.0
+    for node, _ in grouped_calls(compiled.graph_module, "halo"):
+        loop = compiled.graph_module.get_submodule(node.target)
+        extra += (loop.plan(flops).compute_factor - 1.0) * sum(flops.get(n.name, 0) for n in loop.region.nodes)
+    return int(sum(flops.values()) + extra)
+
+
 def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H200_SVD_FLOPS_PER_S,
-              flops: dict | None = None, one_device: int | None = None, outputs=()) -> RankPlan:
+              flops: dict | None = None, one_device: int | None = None, outputs=(),
+              one_flops: int | None = None) -> RankPlan:
     """The plan of ``compiled`` (a :class:`~fxstream.compiler.CompiledGraph`, compiled for ``ranks``:
     :func:`compile_policy`) on ``ranks`` devices under ``Policy(distributed=...)``, made without any process
     group: see :class:`RankPlan`, NOTE [Sharded regions] and NOTE [Values held in parts] (the busiest rank's
     planned peak, plus the largest copy of a gathered output in transit). ``one_device``: the planned peak of the
-    policy's compile for one device (default: this compile's, as one process would run it). ``outputs``: graph
-    outputs kept in parts (NOTE [A cached feature held in parts])."""
+    policy's compile for one device (default: this compile's, as one process would run it); ``one_flops``: its
+    planned FLOPs (:func:`planned_flops`; default this compile's). FLOPs count what the plan computes: a halo
+    region's weighted by its planned compute, which thinner bands raise. ``outputs``: graph outputs kept in parts
+    (NOTE [A cached feature held in parts])."""
     from .analysis.cost import node_flops
     from .memory import plan_memory
     from .runtime import LoopRegion
@@ -1091,7 +1123,7 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     if link not in LINKS:
         raise ValueError(f"link: expected one of {', '.join(LINKS)}, got {link!r}")
     flops = node_flops(compiled.prepared) if flops is None else flops
-    total = sum(flops.values())
+    total = planned_flops(compiled, flops)
     gm = compiled.graph_module
     spread = spread_loops(gm, ranks)
     shardings = rank_shardings(gm, ranks, spread, outputs) if ranks > 1 else []
@@ -1133,7 +1165,7 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     in_rows = {loop: held for _, _, loop, held in rows}  # NOTE [Rows held in parts]
     for node, _ in grouped_calls(gm, "halo"):  # halo regions: each pass's slices spread, statistics gathered
         loop = gm.get_submodule(node.target)
-        f = sum(flops.get(n.name, 0) for n in loop.region.nodes)
+        f = loop.plan(flops).compute_factor * sum(flops.get(n.name, 0) for n in loop.region.nodes)
         spread_flops += f
         busiest += f * len(block(loop.count, ranks, 0)) / loop.count  # block: the first runs are the longer
         held = in_rows.get(loop)
@@ -1160,7 +1192,7 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     whole = plan_memory(gm).peak_bytes
     peak = plan_memory(gm, parts=RankParts(shardings, rows)).peak_bytes if shardings or rows else whole
     lk = LINKS[link]
-    one = total / flops_per_s
+    one = (total if one_flops is None else one_flops) / flops_per_s
     many = per_rank / flops_per_s + received / lk.bytes_per_s + collectives * lk.latency_s
     parts = max((len(m.bounds) for m in gm.modules() if isinstance(m, LoopRegion) and m.nested and id(m) in spread),
                 default=1)

@@ -15,9 +15,8 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind
 
 from .compiler import capture, describe_inputs
-from .distributed import (compile_policy, feature_parts, inputs_digest, plan_digest, rank_plan, shard_regions,
-                          shards_for,
-                          spread_loops)
+from .distributed import (compile_policy, feature_parts, inputs_digest, plan_digest, planned_flops,
+                          rank_plan, shard_regions, shards_for, spread_loops)
 from .errors import ExecutionError
 from .guard import touched
 from .memory import weight_bytes
@@ -278,5 +277,5 @@ def plan_ranks(entry: Entry, policy: Policy, counts, link: str) -> list:
     group of that size would run it (:func:`rank_compile`), against the planned peak of ``entry``, the
     one-device compile for spread regions (``compile_policy(policy)``)."""
     from .memory import plan_memory
-    one = plan_memory(entry.compiled.graph_module).peak_bytes
-    return [rank_plan(rank_compile(entry, policy, n), n, link, one_device=one) for n in counts]
+    one, one_flops = plan_memory(entry.compiled.graph_module).peak_bytes, planned_flops(entry.compiled)
+    return [rank_plan(rank_compile(entry, policy, n), n, link, one_device=one, one_flops=one_flops) for n in counts]

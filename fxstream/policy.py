@@ -109,6 +109,11 @@ class Policy:
             :class:`~fxstream.Distributed` (with a timeout). Every rank calls the module with the same inputs and
             returns the one-process result. ``None`` (default): this process alone. It does not change what is
             compiled (the other fields keep their meaning per rank).
+        halo_ranks: the ranks the ``halo`` bands are spread over (``halo`` counting the bands of all of them):
+            set by ``Policy(distributed=...)`` on N ranks, which compiles ``halo=h`` as ``halo=h * N,
+            halo_ranks=N`` (:func:`fxstream.distributed.compile_policy`). A value kept whole between halo regions
+            is then held in rows, a rank holding about 1/N of it, so values up to the largest activation over the
+            bands *per rank* are kept (NOTE [Checkpoints across ranks]). 1 (default): one device.
     """
 
     slices: int | None = None
@@ -126,6 +131,7 @@ class Policy:
     verify: bool = False
     cache_dir: str | bool | None = None
     distributed: Distributed | bool | None = None
+    halo_ranks: int = 1
 
     def __post_init__(self):
         for name in ("slices", "spatial", "temporal", "batch"):
@@ -165,6 +171,10 @@ class Policy:
             raise ValueError(f"Policy.cache_dir: expected None (the environment variable FXSTREAM_CACHE_DIR), a "
                              f"folder (a str or a path) or '' / False (no plan cache), got {d!r}")
         object.__setattr__(self, "distributed", Distributed.of(self.distributed))
+        r = self.halo_ranks
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"Policy.halo_ranks: expected an int >= 1 (the ranks the halo bands spread over; "
+                             f"Policy(distributed=...) sets it), got {r!r}")
         f = self.min_region_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ValueError(f"Policy.min_region_fraction: expected a number in [0, 1], got {f!r}")

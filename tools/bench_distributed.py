@@ -152,7 +152,7 @@ def full_rows(ranks: list) -> list:
     fxstream.entry.rank_compile), and under ``Policy(batch=2, slices=8)`` on 2 and 4 (the guidance halves on 2
     ranks, or on 2 groups of 2)."""
     import fxstream
-    from fxstream.distributed import compile_policy, rank_plan
+    from fxstream.distributed import compile_policy, planned_flops, rank_plan
     from fxstream.entry import Entry, rank_compile
     from fxstream.memory import plan_memory
     from fxstream.models import build_unet, example_inputs
@@ -170,7 +170,7 @@ def full_rows(ranks: list) -> list:
                 compiled = rank_compile(entry, policy, n)
                 seconds = time.perf_counter() - t
                 for link in ("nvlink", "pcie4"):
-                    p = rank_plan(compiled, n, link, one_device=one)
+                    p = rank_plan(compiled, n, link, one_device=one, one_flops=planned_flops(one_entry.compiled))
                     rows.append({"model": name, "size": size, "policy": policy.describe(), "ranks": p.ranks,
                                  "link": p.link, "batch split": p.batch_split,
                                  "one device GiB": p.one_device_peak_bytes / 2 ** 30,
@@ -189,7 +189,7 @@ def decoder_rows(ranks: list) -> list:
     """The VAE decoders (SVD's temporal decoder, SD 1.5's) under ``Policy(halo=8)`` on ``ranks``: their halo regions
     spread, each rank holding its rows of the values between them (NOTE [Rows held in parts]); 8 bands per rank."""
     import fxstream
-    from fxstream.distributed import compile_policy, rank_plan
+    from fxstream.distributed import compile_policy, planned_flops, rank_plan
     from fxstream.entry import Entry
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_decoder import build_vae, decoder_inputs
@@ -205,7 +205,7 @@ def decoder_rows(ranks: list) -> list:
             compiled = Entry(vae.decoder, kw, compile_policy(policy, n), program=one_entry.program).compiled
             seconds = time.perf_counter() - t
             for link in ("nvlink", "pcie4"):
-                p = rank_plan(compiled, n, link, one_device=one)
+                p = rank_plan(compiled, n, link, one_device=one, one_flops=planned_flops(one_entry.compiled))
                 rows.append({"model": f"{kind} VAE decoder", "size": size, "policy": policy.describe(), "ranks": n,
                              "link": p.link, "batch split": 1, "one device GiB": one / 2 ** 30,
                              "per rank GiB": p.peak_bytes / 2 ** 30, "received GiB": p.bytes_received / 2 ** 30,
@@ -278,10 +278,12 @@ def main(argv=None) -> None:
                 "guidance batch split where that plans faster: 'batch split', each rank running whole parts, or "
                 "groups of ranks each spreading one part's regions: NOTE [Batch splits across ranks]), and "
                 "`Policy(batch=2, slices=8)` asked for on 2 and 4; the VAE decoders (random weights from the "
-                "released configs, the latents of those videos) under `Policy(halo=8)`, cut in 8N bands on N ranks. "
+                "released configs, the latents of those videos) under `Policy(halo=8)`, cut in 8N bands on N ranks "
+                "with the one device's checkpoints (NOTE [Checkpoints across ranks]). "
                 "'one device': the one-device plan of the same policy (`Policy(slices=8)` with no region floor); 'per rank': the busiest rank's planned activation peak and its ratio to "
                 "one device's (issue 22's target: <= 1.1/N); what a rank receives per call; the predicted speedup "
-                "over one device (compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links "
+                "over one device (the FLOPs each plan computes, a halo region's weighted by its planned compute: halo rows "
+                "and statistics passes computed again, 13.3x its ops' for SVD's decoder on one device; compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links "
                 "at 80% of their nominal one-direction bandwidth, 20/30 us per collective: NOTE [Link figures]); "
                 "'plan s': the wall time of that rank count's compiles. Predictions, not measurements: no multi-GPU "
                 "machine was at hand.\n\n```\n")
