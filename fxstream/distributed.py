@@ -70,6 +70,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .analysis.cuts import PARTIAL, Cut
 from .errors import FxstreamError
+from .graph_utils import output_values
 from .meta import grouped_calls
 from .runtime import contiguous_strides
 
@@ -595,8 +596,7 @@ def _output_items(gm, outputs) -> set:
     """The nodes at the graph output positions ``outputs`` of ``gm``."""
     if not outputs:
         return set()
-    ret = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
-    ret = ret if isinstance(ret, (tuple, list)) else [ret]
+    ret = output_values(gm)
     return {ret[k] for k in outputs}
 
 
@@ -642,8 +642,7 @@ def feature_parts(full, rehash, ranks: int) -> Held | None:
     from torch.fx import Node
 
     from .runtime import LoopRegion
-    ret = next(n for n in reversed(full.graph.nodes) if n.op == "output").args[0]
-    ret = ret if isinstance(ret, (tuple, list)) else [ret]
+    ret = output_values(full)
     item = ret[-1]
     if not isinstance(item, Node) or item.op != "call_function" or item.target is not operator.getitem:
         return None
@@ -709,6 +708,12 @@ def reshard(sh: Shards, part: torch.Tensor, how: Reshard, what: str) -> torch.Te
 
 
 # -- halo regions' values held in rows ------------------------------------------------------------------------------
+def hull(ranges) -> tuple | None:
+    """The smallest ``(lo, hi)`` holding every range of ``ranges`` that is not None and not empty; None if none."""
+    ranges = [x for x in ranges if x is not None and x[0] < x[1]]
+    return (min(x[0] for x in ranges), max(x[1] for x in ranges)) if ranges else None
+
+
 @dataclass(frozen=True)
 class Rows:
     """How the ranks hold a halo region's output in rows (NOTE [Rows held in parts]): along ``dim`` of the value
@@ -820,11 +825,8 @@ def halo_rows(gm, ranks: int) -> list:
                 o = loop.region.outputs[j]
                 shape, stride, dtype = loop.out_meta[j]
                 made = loop.made_rows(o, ranks)
-                span = []
-                for r in range(ranks):
-                    spans = [made[r]] + [reader.needed_rows(reader.region.inputs[i], ranks)[r] for reader, i in takes]
-                    spans = [x for x in spans if x is not None]
-                    span.append((min(x[0] for x in spans), max(x[1] for x in spans)) if spans else None)
+                needed = [reader.needed_rows(reader.region.inputs[i], ranks) for reader, i in takes]
+                span = [hull([made[r]] + [rows_of[r] for rows_of in needed]) for r in range(ranks)]
                 held = Rows(loop.region.dims[o], tuple(made), tuple(span), tuple(shape), tuple(stride), dtype)
                 rows[loop].outs[j] = held
                 for reader, i in takes:

@@ -18,6 +18,7 @@ from .compiler import capture, describe_inputs
 from .distributed import (compile_policy, feature_parts, inputs_digest, plan_digest, planned_flops,
                           rank_plan, shard_regions, shards_for, spread_loops)
 from .errors import ExecutionError
+from .graph_utils import output_values
 from .guard import touched
 from .memory import weight_bytes
 from .meta import region_of
@@ -87,7 +88,7 @@ class Entry:
             if self.rehash is not None:
                 self.cache_parts = feature_parts(full, self.rehash.compiled.graph_module, self.shards.size)
                 if self.cache_parts is not None:
-                    last = (_outputs(full) - 1,)
+                    last = (len(output_values(full)) - 1,)
             shard_regions(full, self.shards, outputs=last)
             if self.rehash is not None:
                 rehash = self.rehash.compiled.graph_module
@@ -164,12 +165,6 @@ class _Live:
 
     def __getitem__(self, target: str):
         return self.get(self.module, target)
-
-
-def _outputs(gm) -> int:
-    """How many outputs graph ``gm`` returns."""
-    ret = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
-    return len(ret) if isinstance(ret, (tuple, list)) else 1
 
 
 def _holder(module: torch.nn.Module, get, target: str) -> tuple:

@@ -147,6 +147,12 @@ def storage_refs(val) -> list:
     return [StorageWeakRef(t.untyped_storage()) for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
 
 
+def output_values(gm: GraphModule) -> list:
+    """What graph ``gm`` returns, as a list (one item for a single value)."""
+    ret = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    return list(ret) if isinstance(ret, (tuple, list)) else [ret]
+
+
 def copy_meta(src: Node, dst: Node) -> None:
     """Give ``dst`` the module path and source location of ``src`` (not its value)."""
     for k in _KEEP_META:

@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 from .analysis.halo import (HALO_RULES, WHOLE, HaloRegion, carried_rows, conv_band, conv_params, kept_rows, norm_chunks,
                             passes, simulate_halo)
 from .graph_utils import graph_key
-from .distributed import block, fill_rows
+from .distributed import block, fill_rows, hull
 from .memory import host_storage
 from .region_loop import RegionLoop
 from .runtime import buffer_layout
@@ -211,23 +211,14 @@ class HaloLoop(RegionLoop):
         """The rows of output ``o`` each of ``ranks`` ranks computes (``(lo, hi)``, None: none): the rows its run
         of slices is assigned in the output pass."""
         last = self.passes[-1]
-        out = []
-        for r in range(ranks):
-            bands = [last.assign[i][o] for i in block(self.count, ranks, r) if o in last.assign[i]]
-            bands = [b for b in bands if b[0] < b[1]]
-            out.append((min(b[0] for b in bands), max(b[1] for b in bands)) if bands else None)
-        return out
+        return [hull(last.assign[i][o] for i in block(self.count, ranks, r) if o in last.assign[i])
+                for r in range(ranks)]
 
     def needed_rows(self, ph: Node, ranks: int) -> list:
         """The rows of input ``ph`` each of ``ranks`` ranks reads (``(lo, hi)``, None: none): over every pass, what
         its run of slices needs."""
-        out = []
-        for r in range(ranks):
-            bands = [p.slices[i][ph] for p in self.passes for i in block(len(p.slices), ranks, r)
-                     if ph in p.slices[i]]
-            bands = [b for b in bands if b[0] < b[1]]
-            out.append((min(b[0] for b in bands), max(b[1] for b in bands)) if bands else None)
-        return out
+        return [hull(p.slices[i][ph] for p in self.passes for i in block(len(p.slices), ranks, r)
+                     if ph in p.slices[i]) for r in range(ranks)]
 
     def read_in_rows(self, ph: Node) -> bool:
         """Whether every op of the region reads input ``ph`` by rows along its dim (never whole): then it may be

@@ -429,8 +429,6 @@ def test_an_exchange_gives_each_rank_its_part_in_the_other_cut(data):
     """NOTE [Values held in parts]: from every rank's part of a value cut along one dim, ``reshard`` gives each
     rank exactly its part of the value cut along another dim (outer and inner elements around either axis, ranks
     with no part, uneven runs)."""
-    import threading
-
     from fxstream.analysis.cuts import Cut, slice_bounds
     from fxstream.distributed import Held, Reshard, reshard
     ranks = data.draw(st.integers(1, 4))
@@ -457,22 +455,7 @@ def test_an_exchange_gives_each_rank_its_part_in_the_other_cut(data):
                                                                      h.count(r) * c.inner)
         return v.contiguous() if c.outer > 1 else v.flatten(c.dim, c.dim + 1).contiguous()
 
-    shared = _ThreadRanks(ranks, {}, threading.Barrier(ranks))
-    got, errors = {}, []
-
-    def run(r):
-        try:
-            got[r] = reshard(shared.as_rank(r), part(src, r), Reshard(src, dst), "test")
-        except Exception as ex:  # reported below; the barrier is broken so that no thread waits forever
-            errors.append(ex)
-            shared.barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
+    got = _on_thread_ranks(ranks, lambda sh: reshard(sh, part(src, sh.rank), Reshard(src, dst), "test"))
     for r in range(ranks):
         assert got[r].shape == dst.part_shape(r)
         assert torch.equal(got[r], part(dst, r)), r
