@@ -106,8 +106,8 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
     names = [k for k in results[0] if k not in ("rehash", "rehash-parts", "pipeline")]
-    assert len(names) == {"equal": 3, "equal-more": 5, "equal-small": 2, "groups": 1}[scenario]
-    if scenario == "equal":  # NOTE [Batch splits across ranks]: 2 parts on 2 ranks, the split itself spread
+    assert len(names) == {"equal": 2, "equal-more": 6, "equal-small": 2, "groups": 1}[scenario]
+    if scenario == "equal-more":  # NOTE [Batch splits across ranks]: 2 parts on 2 ranks, the split itself spread
         spread = results[0]["svd-tiny-cfg"]["spread"]
         assert (True, True) in spread and all(not s for nested, s in spread if not nested), spread
     if scenario == "groups":  # 2 parts on 4 ranks: the split over 2 groups, the inner regions over each group's 2
