@@ -17,19 +17,19 @@ from torch.export.graph_signature import InputKind
 from .compiler import capture, describe_inputs
 from .distributed import (compile_policy, feature_parts, inputs_digest, plan_digest, planned_flops,
                           rank_plan, shard_regions, shards_for, spread_loops)
-from .errors import ExecutionError
+from .errors import ExecutionError, MemoryBudgetError
 from .graph_utils import output_values
 from .guard import touched
-from .memory import weight_bytes
+from .memory import plan_memory, weight_bytes
 from .meta import region_of
 from .plan_cache import compile_cached
-from .policy import Policy
+from .policy import Policy, format_bytes
 from .progress import library_progress
 from .region_loop import RegionLoop
 from .rehash.runtime import RehashState
 from .report import Report, build_report
 
-__all__ = ["Entry", "first_differing_region", "plan_ranks", "rank_compile"]
+__all__ = ["Entry", "compile_ranks", "first_differing_region", "plan_ranks", "rank_budget", "rank_compile"]
 
 
 class Entry:
@@ -63,12 +63,12 @@ class Entry:
             self.rehash = RehashState(module, gm, policy.rehash)
             gm = self.rehash.graphs.full
         with progress.step(f"fxstream: compiling {name} under {policy.describe()}"):
-            self.compiled, bound = compile_cached(gm, policy, weights)
-        if self.shards is not None:  # NOTE [Batch splits across ranks]: the guidance batch across the ranks
-            split = guidance_split(gm, compile_policy(given), weights, self.compiled, self.shards.size)
-            if split is not None:
-                policy, self.compiled, bound = split
-                given = replace(given, batch=policy.batch)
+            if self.shards is None:
+                self.compiled, bound = compile_cached(gm, policy, weights)
+            else:  # NOTE [Batch splits across ranks] (the guidance batch across the ranks), [A budget per rank]
+                policy, self.compiled, bound = compile_ranks(gm, given, weights, self.shards.size)
+                if given.batch is None and policy.batch is not None:
+                    given = replace(given, batch=policy.batch)
         # how to fetch each lifted input at call time: weights from the live module, constants from the program
         fetch = {InputKind.PARAMETER: lambda m, t: m.get_parameter(t), InputKind.BUFFER: lambda m, t: m.get_buffer(t)}
         self.state = [(fetch.get(spec.kind, lambda m, t: self.program.constants[t]), spec.target)
@@ -256,21 +256,88 @@ def guidance_split(gm, policy: Policy, weights: int, compiled, ranks: int):
 
 
 def rank_compile(entry: Entry, policy: Policy, ranks: int):
-    """The compile a process group of ``ranks`` runs for ``policy`` (NOTE [Slices per rank]; the guidance batch
-    across the ranks where that plans faster: :func:`guidance_split`), made without a process group. ``entry``:
-    the one-device compile for spread regions (``compile_policy(policy)``)."""
-    one_policy = compile_policy(policy)
+    """The compile a process group of ``ranks`` runs for ``policy`` (:func:`compile_ranks`), made without a process
+    group. ``entry``: the one-device compile for spread regions (``compile_policy(policy)``), reused where the
+    compile for ``ranks`` is the same."""
     gm, weights = entry.compiled.original, weight_bytes(entry.program)
+    same = compile_policy(policy, ranks) == compile_policy(policy) and (policy.max_memory is None or ranks == 1)
+    return compile_ranks(gm, policy, weights, ranks, made=entry.compiled if same else None)[1]
+
+
+def compile_ranks(gm, policy: Policy, weights: int, ranks: int, made=None) -> tuple:
+    """What ``Policy(distributed=...)`` compiles on ``ranks`` ranks for ``policy`` (the policy as given): the
+    slice counts per rank (NOTE [Slices per rank]: ``compile_policy(policy, ranks)``), the guidance batch across
+    the ranks where that plans faster (:func:`guidance_split`), and with ``max_memory`` a budget per rank (NOTE [A
+    budget per rank]: :func:`rank_budget`). ``made``: the compile of ``compile_policy(policy, ranks)`` if already
+    made. Returns (the policy compiled with, the compiled graph, its lower bound)."""
     n_policy = compile_policy(policy, ranks)
-    compiled = entry.compiled if n_policy == one_policy else compile_cached(gm, n_policy, weights)[0]
-    split = guidance_split(gm, one_policy, weights, compiled, ranks)
-    return compiled if split is None else split[1]
+    if policy.max_memory is not None and ranks > 1:
+        return rank_budget(gm, policy, weights, ranks)
+    compiled, bound = (made, None) if made is not None else compile_cached(gm, n_policy, weights)
+    split = guidance_split(gm, compile_policy(policy), weights, compiled, ranks)
+    return (n_policy, compiled, bound) if split is None else split
+
+
+# NOTE [A budget per rank]
+# Under ``Policy(distributed=...)`` every other field keeps its meaning per rank, ``max_memory`` too: it is each
+# rank's budget, the weights (every rank holds them all) plus the busiest rank's planned peak (``rank_plan``: its
+# parts of the values between regions, its slices' working sets, the largest copy in transit). The one-device
+# search (``budget.compile_for``) fits the whole activations on each rank: it over-slices, and it refuses a budget
+# that only the ranks together can meet (full-size SVD-XT's activations on 4 GPUs). So for a graph with a video
+# axis the budget tries the policy's slices per rank at 1, 2, 4, ... up to the policy's own count (64 where it sets
+# none), compiled as ``compile_policy`` spreads them, and keeps the first whose busiest rank fits: the fewest
+# slices, so the fewest launches. Where none fits (and for a graph planned by halos, a VAE decoder, whose
+# one-device search of bands, grids, checkpoints and parks plans both less memory and less recompute than any
+# uniform band count tried per rank: SD 1.5's decoder at 600 MiB, 0.68x one device's speed on 2 ranks), the
+# one-device search is kept if its busiest rank fits; else ``MemoryBudgetError`` gives the least any of them
+# planned per rank, and says so where one device's plan would fit. At each count the guidance batch split across
+# the ranks (``guidance_split``) is tried first where it plans faster, as without a budget.
+RANK_BUDGET_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def rank_budget(gm, policy: Policy, weights: int, ranks: int) -> tuple:
+    """NOTE [A budget per rank]: the compile for ``ranks`` ranks whose busiest rank fits ``policy.max_memory``.
+    Returns (the policy compiled with, the compiled graph, its lower bound); raises MemoryBudgetError."""
+    from .budget import _video
+    budget, least, tries = policy.max_memory, None, []
+    if _video(gm):
+        caps = [v for v in (policy.slices, policy.spatial, policy.temporal) if v]
+        free = replace(policy, max_memory=None, spatial=None, temporal=None)
+        tries = [replace(free, slices=k) for k in RANK_BUDGET_COUNTS if k <= min(caps, default=RANK_BUDGET_COUNTS[-1])]
+    for tried in tries:
+        n_policy = compile_policy(tried, ranks)
+        compiled, bound = compile_cached(gm, n_policy, weights)
+        split = guidance_split(gm, compile_policy(tried), weights, compiled, ranks)  # faster where it is made
+        for made in ([split] if split is not None else []) + [(n_policy, compiled, bound)]:
+            peak = rank_plan(made[1], ranks).peak_bytes
+            least = peak if least is None else min(least, peak)
+            if peak + weights <= budget:
+                log.info("distributed: budget %s met per rank with %s", format_bytes(budget), made[0].describe())
+                return made
+    n_policy, one = compile_policy(policy, ranks), None
+    try:  # the one-device search: kept where its busiest rank fits
+        compiled, bound = compile_cached(gm, n_policy, weights)
+    except MemoryBudgetError as e:  # no slicing fits one device: its lower bound where no try was made
+        compiled, least = None, e.lower_bound_bytes if least is None else least
+    if compiled is not None:
+        one, peak = plan_memory(compiled.graph_module).peak_bytes, rank_plan(compiled, ranks).peak_bytes
+        least = peak if least is None else min(least, peak)
+        if peak + weights <= budget:
+            return n_policy, compiled, bound
+    alone = "" if one is None else (f" One device's plan fits ({format_bytes(one)} of activations): run it without "
+                                    "Policy.distributed, or raise max_memory.")
+    raise MemoryBudgetError(
+        f"Policy.max_memory={format_bytes(budget)} cannot be met on each of {ranks} ranks: every rank holds the "
+        f"{format_bytes(weights)} of weights, and the least any slicing tried plans for the busiest rank's "
+        f"activations is {format_bytes(least)} (NOTE [A budget per rank]), so at least "
+        f"{format_bytes(weights + least)} is needed. Raise max_memory, use more ranks, or make the input smaller "
+        f"(frames, resolution, batch) or the dtype narrower.{alone}",
+        max_memory=budget, weight_bytes=weights, lower_bound_bytes=least)
 
 
 def plan_ranks(entry: Entry, policy: Policy, counts, link: str) -> list:
     """``Policy(distributed=...)`` planned on each of ``counts`` devices without a process group, as a process
     group of that size would run it (:func:`rank_compile`), against the planned peak of ``entry``, the
     one-device compile for spread regions (``compile_policy(policy)``)."""
-    from .memory import plan_memory
     one, one_flops = plan_memory(entry.compiled.graph_module).peak_bytes, planned_flops(entry.compiled)
     return [rank_plan(rank_compile(entry, policy, n), n, link, one_device=one, one_flops=one_flops) for n in counts]

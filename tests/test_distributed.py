@@ -459,3 +459,40 @@ def test_an_exchange_gives_each_rank_its_part_in_the_other_cut(data):
     for r in range(ranks):
         assert got[r].shape == dst.part_shape(r)
         assert torch.equal(got[r], part(dst, r)), r
+
+
+def test_a_budget_is_each_ranks():
+    """NOTE [A budget per rank]: under Policy(distributed=...) max_memory is each rank's: the fewest slices per rank
+    whose busiest rank (weights included) fits; a budget no rank plan meets raises MemoryBudgetError naming the
+    ranks, before any compute."""
+    from fxstream.entry import Entry, rank_budget
+    from fxstream.plan_cache import compile_cached
+    m = build_unet("svd-tiny")
+    kw = example_inputs("svd-tiny", m)
+    entry = Entry(m, kw, fxstream.Policy())  # one capture for every compile below
+    gm, weights = entry.compiled.original, sum(p.numel() * p.element_size() for p in m.parameters())
+    budget = weights + 2_000_000  # a rank of 2: Policy(slices=2) plans 1.96 MB (a guidance half), slices=1 3.58 MB
+    policy, chosen, _ = rank_budget(gm, fxstream.Policy(max_memory=budget), weights, 2)
+    assert rank_plan(chosen, 2).peak_bytes + weights <= budget
+    # the guidance halves, one per rank (faster than spreading the regions), each cut in 2 as on one device
+    assert policy == chosen.made_with.policy == compile_policy(fxstream.Policy(slices=2, batch=2), 2)
+    unsliced = compile_cached(gm, compile_policy(fxstream.Policy(slices=1), 2), weights)[0]
+    assert rank_plan(unsliced, 2).peak_bytes + weights > budget  # slices=1 was tried first and did not fit
+    with pytest.raises(fxstream.MemoryBudgetError, match="each of 2 ranks") as e:
+        rank_budget(gm, fxstream.Policy(max_memory=weights + 1_000_000, slices=2), weights, 2)
+    assert e.value.weight_bytes == weights and e.value.lower_bound_bytes > 1_000_000
+
+
+@pytest.mark.slow
+def test_a_budget_only_the_ranks_together_meet():
+    """NOTE [A budget per rank]: full-size SVD-XT 25x576x1024 (fp16, batch 2, meta) with 0.85 GiB of activations
+    beside its weights: one device cannot (its lower bound is 0.88 GiB); each of 4 ranks can (0.78 GiB planned:
+    the guidance halves on 2 groups of 2, Policy(slices=8) per rank), still faster than one device."""
+    m = build_unet("svd-xt", device="meta", dtype=torch.float16)
+    kw = example_inputs("svd-xt", m, frames=25)
+    weights = sum(p.numel() * p.element_size() for p in m.parameters())
+    policy = fxstream.Policy(max_memory=weights + int(0.85 * 2**30))
+    with pytest.raises(fxstream.MemoryBudgetError):
+        fxstream.explain(m, kw, policy)
+    four = fxstream.explain(m, kw, policy, ranks=[4]).ranks[0]
+    assert four.peak_bytes + weights <= policy.max_memory and four.speedup > 3.0, four
