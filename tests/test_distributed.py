@@ -461,10 +461,11 @@ def test_an_exchange_gives_each_rank_its_part_in_the_other_cut(data):
         assert torch.equal(got[r], part(dst, r)), r
 
 
-def test_a_budget_is_each_ranks():
+def test_a_budget_is_each_ranks(monkeypatch):
     """NOTE [A budget per rank]: under Policy(distributed=...) max_memory is each rank's: the fewest slices per rank
     whose busiest rank (weights included) fits; a budget no rank plan meets raises MemoryBudgetError naming the
     ranks, before any compute."""
+    import fxstream.entry as entry_module
     from fxstream.entry import Entry, rank_budget
     from fxstream.plan_cache import compile_cached
     m = build_unet("svd-tiny")
@@ -478,6 +479,10 @@ def test_a_budget_is_each_ranks():
     assert policy == chosen.made_with.policy == compile_policy(fxstream.Policy(slices=2, batch=2), 2)
     unsliced = compile_cached(gm, compile_policy(fxstream.Policy(slices=1), 2), weights)[0]
     assert rank_plan(unsliced, 2).peak_bytes + weights > budget  # slices=1 was tried first and did not fit
+    # the margin only orders the tries: splits it leaves out are tried before the search gives up
+    monkeypatch.setattr(entry_module, "SPLIT_MARGIN", 0.0)
+    late, _, _ = rank_budget(gm, fxstream.Policy(max_memory=budget, slices=4), weights, 2)
+    assert late == policy
     with pytest.raises(fxstream.MemoryBudgetError, match="each of 2 ranks") as e:
         rank_budget(gm, fxstream.Policy(max_memory=weights + 1_000_000, slices=2), weights, 2)
     assert e.value.weight_bytes == weights and e.value.lower_bound_bytes > 1_000_000

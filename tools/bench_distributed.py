@@ -3,6 +3,7 @@
     python tools/bench_distributed.py                      # both tables; writes docs/benchmarks.md
     python tools/bench_distributed.py --no-full --no-write
     python tools/bench_distributed.py --no-cpu --ranks 2 4 8
+    python tools/bench_distributed.py --budget             # only the budget per rank; its own section
 
 Two tables:
 
@@ -20,6 +21,11 @@ Two tables:
   planned peak against the one-device plan's, bytes received and collectives per call, and the latency model's
   predicted speedup (fxstream.distributed.rank_plan; its link figures and compute rate are in NOTE [Link figures]);
   and the VAE decoders of SVD (14 frames at 576x1024) and SD 1.5 (16 at 512x512) under ``Policy(halo=8)``.
+
+With ``--budget``, a third table alone (its own section): full-size SVD-XT under ``Policy(max_memory=weights +
+A)`` (``--activations A`` GiB, default 0.85) on one device and on each of ``--ranks`` devices (NOTE [A budget per
+rank]): whether one device can meet it, the slicing the ranks' search chose, the busiest rank's planned peak, the
+predicted speedup and the search's wall time.
 """
 from __future__ import annotations
 
@@ -215,6 +221,69 @@ def decoder_rows(ranks: list) -> list:
     return rows
 
 
+def budget_rows(ranks: list, activations_gib: float) -> list:
+    """Full-size SVD-XT (fp16, meta) under ``Policy(max_memory=weights + activations_gib GiB)``: one device's search
+    and each rank count's (NOTE [A budget per rank], fxstream.entry.compile_ranks)."""
+    import fxstream
+    from fxstream.distributed import rank_plan
+    from fxstream.entry import Entry, compile_ranks
+    from fxstream.models import build_unet, example_inputs
+    extra, size = FULL["svd-xt"]
+    unet = build_unet("svd-xt", device="meta", dtype=torch.float16)
+    kw = example_inputs("svd-xt", unet, **extra)
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    policy = fxstream.Policy(max_memory=weights + int(activations_gib * 2 ** 30))
+    t = time.perf_counter()
+    try:
+        peak = fxstream.explain(unet, kw, policy).peak_bytes
+        one = f"fits: {peak / 2 ** 30:.3f} GiB"
+    except fxstream.MemoryBudgetError as e:
+        one = f"cannot: lower bound {e.lower_bound_bytes / 2 ** 30:.3f} GiB"
+    rows = [{"model": "svd-xt", "size": size, "ranks": 1, "budget": policy.max_memory, "weights": weights,
+             "chosen": one, "per rank GiB": None, "speedup": None, "batch split": 1,
+             "plan s": time.perf_counter() - t}]
+    print(rows[-1], flush=True)
+    gm = Entry(unet, kw, fxstream.Policy()).compiled.original  # one capture for the ranks' searches
+    for n in ranks:
+        t = time.perf_counter()
+        try:
+            chosen, compiled, _ = compile_ranks(gm, policy, weights, n)
+        except fxstream.MemoryBudgetError as e:
+            rows.append(dict(rows[0], ranks=n, chosen=f"cannot: {e.lower_bound_bytes / 2 ** 30:.3f} GiB least",
+                             **{"plan s": time.perf_counter() - t}))
+            continue
+        seconds = time.perf_counter() - t
+        p = rank_plan(compiled, n, "nvlink")
+        what = "the one-device search" if chosen.max_memory is not None else \
+            f"slices={chosen.slices * p.batch_split // n} per rank"  # compile_policy's count over the ranks
+        rows.append(dict(rows[0], ranks=n, chosen=what, **{"per rank GiB": p.peak_bytes / 2 ** 30,
+                    "speedup": p.speedup, "batch split": p.batch_split, "plan s": seconds}))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def budget_doc(rows: list, argv) -> str:
+    from fxstream.bench import provenance
+    r0 = rows[0]
+    doc = "## A budget per rank (Policy(max_memory=..., distributed=...))\n\n" + provenance(
+        "python tools/bench_distributed.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    doc += (f"Planned on the meta device (fp16, batch 2): full-size SVD-XT {r0['size']} (frames x pixels) under "
+            f"`Policy(max_memory={r0['budget'] / 2 ** 30:.2f} GiB)`, its weights {r0['weights'] / 2 ** 30:.2f} GiB "
+            "(every rank holds them) plus "
+            f"{(r0['budget'] - r0['weights']) / 2 ** 30:.2f} GiB of activations. One device: its budget search "
+            "(`fxstream.explain`). N ranks: the search of NOTE [A budget per rank] (`fxstream.entry.compile_ranks`: "
+            "the fewest slices per rank, the guidance split first where it plans faster, whose busiest rank fits); "
+            "'per rank': the busiest rank's planned activation peak with the largest copy in transit; 'speedup': "
+            "the latency model's over one device on NVLink (NOTE [Link figures]); 'plan s': the search's wall time "
+            "on 2 cores. Predictions, not measurements: no multi-GPU machine was at hand.\n\n```\n")
+    doc += tabulate([(r["model"], r["size"], r["ranks"], r["chosen"], _split(r) if r["ranks"] > 1 else "-",
+                      "-" if r["per rank GiB"] is None else f"{r['per rank GiB']:.3f}",
+                      "-" if r["speedup"] is None else f"{r['speedup']:.2f}x", f"{r['plan s']:.0f}") for r in rows],
+                    headers=["model", "frames x pixels", "ranks", "chosen", "batch split", "per rank GiB", "speedup",
+                             "plan s"])
+    return doc + "\n```\n"
+
+
 def _split(r) -> str:
     parts = r["batch split"]
     if parts <= 1:
@@ -232,6 +301,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-full", action="store_true", help="skip the full-size plans on meta")
     ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     ap.add_argument("--not-quiet", metavar="WHAT", help="what else ran meanwhile (timings are then indicative)")
+    ap.add_argument("--budget", action="store_true", help="only the budget per rank (NOTE [A budget per rank])")
+    ap.add_argument("--activations", type=float, default=0.85,
+                    help="with --budget: GiB of activations beside the weights (default 0.85)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -239,6 +311,13 @@ def main(argv=None) -> None:
         child(model, int(slices), int(repeats), out, int(batch))
         return
     from fxstream.bench import provenance, write_section
+    if args.budget:
+        rows = budget_rows(args.ranks, args.activations)
+        doc = budget_doc(rows, argv)
+        print(doc)
+        if not args.no_write:
+            write_section(ROOT / "docs", "distributed-budget", doc, {"rows": rows, "args": vars(args)})
+        return
     cpu = [] if args.no_cpu else cpu_rows(args.model, args.slices, args.repeats) + \
         cpu_rows(args.model, args.slices, args.repeats, batch=2) + cpu_rows("svd-decoder", DECODER_HALO, args.repeats)
     full = [] if args.no_full else full_rows(args.ranks) + decoder_rows(args.ranks)
