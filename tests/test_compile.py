@@ -171,3 +171,33 @@ def test_batch_split_with_regions_inside(model, request):
     dims = {r.dim for r in report.regions}
     assert "batch" in dims and "frames" in dims and ("height" in dims or "width" in dims)
     assert report.peak_bytes < report.original_peak_bytes
+
+
+def test_capture_records_no_stack_traces_and_restores_the_setting():
+    """compiler.capture turns torch.fx's per-node stack traces off while it runs (a Python traceback per node,
+    17% of a full-size capture), keeps where each node comes from, and leaves the setting as it found it, also
+    when export fails."""
+    import torch.fx.config as fx_config
+    from fxstream.compiler import capture
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x).relu()
+
+    for setting in (False, True):
+        fx_config.do_not_emit_stack_traces = setting
+        try:
+            program = capture(Net(), {"x": torch.randn(2, 4)})
+            assert fx_config.do_not_emit_stack_traces is setting
+            with pytest.raises(fxstream.CaptureError):
+                capture(_Uncapturable(), {"x": torch.randn(3)})
+            assert fx_config.do_not_emit_stack_traces is setting
+        finally:
+            fx_config.do_not_emit_stack_traces = False
+        ops = [n for n in program.graph.nodes if n.op == "call_function"]
+        assert ops and not any(n.meta.get("stack_trace") for n in ops)
+        assert any("lin" in str(n.meta.get("nn_module_stack", {})) for n in ops)
