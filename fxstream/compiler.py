@@ -158,6 +158,7 @@ class Job:
     left_whole: dict = field(default_factory=dict)  # region id -> why: regions left whole (they raised the peak)
     raised: list = field(default_factory=list)  # (graph, region): those regions, as planned on that graph
     check_peak: bool = True  # the compile_graph argument, passed on to the bodies of a batch split
+    line_buffers: bool = True  # the compile_graph argument: halo loops' line buffers by the compile's own rule
     split: bool = False  # cut regions where they hold too much (NOTE [Regions split where they hold too much])
     recompute: bool = False  # queries recompute what they share with keys and values (passes/recompute_queries.py)
     prepared: GraphModule | None = None
@@ -319,7 +320,8 @@ def step_group_halos(gm: GraphModule, job: Job) -> GraphModule:
     if job.halo_grid == (1, 1):
         return gm
     out = group_halo_regions(gm, job.halo)
-    set_line_buffers(out)
+    if job.line_buffers:
+        set_line_buffers(out)
     return out
 
 
@@ -374,7 +376,7 @@ def _run(gm: GraphModule, job: Job, steps, folder, depth: int) -> GraphModule:
 
 # -- the driver ----------------------------------------------------------------------------------------------------
 def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, inner_counts: list | None = None,
-                  halo_keep: int | None = None, check_peak: bool = True) -> CompiledGraph:
+                  halo_keep: int | None = None, check_peak: bool = True, line_buffers: bool = True) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
@@ -387,6 +389,8 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
     what its slices hold anyway and saves the statistics passes behind it from recomputing the block.
     ``check_peak``: leave whole the cut regions that would raise the planned peak (NOTE [A region must not raise
     the peak]); the budget turns it off (its search weighs every region's peak against the budget itself).
+    ``line_buffers``: turn on halo loops' line buffers where they do not raise the planned peak (NOTE [Line
+    buffers]); the halo budget turns it off (NOTE [Line buffers in the halo budget]).
     """
     made_with = MadeWith(policy, dict(counts) if counts is not None else None,
                          [dict(c) if c is not None else None for c in inner_counts] if inner_counts is not None
@@ -397,15 +401,16 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
     check = check_peak and _job(policy, counts, inner_counts, halo_keep).inner is None and \
         policy.min_region_fraction > 0
     out, job, made_with, planned = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check,
-                                            made_with)
+                                            made_with, line_buffers=line_buffers)
     if check and _split_may_help(job, out, planned):  # NOTE [Regions split where they hold too much]
-        tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True)
+        tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True,
+                         line_buffers=line_buffers)
         if tried[3] is not None and tried[3].peak_bytes < planned.peak_bytes:  # kept where the planned peak falls
             out, job, made_with, planned = tried
     if check and planned is not None and _recompute_may_help(gm, out):
         # NOTE [Queries recompute what they share with keys and values]: kept where the planned peak falls
         tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True,
-                         recompute=True)
+                         recompute=True, line_buffers=line_buffers)
         if tried[3] is not None and tried[3].peak_bytes < planned.peak_bytes:
             out, job, made_with, planned = tried
     log.info("compiled: %d regions", len(job.plan.regions))
@@ -414,11 +419,11 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
 
 
 def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=False,
-             recompute=False):
+             recompute=False, line_buffers=True):
     """One compile of ``gm``: the steps, then once more with the regions that raise the peak left whole. Returns
     the graph, its job, what it was made with and (with ``check``) its memory plan."""
     job = _job(policy, counts, inner_counts, halo_keep)
-    job.check_peak, job.split, job.recompute = check_peak, split, recompute
+    job.check_peak, job.split, job.recompute, job.line_buffers = check_peak, split, recompute, line_buffers
     out = run_steps(gm, job)
     raising, planned = _raising_regions(job, out) if check else ({}, None)
     if raising:  # NOTE [A region must not raise the peak]: compile once more with those regions left whole
@@ -427,7 +432,7 @@ def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, mad
         raised = [(job.prepared, r) for r in job.plan.regions if region_id(r) in raising]
         job = _job(policy, counts, inner_counts, halo_keep)
         job.left_whole, job.check_peak, job.split, job.raised = raising, check_peak, split, raised
-        job.recompute = recompute
+        job.recompute, job.line_buffers = recompute, line_buffers
         out = run_steps(gm, job)
         planned = None
     if check and planned is None and (job.plan.regions or job.raised):

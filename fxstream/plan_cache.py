@@ -267,7 +267,8 @@ def store(path: Path, record: dict) -> None:
 # -- the wrapper --------------------------------------------------------------------------------------------------
 def replay(gm: GraphModule, made: MadeWith) -> CompiledGraph:
     """The one compile ``made`` describes, on ``gm``."""
-    cg = compile_graph(gm, made.policy, made.counts, made.inner_counts, made.halo_keep, made.check_peak)
+    cg = compile_graph(gm, made.policy, made.counts, made.inner_counts, made.halo_keep, made.check_peak,
+                       line_buffers=made.line_buffers is None)  # else set under the budget's ceiling below
     if made.in_flight is not None:
         set_in_flight(cg.graph_module, made.in_flight, made.policy.cpu_workers)
         cg.made_with = made
