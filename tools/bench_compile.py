@@ -2,6 +2,7 @@
 
     python tools/bench_compile.py                     # svd and animatediff on the meta device; writes docs/benchmarks.md
     python tools/bench_compile.py --models svd --no-write
+    python tools/bench_compile.py --against 3213995 --rounds 2   # interleaved with an older commit; own section
 
 Then two pipeline rows: a compiled tiny SVD pipeline's first generation on the CPU (3 steps, where its compiles
 happen), and the full-size SVD-XT pipeline planned by ``explain_pipeline`` (25 frames, 576x1024, 6 GiB).
@@ -12,13 +13,23 @@ first access), and ``fxstream.explain`` under ``Policy(max_memory=...)`` (captur
 compile step's time comes from the driver's log (``fxstream.compiler`` at INFO), summed over every compile the
 call made (the budget compiles several times). Wall times on this machine's CPU threads; run it on a quiet
 machine (nothing else running), or the figures mean little.
+
+With ``--against REF`` the same calls run in fresh processes, alternately on the code of commit ``REF`` and on
+this checkout (each a snapshot of ``fxstream/`` and ``passes/``; the order flips every round), ``--rounds`` times:
+this machine's speed drifts (the same code, quiet, 47 s and 59 s for the SVD-XT pipeline plan an hour apart), so
+only calls timed side by side compare. Written to its own section, "compile-against".
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
@@ -111,6 +122,77 @@ def table(rows) -> str:
                     disable_numparse=True)
 
 
+def _rows(models: list, pipelines: bool) -> list:
+    rows = []
+    for m in models:
+        print(f"{m}...", file=sys.stderr, flush=True)
+        rows += measure(m)
+    if pipelines:
+        print("pipelines...", file=sys.stderr, flush=True)
+        rows += measure_pipelines()
+    return rows
+
+
+def _snapshot(ref: str | None, into: pathlib.Path) -> pathlib.Path:
+    """``fxstream/`` (with ``passes/`` as ``fxstream/passes``) of commit ``ref`` (None: this checkout as it is)."""
+    if ref is None:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(ROOT / "fxstream", into / "fxstream", ignore=ignore)
+        shutil.copytree(ROOT / "passes", into / "fxstream" / "passes", ignore=ignore)
+        return into
+    files = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "fxstream", "passes"], capture_output=True,
+                           check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=files, check=True)
+    (into / "passes").rename(into / "fxstream" / "passes")
+    return into
+
+
+def _child(src: pathlib.Path, models: list, pipelines: bool) -> list:
+    """The calls timed in a fresh process importing fxstream from ``src``: [(model, call, wall s, compiles)]."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               FXSTREAM_PROGRESS="0")
+    env.pop(ENV_CACHE, None)  # no plan cache: every call searches
+    cmd = [sys.executable, __file__, "--child", "--models", *models] + ([] if pipelines else ["--no-pipelines"])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        raise RuntimeError(f"the timing subprocess on {src} failed:\n{out.stderr[-4000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["module"].startswith(str(src)):
+        raise RuntimeError(f"the subprocess imported fxstream from {result['module']}, not the snapshot {src}")
+    return result["rows"]
+
+
+ENV_CACHE = "FXSTREAM_CACHE_DIR"
+
+
+def against(ref: str, models: list, pipelines: bool, rounds: int) -> tuple[list, str]:
+    """The calls timed alternately on commit ``ref`` and on this checkout, ``rounds`` times each."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    times: dict = {}  # (model, call) -> {"ref": [s], "now": [s]}
+    with tempfile.TemporaryDirectory(prefix="fxstream-ref-") as a, \
+            tempfile.TemporaryDirectory(prefix="fxstream-now-") as b:
+        srcs = {"ref": _snapshot(ref, pathlib.Path(a)), "now": _snapshot(None, pathlib.Path(b))}
+        for r in range(rounds):
+            for which in (("ref", "now") if r % 2 == 0 else ("now", "ref")):
+                print(f"round {r + 1}: {which}...", file=sys.stderr, flush=True)
+                for model, call, secs, _ in _child(srcs[which], models, pipelines):
+                    times.setdefault((model, call), {"ref": [], "now": []})[which].append(secs)
+    rows = []
+    for (model, call), t in times.items():
+        med = {k: sorted(v)[len(v) // 2] for k, v in t.items() if v}
+        rows.append((model, call, t["ref"], t["now"], med["now"] / med["ref"] if len(med) == 2 else None))
+    return rows, sha
+
+
+def against_table(rows, sha: str) -> str:
+    def secs(v):
+        return ", ".join(f"{x:.1f}" for x in v) or "-"
+    return tabulate([[m, c, secs(a), secs(b), "-" if r is None else f"{r:.2f}x"] for m, c, a, b, r in rows],
+                    headers=["model", "call", f"{sha} wall s", "this checkout wall s", "ratio (medians)"],
+                    disable_numparse=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["svd", "animatediff"], choices=sorted(BUDGETS))
@@ -118,14 +200,36 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     ap.add_argument("--not-quiet", metavar="WHAT", default=None,
                     help="what else ran on the machine meanwhile (written instead of 'Measured on a quiet machine')")
+    ap.add_argument("--against", metavar="REF", help="time the calls alternately on commit REF and on this checkout")
+    ap.add_argument("--rounds", type=int, default=2, help="with --against: runs of each (default 2)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    rows = []
-    for m in args.models:
-        print(f"{m}...", file=sys.stderr, flush=True)
-        rows += measure(m)
-    if not args.no_pipelines:
-        print("pipelines...", file=sys.stderr, flush=True)
-        rows += measure_pipelines()
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected at least 1, got {args.rounds}")
+    if args.child:
+        rows = _rows(args.models, not args.no_pipelines)
+        print(json.dumps({"module": fxstream.__file__, "rows": [(m, w, t, s.compiles) for m, w, t, s in rows]}))
+        return 0
+    if args.against:
+        rows, sha = against(args.against, args.models, not args.no_pipelines, args.rounds)
+        text = against_table(rows, sha)
+        print(text)
+        if args.no_write:
+            return 0
+        cmd = f"python tools/bench_compile.py --against {args.against} --rounds {args.rounds}" + \
+            (f" --models {' '.join(args.models)}" if args.models != ["svd", "animatediff"] else "") + \
+            (" --no-pipelines" if args.no_pipelines else "")
+        doc = (f"## Compile time against {sha}\n\n" + provenance(cmd) +
+               f"The calls of \"Compile time\" timed in fresh processes, alternately on the code of commit {sha} and "
+               "on this checkout (the order flipped every round), to compare code on a machine whose speed drifts "
+               "(the same code, quiet, 47 s and 59 s for the SVD-XT pipeline plan an hour apart). " +
+               ("Measured on a quiet machine." if args.not_quiet is None else
+                f"Not measured on a quiet machine: {args.not_quiet}.") + f"\n\n```\n{text}\n```\n")
+        write_section(ROOT / "docs", "compile-against", doc,
+                      {"ref": sha, "rows": [(m, c, a, b) for m, c, a, b, _ in rows]})
+        print("wrote docs/benchmarks.md")
+        return 0
+    rows = _rows(args.models, not args.no_pipelines)
     text = table(rows)
     print(text)
     if args.no_write:
