@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 
-import fxstream
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_compare.py"
 _spec = importlib.util.spec_from_file_location("bench_compare", _PATH)

@@ -14,7 +14,6 @@ of views, permutes, norms, attention, convolutions, skip connections and reducti
 
 Run the long profile with ``HYPOTHESIS_PROFILE=long`` (see docs/design.md, "Property tests").
 """
-import pytest
 import torch
 import torch.utils._pytree as pytree
 from dataclasses import replace

@@ -117,7 +117,7 @@ def conv(node, cut, ctx):
     x, w = node.args[0], node.args[1]
     nsp = len(val_shape(node)) - 2
     args = list(node.args) + [None] * (7 - len(node.args))
-    stride, padding, dilation, groups = (args[3] or [1] * nsp), (args[4] or [0] * nsp), args[5], args[6]
+    stride, padding = (args[3] or [1] * nsp), (args[4] or [0] * nsp)  # args 5, 6: dilation, groups
     if isinstance(padding, str):
         padding = [0] * nsp if padding == "valid" else None
     if cut.dim == 1:
