@@ -125,7 +125,11 @@ class MadeWith:
     ``compile_graph(gm, m.policy, m.counts, m.inner_counts, m.halo_keep)`` makes it again from the same
     graph. ``in_flight``: slices in flight set on its loops afterwards (``runtime.set_in_flight``; the budget's
     floor fallback), None if not; ``line_buffers``: the ceiling its halo loops' line buffers were set under
-    afterwards (``halo_runtime.set_line_buffers``; the budget's), None if not. :mod:`fxstream.plan_cache` stores and replays it."""
+    afterwards (``halo_runtime.set_line_buffers``; the budget's), None if not; ``norms``: the names of the
+    GroupNorms each run of the compile driver's steps split, in the order ``compile_graph`` made them (the sets
+    ``step_split_group_norm`` settled on, None where it searched none; given back to ``compile_graph``, each is
+    checked with one plan instead of searched: NOTE [Split GroupNorms replayed]).
+    :mod:`fxstream.plan_cache` stores and replays it."""
 
     policy: Policy
     counts: dict | None = None
@@ -135,6 +139,7 @@ class MadeWith:
     check_peak: bool = True
     line_buffers: int | None = None  # the ceiling the budget set the halo loops' line buffers under (None: the
     # compile's own rule, halo_runtime.set_line_buffers)
+    norms: tuple | None = None
 
 
 @dataclass
@@ -159,6 +164,8 @@ class Job:
     raised: list = field(default_factory=list)  # (graph, region): those regions, as planned on that graph
     check_peak: bool = True  # the compile_graph argument, passed on to the bodies of a batch split
     line_buffers: bool = True  # the compile_graph argument: halo loops' line buffers by the compile's own rule
+    norms_given: tuple | None = None  # the GroupNorms this run of the steps split when first compiled, if known
+    norms: tuple | None = None  # the GroupNorms split (names), where the step searched or checked them
     split: bool = False  # cut regions where they hold too much (NOTE [Regions split where they hold too much])
     recompute: bool = False  # queries recompute what they share with keys and values (passes/recompute_queries.py)
     prepared: GraphModule | None = None
@@ -214,22 +221,44 @@ def axes_of(gm: GraphModule) -> list:
 def step_split_group_norm(gm: GraphModule, job: Job) -> GraphModule:
     """Split the GroupNorms a region uses (unsliced ones stay fused, numerically unchanged): plan with every
     candidate split, then with just the ones used, until the set is stable. The last plan is kept on the job for
-    the planning step (it is a plan of the graph returned)."""
+    the planning step (it is a plan of the graph returned).
+
+    NOTE [Split GroupNorms replayed]: the search plans the graph at least twice (every candidate split, then the
+    ones used: 2.2 s of a full-size SVD compile on 2 cores). A plan cache entry's ``MadeWith.norms`` holds the set
+    each run of the steps of its compile settled on, in order; replayed, each run is given its own
+    (``job.norms_given``) and plans once with it, keeping it where that plan uses exactly those splits (the
+    search's stopping rule; otherwise, a name not among this graph's candidates or another set used, it
+    searches). The search is deterministic, so a run given what it found before reproduces it, and every later
+    run's decisions follow as before."""
     split = set(splittable_group_norms(gm)) if job.splits_norms else set()
     if not split:
         return gm
+    if job.norms_given is not None:
+        given = set(job.norms_given)
+        if given <= split:
+            prepared = _split_copy(gm, given)
+            plan = _plan(prepared, job)
+            if _norms_used(plan) == given:
+                job.planned, job.plan, job.norms = prepared, plan, tuple(sorted(given))
+                return prepared
+        log.info("the GroupNorms given to split are not the ones this compile settles on: searching")
     for _ in range(4):
         prepared = _split_copy(gm, split)
         plan = _plan(prepared, job)
-        used = {m.group_norm for r in plan.regions for n in r.nodes if (m := get_meta(n, SplitNorm)) is not None}
+        used = _norms_used(plan)
         if used == split:
             break
         split = used
     else:
         prepared = _split_copy(gm, split)
         plan = _plan(prepared, job)
-    job.planned, job.plan = prepared, plan
+    job.planned, job.plan, job.norms = prepared, plan, tuple(sorted(split))
     return prepared
+
+
+def _norms_used(plan: SlicePlan) -> set:
+    """The names of the GroupNorms (of the graph before splitting) whose split parts a plan's regions hold."""
+    return {m.group_norm for r in plan.regions for n in r.nodes if (m := get_meta(n, SplitNorm)) is not None}
 
 
 def step_plan_slicing(gm: GraphModule, job: Job) -> GraphModule:
@@ -376,7 +405,8 @@ def _run(gm: GraphModule, job: Job, steps, folder, depth: int) -> GraphModule:
 
 # -- the driver ----------------------------------------------------------------------------------------------------
 def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, inner_counts: list | None = None,
-                  halo_keep: int | None = None, check_peak: bool = True, line_buffers: bool = True) -> CompiledGraph:
+                  halo_keep: int | None = None, check_peak: bool = True, line_buffers: bool = True,
+                  norms: tuple | None = None) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
@@ -390,7 +420,8 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
     ``check_peak``: leave whole the cut regions that would raise the planned peak (NOTE [A region must not raise
     the peak]); the budget turns it off (its search weighs every region's peak against the budget itself).
     ``line_buffers``: turn on halo loops' line buffers where they do not raise the planned peak (NOTE [Line
-    buffers]); the halo budget turns it off (NOTE [Line buffers in the halo budget]).
+    buffers]); the halo budget turns it off (NOTE [Line buffers in the halo budget]). ``norms``: the GroupNorms an
+    earlier compile of this graph and policy split (``MadeWith.norms``; NOTE [Split GroupNorms replayed]).
     """
     made_with = MadeWith(policy, dict(counts) if counts is not None else None,
                          [dict(c) if c is not None else None for c in inner_counts] if inner_counts is not None
@@ -400,31 +431,36 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
     # a batch split: its bodies check; min_region_fraction=0 keeps every region the rules allow (tests use it)
     check = check_peak and _job(policy, counts, inner_counts, halo_keep).inner is None and \
         policy.min_region_fraction > 0
+    norm_log = _NormLog(list(norms) if norms is not None else None)
     out, job, made_with, planned = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check,
-                                            made_with, line_buffers=line_buffers)
+                                            made_with, line_buffers=line_buffers, norms=norm_log)
     if check and _split_may_help(job, out, planned):  # NOTE [Regions split where they hold too much]
         tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True,
-                         line_buffers=line_buffers)
+                         line_buffers=line_buffers, norms=norm_log)
         if tried[3] is not None and tried[3].peak_bytes < planned.peak_bytes:  # kept where the planned peak falls
             out, job, made_with, planned = tried
     if check and planned is not None and _recompute_may_help(gm, out):
         # NOTE [Queries recompute what they share with keys and values]: kept where the planned peak falls
         tried = _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=True,
-                         recompute=True, line_buffers=line_buffers)
+                         recompute=True, line_buffers=line_buffers, norms=norm_log)
         if tried[3] is not None and tried[3].peak_bytes < planned.peak_bytes:
             out, job, made_with, planned = tried
     log.info("compiled: %d regions", len(job.plan.regions))
+    made_with = replace(made_with, norms=tuple(norm_log.made))
     return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with,
                          len(shared_chains(stripped_graph(gm))) if job.recompute else 0)
 
 
 def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=False,
-             recompute=False, line_buffers=True):
+             recompute=False, line_buffers=True, norms=None):
     """One compile of ``gm``: the steps, then once more with the regions that raise the peak left whole. Returns
     the graph, its job, what it was made with and (with ``check``) its memory plan."""
     job = _job(policy, counts, inner_counts, halo_keep)
     job.check_peak, job.split, job.recompute, job.line_buffers = check_peak, split, recompute, line_buffers
+    norms = _NormLog(None) if norms is None else norms
+    job.norms_given = norms.given()
     out = run_steps(gm, job)
+    norms.made.append(job.norms)
     raising, planned = _raising_regions(job, out) if check else ({}, None)
     if raising:  # NOTE [A region must not raise the peak]: compile once more with those regions left whole
         counts = {**(counts or {}), **{rid: 1 for rid in raising}}
@@ -432,13 +468,26 @@ def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, mad
         raised = [(job.prepared, r) for r in job.plan.regions if region_id(r) in raising]
         job = _job(policy, counts, inner_counts, halo_keep)
         job.left_whole, job.check_peak, job.split, job.raised = raising, check_peak, split, raised
-        job.recompute, job.line_buffers = recompute, line_buffers
+        job.recompute, job.line_buffers, job.norms_given = recompute, line_buffers, norms.given()
         out = run_steps(gm, job)
+        norms.made.append(job.norms)
         planned = None
     if check and planned is None and (job.plan.regions or job.raised):
         from .memory import plan_memory
         planned = plan_memory(out)
     return out, job, made_with, planned
+
+
+class _NormLog:
+    """The GroupNorm sets of one ``compile_graph`` call's runs of the steps: those given (an earlier compile's, in
+    order; None: unknown) and those made (NOTE [Split GroupNorms replayed])."""
+
+    def __init__(self, given: list | None):
+        self._given, self.made = given, []
+
+    def given(self) -> tuple | None:
+        i = len(self.made)
+        return None if self._given is None or i >= len(self._given) else self._given[i]
 
 
 def _split_may_help(job: Job, grouped: GraphModule, planned) -> bool:

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ENV", "FORMAT", "compile_cached", "cache_folder", "plan_key", "replay", "load", "store", "versions"]
 
 ENV = "FXSTREAM_CACHE_DIR"
-FORMAT = 3  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
+FORMAT = 4  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
 _NOT_KEYED = ("cache_dir", "cache_size", "verify", "distributed")  # Policy fields that do not change a compile
 _unwritable: set = set()  # folders warned about (once per process)
 
@@ -166,7 +166,8 @@ def _bool(v, what: str) -> bool:
 def _made_json(m: MadeWith) -> dict:
     return {"policy": _policy_json(m.policy), "counts": m.counts, "inner_counts": m.inner_counts,
             "halo_keep": m.halo_keep, "in_flight": m.in_flight, "check_peak": m.check_peak,
-            "line_buffers": m.line_buffers}
+            "line_buffers": m.line_buffers, "norms": None if m.norms is None else [
+                None if names is None else list(names) for names in m.norms]}
 
 
 def _made_from(d: dict) -> MadeWith:
@@ -177,7 +178,18 @@ def _made_from(d: dict) -> MadeWith:
                     None if d["counts"] is None else _counts(d["counts"], "counts"),
                     None if inner is None else [None if c is None else _counts(c, "inner_counts[...]") for c in inner],
                     _optional_int(d["halo_keep"], "halo_keep"), _optional_int(d["in_flight"], "in_flight"),
-                    _bool(d["check_peak"], "check_peak"), _optional_int(d["line_buffers"], "line_buffers"))
+                    _bool(d["check_peak"], "check_peak"), _optional_int(d["line_buffers"], "line_buffers"),
+                    _norms(d["norms"]))
+
+
+def _norms(v) -> tuple | None:
+    """``MadeWith.norms`` from JSON: null, or a list of (null or a list of node names)."""
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(x is None or (isinstance(x, list) and all(isinstance(n, str) for n in x))
+                                          for x in v):
+        raise TypeError(f"norms: expected null or a list of null or lists of names, got {v!r}")
+    return tuple(None if x is None else tuple(x) for x in v)
 
 
 def _record(key: str, policy: Policy, made: MadeWith | None = None, peak: int | None = None, bound=None,
@@ -268,7 +280,8 @@ def store(path: Path, record: dict) -> None:
 def replay(gm: GraphModule, made: MadeWith) -> CompiledGraph:
     """The one compile ``made`` describes, on ``gm``."""
     cg = compile_graph(gm, made.policy, made.counts, made.inner_counts, made.halo_keep, made.check_peak,
-                       line_buffers=made.line_buffers is None)  # else set under the budget's ceiling below
+                       line_buffers=made.line_buffers is None,  # else set under the budget's ceiling below
+                       norms=made.norms)  # NOTE [Split GroupNorms replayed]
     if made.in_flight is not None:
         set_in_flight(cg.graph_module, made.in_flight, made.policy.cpu_workers)
         cg.made_with = made

@@ -201,3 +201,32 @@ def test_capture_records_no_stack_traces_and_restores_the_setting():
         ops = [n for n in program.graph.nodes if n.op == "call_function"]
         assert ops and not any(n.meta.get("stack_trace") for n in ops)
         assert any("lin" in str(n.meta.get("nn_module_stack", {})) for n in ops)
+
+
+def test_split_group_norms_replayed_with_one_plan(monkeypatch):
+    """NOTE [Split GroupNorms replayed]: compile_graph given the GroupNorm sets an earlier compile of the same graph
+    and policy settled on makes the same graph with fewer plans; sets that are not the ones it settles on (a name
+    it does not have) are searched as without them."""
+    import fxstream.compiler as C
+    m = build_unet("unet3d-tiny")  # its search plans twice: every candidate split, then the 17 used
+    gm = C.capture(m, example_inputs("unet3d-tiny", m)).graph_module
+    plans = [0]
+    real = C._plan
+
+    def counted(*a):
+        plans[0] += 1
+        return real(*a)
+
+    monkeypatch.setattr(C, "_plan", counted)
+    policy = fxstream.Policy(slices=2)
+    first = C.compile_graph(gm, policy)
+    searched, plans[0] = plans[0], 0
+    norms = first.made_with.norms
+    assert norms and any(norms), norms  # GroupNorms were split under height slices
+    again = C.compile_graph(gm, policy, norms=norms)
+    assert plans[0] < searched
+    assert again.graph_module.code == first.graph_module.code and again.made_with == first.made_with
+    plans[0] = 0
+    wrong = C.compile_graph(gm, policy, norms=tuple(None if n is None else ("no_such_norm",) for n in norms))
+    assert plans[0] == searched
+    assert wrong.graph_module.code == first.graph_module.code and wrong.made_with == first.made_with

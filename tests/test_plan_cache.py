@@ -227,12 +227,14 @@ def test_a_policy_and_its_decision_survive_json():
     policy = fxstream.Policy(slices=4, halo=(2, 3), pipeline=2, cpu_workers=False, min_region_fraction=0.1,
                              rehash=fxstream.StepRehash(schedule=[0, 3, 5]), cache_dir="/somewhere",
                              host_memory="2GiB")
-    made = MadeWith(policy, {"add_1": 2}, [None, {"mul": 3}], 4096, 2, line_buffers=12345)
+    made = MadeWith(policy, {"add_1": 2}, [None, {"mul": 3}], 4096, 2, line_buffers=12345,
+                    norms=(("native_group_norm", "native_group_norm_3"), None, ()))
     back = plan_cache._made_from(json.loads(json.dumps(plan_cache._made_json(made))))
     assert back == MadeWith(fxstream.Policy(slices=4, halo=(2, 3), pipeline=2, cpu_workers=False,
                                             min_region_fraction=0.1, rehash=fxstream.StepRehash(schedule=[0, 3, 5]),
                                             host_memory=2 * 2**30),
-                            {"add_1": 2}, [None, {"mul": 3}], 4096, 2, line_buffers=12345)
+                            {"add_1": 2}, [None, {"mul": 3}], 4096, 2, line_buffers=12345,
+                            norms=(("native_group_norm", "native_group_norm_3"), None, ()))
 
 
 def _record(i: int) -> dict:
