@@ -182,6 +182,24 @@ def provenance(cmd: str) -> str:
             f"Versions: python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}\n\n")
 
 
+def snapshot(root: Path, into: Path, ref: str | None = None) -> Path:
+    """A copy of the fxstream package of the checkout at ``root`` (``passes/`` as ``fxstream/passes``, as the
+    install maps it) under ``into``, for a benchmark's subprocesses to import with ``into`` on ``PYTHONPATH``:
+    the files as they are, or those of commit ``ref`` (``git archive``)."""
+    import shutil
+    import subprocess
+    if ref is None:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(root / "fxstream", into / "fxstream", ignore=ignore)
+        shutil.copytree(root / "passes", into / "fxstream" / "passes", ignore=ignore)
+        return into
+    files = subprocess.run(["git", "-C", str(root), "archive", ref, "fxstream", "passes"], capture_output=True,
+                           check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=files, check=True)
+    (into / "passes").rename(into / "fxstream" / "passes")
+    return into
+
+
 def write_section(docs: Path, name: str, markdown: str, data=None) -> None:
     """Replace (or append) the section ``name`` of ``docs/benchmarks.md`` and the key ``name`` of
     ``docs/benchmarks.json``; other tools' sections stay as they are."""

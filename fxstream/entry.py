@@ -304,7 +304,15 @@ def rank_budget(gm, policy: Policy, weights: int, ranks: int) -> tuple:
     """NOTE [A budget per rank]: the compile for ``ranks`` ranks whose busiest rank fits ``policy.max_memory``.
     Returns (the policy compiled with, the compiled graph, its lower bound); raises MemoryBudgetError."""
     from .budget import _video
-    budget, least, tries, skipped = policy.max_memory, None, [], []
+    budget, least, tries, skipped = policy.max_memory, [], [], []
+
+    def fits(made, peak=None) -> bool:  # (policy, compiled, bound): its busiest rank within the budget
+        least.append(rank_plan(made[1], ranks).peak_bytes if peak is None else peak)
+        if least[-1] + weights > budget:
+            return False
+        log.info("distributed: budget %s met per rank with %s", format_bytes(budget), made[0].describe())
+        return True
+
     if _video(gm):
         caps = [v for v in (policy.slices, policy.spatial, policy.temporal) if v]
         free = replace(policy, max_memory=None, spatial=None, temporal=None)
@@ -313,26 +321,20 @@ def rank_budget(gm, policy: Policy, weights: int, ranks: int) -> tuple:
         n_policy = compile_policy(tried, ranks)
         compiled, bound = compile_cached(gm, n_policy, weights)
         peak = rank_plan(compiled, ranks).peak_bytes
-        least = peak if least is None else min(least, peak)
-        split = None  # the guidance split (faster where it is made) where it might fit: it holds the same values
-        if peak <= SPLIT_MARGIN * (budget - weights):  # in parts, and about as much (0.94x for SVD-XT on 4)
+        if peak <= SPLIT_MARGIN * (budget - weights):  # the guidance split (faster where it is made) where it
+            # might fit: it holds the same values in parts, and about as much (0.94x for SVD-XT on 4)
             split = guidance_split(gm, compile_policy(tried), weights, compiled, ranks)
+            if split is not None and fits(split):
+                return split
         else:
             skipped.append((tried, compiled))
-        for made in ([split] if split is not None else []) + [(n_policy, compiled, bound)]:
-            peak = rank_plan(made[1], ranks).peak_bytes
-            least = min(least, peak)
-            if peak + weights <= budget:
-                log.info("distributed: budget %s met per rank with %s", format_bytes(budget), made[0].describe())
-                return made
+        if fits((n_policy, compiled, bound), peak):
+            return n_policy, compiled, bound
     for tried, compiled in skipped:  # the splits the margin left out, before the search gives up
         split = guidance_split(gm, compile_policy(tried), weights, compiled, ranks)
-        if split is not None:
-            peak = rank_plan(split[1], ranks).peak_bytes
-            least = min(least, peak)
-            if peak + weights <= budget:
-                log.info("distributed: budget %s met per rank with %s", format_bytes(budget), split[0].describe())
-                return split
+        if split is not None and fits(split):
+            return split
+    least = min(least, default=None)
     n_policy, one = compile_policy(policy, ranks), None
     try:  # the one-device search: kept where its busiest rank fits
         compiled, bound = compile_cached(gm, n_policy, weights)

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,25 +132,13 @@ def _rows(models: list, pipelines: bool) -> list:
     return rows
 
 
-def _snapshot(ref: str | None, into: pathlib.Path) -> pathlib.Path:
-    """``fxstream/`` (with ``passes/`` as ``fxstream/passes``) of commit ``ref`` (None: this checkout as it is)."""
-    if ref is None:
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-        shutil.copytree(ROOT / "fxstream", into / "fxstream", ignore=ignore)
-        shutil.copytree(ROOT / "passes", into / "fxstream" / "passes", ignore=ignore)
-        return into
-    files = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "fxstream", "passes"], capture_output=True,
-                           check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=files, check=True)
-    (into / "passes").rename(into / "fxstream" / "passes")
-    return into
-
-
 def _child(src: pathlib.Path, models: list, pipelines: bool) -> list:
-    """The calls timed in a fresh process importing fxstream from ``src``: [(model, call, wall s, compiles)]."""
+    """The calls timed in a fresh process importing fxstream from ``src``: [(model, call, wall s, compiles)]. (The
+    child runs this file on an older fxstream too: what only the parent needs is imported here.)"""
+    from fxstream.plan_cache import ENV as CACHE_ENV
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                FXSTREAM_PROGRESS="0")
-    env.pop(ENV_CACHE, None)  # no plan cache: every call searches
+    env.pop(CACHE_ENV, None)  # no plan cache: every call searches
     cmd = [sys.executable, __file__, "--child", "--models", *models] + ([] if pipelines else ["--no-pipelines"])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
     if out.returncode != 0:
@@ -162,17 +149,15 @@ def _child(src: pathlib.Path, models: list, pipelines: bool) -> list:
     return result["rows"]
 
 
-ENV_CACHE = "FXSTREAM_CACHE_DIR"
-
-
 def against(ref: str, models: list, pipelines: bool, rounds: int) -> tuple[list, str]:
     """The calls timed alternately on commit ``ref`` and on this checkout, ``rounds`` times each."""
+    from fxstream.bench import snapshot
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True,
                          check=True).stdout.strip()
     times: dict = {}  # (model, call) -> {"ref": [s], "now": [s]}
     with tempfile.TemporaryDirectory(prefix="fxstream-ref-") as a, \
             tempfile.TemporaryDirectory(prefix="fxstream-now-") as b:
-        srcs = {"ref": _snapshot(ref, pathlib.Path(a)), "now": _snapshot(None, pathlib.Path(b))}
+        srcs = {"ref": snapshot(ROOT, pathlib.Path(a), ref), "now": snapshot(ROOT, pathlib.Path(b))}
         for r in range(rounds):
             for which in (("ref", "now") if r % 2 == 0 else ("now", "ref")):
                 print(f"round {r + 1}: {which}...", file=sys.stderr, flush=True)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,16 +76,6 @@ def run_case(case: str) -> dict:
             "module": fxstream.__file__}
 
 
-def _snapshot(into: pathlib.Path) -> pathlib.Path:
-    """A copy of this checkout's fxstream package (``passes/`` as ``fxstream/passes``) for the subprocesses to
-    import: the cache key holds a digest of fxstream's files, so an edit between the two processes (a checkout
-    others work in) would make the second one miss."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(ROOT / "fxstream", into / "fxstream", ignore=ignore)
-    shutil.copytree(ROOT / "passes", into / "fxstream" / "passes", ignore=ignore)
-    return into
-
-
 def _child(case: str, folder: str, src: pathlib.Path) -> dict:
     path = os.pathsep.join([str(src), str(ROOT / "tools")] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env = dict(os.environ, FXSTREAM_CACHE_DIR=folder, FXSTREAM_PROGRESS="0", PYTHONPATH=path)
@@ -103,7 +92,10 @@ def _child(case: str, folder: str, src: pathlib.Path) -> dict:
 def measure(cases) -> list:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fxstream-src-") as src:
-        src = _snapshot(pathlib.Path(src))
+        from fxstream.bench import snapshot
+        # the subprocesses import a copy: the cache key holds a digest of fxstream's files, so an edit between
+        # the two processes (a checkout others work in) would make the second one miss
+        src = snapshot(ROOT, pathlib.Path(src))
         for case in cases:
             with tempfile.TemporaryDirectory(prefix="fxstream-plan-cache-") as folder:
                 print(f"{case}: first process...", file=sys.stderr, flush=True)
