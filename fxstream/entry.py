@@ -22,7 +22,7 @@ from .graph_utils import output_values
 from .guard import touched
 from .memory import plan_memory, weight_bytes
 from .meta import region_of
-from .plan_cache import compile_cached
+from .plan_cache import compile_cached, rank_budget_cached
 from .policy import Policy, format_bytes
 from .progress import library_progress
 from .region_loop import RegionLoop
@@ -271,8 +271,9 @@ def compile_ranks(gm, policy: Policy, weights: int, ranks: int, made=None) -> tu
     budget per rank]: :func:`rank_budget`). ``made``: the compile of ``compile_policy(policy, ranks)`` if already
     made. Returns (the policy compiled with, the compiled graph, its lower bound)."""
     n_policy = compile_policy(policy, ranks)
-    if policy.max_memory is not None and ranks > 1:
-        return rank_budget(gm, policy, weights, ranks)
+    if policy.max_memory is not None and ranks > 1:  # the search stored in the plan cache, where there is one
+        return rank_budget_cached(gm, policy, weights, ranks, lambda: rank_budget(gm, policy, weights, ranks),
+                                  lambda compiled: rank_plan(compiled, ranks).peak_bytes)
     compiled, bound = (made, None) if made is not None else compile_cached(gm, n_policy, weights)
     split = guidance_split(gm, compile_policy(policy), weights, compiled, ranks)
     return (n_policy, compiled, bound) if split is None else split

@@ -38,7 +38,7 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +55,8 @@ from .runtime import set_in_flight
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV", "FORMAT", "compile_cached", "cache_folder", "plan_key", "replay", "load", "store", "versions"]
+__all__ = ["ENV", "FORMAT", "compile_cached", "cache_folder", "plan_key", "rank_budget_cached", "replay", "load",
+           "store", "versions"]
 
 ENV = "FXSTREAM_CACHE_DIR"
 FORMAT = 4  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
@@ -104,9 +105,9 @@ def _policy_key(policy: Policy) -> str:
     return ", ".join(f"{f.name}={getattr(policy, f.name)!r}" for f in fields(policy) if f.name not in _NOT_KEYED)
 
 
-def plan_key(gm: GraphModule, policy: Policy, weights: int) -> str:
+def plan_key(gm: GraphModule, policy: Policy, weights: int, ranks: int | None = None) -> str:
     """The cache key (hex sha256) of compiling the captured graph ``gm`` under ``policy`` with ``weights`` bytes of
-    weights (see the module docstring)."""
+    weights (see the module docstring); with ``ranks``, of the budget per rank on that many ranks."""
     h = hashlib.sha256()
 
     def put(text) -> None:
@@ -120,6 +121,8 @@ def plan_key(gm: GraphModule, policy: Policy, weights: int) -> str:
             put(f"{n.name}: {_signature(n.meta.get('val'))}")
     put(_policy_key(policy))
     put(weights)
+    if ranks is not None:
+        put(f"a budget per rank on {ranks} ranks")
     return h.hexdigest()
 
 
@@ -202,8 +205,8 @@ def _record(key: str, policy: Policy, made: MadeWith | None = None, peak: int | 
                                                  "lower_bound_bytes": error.lower_bound_bytes}}
 
 
-def _check(record, path: Path) -> dict:
-    """``record`` (a file's JSON) checked field by field; ValueError or TypeError saying what is wrong."""
+def _check_common(record, path: Path) -> bool:
+    """The fields every entry has checked (ValueError or TypeError saying what is wrong); True for a budget error."""
     if not isinstance(record, dict):
         raise TypeError(f"expected a JSON object, got {type(record).__name__}")
     if record.get("format") != FORMAT:
@@ -211,11 +214,18 @@ def _check(record, path: Path) -> dict:
     if record.get("key") != path.stem or record.get("versions") != versions():
         raise ValueError(f"written for key {record.get('key')!r} with {record.get('versions')!r}, not for this key "
                          f"with {versions()!r}")
-    if record.get("error") is not None:
-        e = record["error"]
-        if not isinstance(e, dict) or not isinstance(e.get("message"), str) or \
-                any(type(e.get(k)) is not int for k in ("max_memory", "weight_bytes", "lower_bound_bytes")):
-            raise TypeError(f"error: expected message, max_memory, weight_bytes and lower_bound_bytes, got {e!r}")
+    if record.get("error") is None:
+        return False
+    e = record["error"]
+    if not isinstance(e, dict) or not isinstance(e.get("message"), str) or \
+            any(type(e.get(k)) is not int for k in ("max_memory", "weight_bytes", "lower_bound_bytes")):
+        raise TypeError(f"error: expected message, max_memory, weight_bytes and lower_bound_bytes, got {e!r}")
+    return True
+
+
+def _check(record, path: Path) -> dict:
+    """``record`` (a file's JSON) checked field by field; ValueError or TypeError saying what is wrong."""
+    if _check_common(record, path):
         return record
     if not isinstance(record.get("made_with"), dict) or type(record.get("peak_bytes")) is not int:
         raise TypeError("expected made_with (an object) and peak_bytes (an int)")
@@ -224,14 +234,25 @@ def _check(record, path: Path) -> dict:
     return record
 
 
+def _check_ranks(record, path: Path) -> dict:
+    """A budget-per-rank entry (:func:`rank_budget_cached`) checked; its ``compiled_with`` a :class:`Policy`."""
+    if _check_common(record, path):
+        return record
+    if not isinstance(record.get("compiled_with"), dict) or type(record.get("rank_peak_bytes")) is not int:
+        raise TypeError("expected compiled_with (an object) and rank_peak_bytes (an int)")
+    record["compiled_with"] = _policy_from(record["compiled_with"])
+    return record
+
+
 def _ignored(path: Path, why: str) -> None:
     warnings.warn(f"fxstream: plan cache entry {path} ignored ({why}); searching again and overwriting it",
                   RuntimeWarning, stacklevel=4)
 
 
-def load(path: Path) -> dict | None:
-    """The entry at ``path`` checked (its ``made_with`` a :class:`MadeWith`); None when there is none, or with a
-    RuntimeWarning naming the file when it cannot be read or does not belong to its key."""
+def load(path: Path, check=_check) -> dict | None:
+    """The entry at ``path`` checked by ``check`` (by default a budget's decision: its ``made_with`` a
+    :class:`MadeWith`); None when there is none, or with a RuntimeWarning naming the file when it cannot be read or
+    does not belong to its key."""
     try:
         text = path.read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError):  # no entry, or no folder yet
@@ -240,7 +261,7 @@ def load(path: Path) -> dict | None:
         _ignored(path, f"cannot be read: {e}")
         return None
     try:
-        return _check(json.loads(text), path)
+        return check(json.loads(text), path)
     except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
         _ignored(path, f"{type(e).__name__}: {e}")
         return None
@@ -309,15 +330,8 @@ def compile_cached(gm: GraphModule, policy: Policy, weights: int) -> tuple[Compi
         return compile_for(gm, policy, weights)
     key = plan_key(gm, policy, weights)
     path = folder / f"{key}.json"
-    record = load(path)
-    if record is not None and record["error"] is not None:
-        e = record["error"]
-        if e["max_memory"] == policy.max_memory and e["weight_bytes"] == weights:
-            log.info("cache hit %s", path)
-            raise MemoryBudgetError(e["message"], max_memory=e["max_memory"], weight_bytes=e["weight_bytes"],
-                                    lower_bound_bytes=e["lower_bound_bytes"])
-        _ignored(path, "its budget error is for another budget or other weights")
-    elif record is not None:
+    record = _stored_error(load(path), path, policy, weights)
+    if record is not None:
         try:
             compiled = replay(gm, record["made_with"])
             peak = plan_memory(compiled.graph_module).peak_bytes
@@ -339,6 +353,58 @@ def compile_cached(gm: GraphModule, policy: Policy, weights: int) -> tuple[Compi
     record = _record(key, policy, compiled.made_with, plan_memory(compiled.graph_module).peak_bytes, bound)
     store(path, record)
     return compiled, (_remembered(bound, path, record) if callable(bound) else bound)
+
+
+def _stored_error(record: dict | None, path: Path, policy: Policy, weights: int) -> dict | None:
+    """A loaded entry that is a budget error for this budget and these weights: raised again (a cache hit); one
+    for another budget: ignored with a warning (None). Any other entry, or none, returned as it is."""
+    if record is None or record["error"] is None:
+        return record
+    e = record["error"]
+    if e["max_memory"] == policy.max_memory and e["weight_bytes"] == weights:
+        log.info("cache hit %s", path)
+        raise MemoryBudgetError(e["message"], max_memory=e["max_memory"], weight_bytes=e["weight_bytes"],
+                                lower_bound_bytes=e["lower_bound_bytes"])
+    _ignored(path, "its budget error is for another budget or other weights")
+    return None
+
+
+def rank_budget_cached(gm: GraphModule, policy: Policy, weights: int, ranks: int, search, rank_peak) -> tuple:
+    """NOTE [A budget per rank] through the plan cache: ``search()`` (``fxstream.entry.rank_budget``: many compiles,
+    55 s for full-size SVD-XT on 4 ranks on 2 cores) runs once; its choice, the policy it compiled with, is stored
+    under this graph's key and ``ranks``, and a later process compiles that policy once (through
+    :func:`compile_cached`, as the search did). Checked as a budget's decision is: ``rank_peak(compiled)`` (the
+    busiest rank's planned peak) must be the one stored and fit ``max_memory`` beside the weights; else a warning,
+    the search, and the entry overwritten. A budget no rank plan meets is stored as its error and raised again.
+    Returns what ``search()`` returns: (the policy compiled with, the compiled graph, its lower bound)."""
+    folder = cache_folder(policy)
+    if folder is None or policy.max_memory is None:
+        return search()
+    key = plan_key(gm, policy, weights, ranks=ranks)
+    path = folder / f"{key}.json"
+    record = _stored_error(load(path, _check_ranks), path, policy, weights)
+    if record is not None:
+        try:
+            # the policy as compiled by the search: this process's cache folder (not stored) put back
+            chosen = replace(record["compiled_with"], cache_dir=policy.cache_dir)
+            compiled, bound = compile_cached(gm, chosen, weights)
+            peak = rank_peak(compiled)
+        except Exception as e:  # a choice this graph cannot take, whatever the error: the search decides again
+            compiled, peak = None, f"none (its compile raised {type(e).__name__}: {e})"
+        if compiled is not None and peak == record["rank_peak_bytes"] and peak + weights <= policy.max_memory:
+            log.info("cache hit %s", path)
+            return chosen, compiled, bound
+        _ignored(path, f"its choice plans {peak} bytes of activations on the busiest rank, stored as "
+                       f"{record['rank_peak_bytes']}, with {weights} bytes of weights under "
+                       f"max_memory={policy.max_memory}")
+    try:
+        chosen, compiled, bound = search()
+    except MemoryBudgetError as e:
+        store(path, _record(key, policy, error=e))
+        raise
+    store(path, dict(_record(key, policy), ranks=ranks, compiled_with=_policy_json(chosen),
+                     rank_peak_bytes=rank_peak(compiled)))
+    return chosen, compiled, bound
 
 
 def _as_written(record: dict) -> dict:

@@ -488,6 +488,51 @@ def test_a_budget_is_each_ranks(monkeypatch):
     assert e.value.weight_bytes == weights and e.value.lower_bound_bytes > 1_000_000
 
 
+def test_a_budget_per_rank_is_searched_once_across_processes(tmp_path, monkeypatch):
+    """NOTE [A budget per rank] through the plan cache: the search's choice is stored under the graph's key and the
+    rank count; a later process (a fresh call here) compiles that choice once, the same graph, without searching.
+    A choice whose busiest rank no longer plans what was stored is warned about and searched again (entries that
+    cannot be read: test_plan_cache.py); a budget no rank plan meets is stored and raised again without a search."""
+    import json
+    import warnings
+
+    import fxstream.entry as entry_module
+    from fxstream.entry import Entry, compile_ranks
+    from fxstream.plan_cache import ENV, plan_key
+    monkeypatch.delenv(ENV, raising=False)
+    m = build_unet("svd-tiny")
+    kw = example_inputs("svd-tiny", m)
+    entry = Entry(m, kw, fxstream.Policy())
+    gm, weights = entry.compiled.original, sum(p.numel() * p.element_size() for p in m.parameters())
+    searches = []
+    search = entry_module.rank_budget
+    monkeypatch.setattr(entry_module, "rank_budget", lambda *a: searches.append(a) or search(*a))
+    policy = fxstream.Policy(max_memory=weights + 2_000_000, cache_dir=str(tmp_path))
+    first = compile_ranks(gm, policy, weights, 2)
+    assert len(searches) == 1
+    (path,) = [p for p in tmp_path.glob("*.json") if json.loads(p.read_text()).get("ranks") == 2]
+    assert json.loads(path.read_text())["rank_peak_bytes"] == rank_plan(first[1], 2).peak_bytes
+    second = compile_ranks(gm, policy, weights, 2)
+    assert len(searches) == 1  # replayed: one compile of the stored choice
+    assert second[0] == first[0] and second[1].graph_module.code == first[1].graph_module.code
+    assert rank_plan(second[1], 2).peak_bytes == rank_plan(first[1], 2).peak_bytes
+    keys = {plan_key(gm, policy, weights, ranks=n) for n in (None, 2, 3)}
+    assert len(keys) == 3 and path.stem in keys  # another rank count (or one device's budget): another entry
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, rank_peak_bytes=record["rank_peak_bytes"] + 1)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = compile_ranks(gm, policy, weights, 2)
+    assert [str(w.message) for w in caught if str(path) in str(w.message) and "busiest rank" in str(w.message)]
+    assert again[0] == first[0] and len(searches) == 2
+    assert json.loads(path.read_text()) == record  # overwritten by the search with what it chose again
+    tight = fxstream.Policy(max_memory=weights + 100_000, slices=1, cache_dir=str(tmp_path))
+    for _ in range(2):
+        with pytest.raises(fxstream.MemoryBudgetError, match="each of 2 ranks"):
+            compile_ranks(gm, tight, weights, 2)
+    assert len(searches) == 3  # the second raised from the stored error
+
+
 @pytest.mark.slow
 def test_a_budget_only_the_ranks_together_meet():
     """NOTE [A budget per rank]: full-size SVD-XT 25x576x1024 (fp16, batch 2, meta) with 0.85 GiB of activations

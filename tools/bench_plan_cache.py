@@ -1,13 +1,15 @@
 """Benchmark: the plan cache (``FXSTREAM_CACHE_DIR``, fxstream/plan_cache.py): the same compile in a first process
 (the budget's search runs and its decision is stored) and in a second one (the decision is compiled once).
 
-    python tools/bench_plan_cache.py                  # all three rows; writes docs/benchmarks.md
+    python tools/bench_plan_cache.py                  # all four rows; writes docs/benchmarks.md
     python tools/bench_plan_cache.py --no-pipeline-plan --no-write
 
 Each row runs in two fresh subprocesses, one after the other, with the same new temporary ``FXSTREAM_CACHE_DIR``
 (removed afterwards), both importing one copy of fxstream taken at the start (the key holds a digest of its files,
 so another edit of the checkout between the two would make the second miss): full-size SVD built on the meta device (fp16, batch 2) under ``fxstream.explain`` with
-``Policy(max_memory="6GiB")``; a compiled tiny SVD pipeline's first generation (3 steps, where its compiles
+``Policy(max_memory="6GiB")``; full-size SVD-XT (25 frames, 576x1024) under ``fxstream.explain(..., ranks=[4])``
+with its weights plus 0.85 GiB, a budget only 4 ranks together meet (NOTE [A budget per rank]: the search each
+rank of a ``torchrun`` launch runs); a compiled tiny SVD pipeline's first generation (3 steps, where its compiles
 happen) under ``Policy(max_memory="9MiB")``; and full-size SVD-XT's whole-pipeline plan (``explain_pipeline``,
 25 frames, 576x1024, 6 GiB). The time is the call's wall time (capture, compiles, reports; not the imports or
 building the model), measured as tools/bench_compile.py measures it, with its count of compiles (those that ran
@@ -28,6 +30,7 @@ CASES = {
     "svd": "svd, explain, Policy(max_memory='6GiB')",
     "tiny-pipeline": "svd-tiny pipeline, first generation (3 steps), Policy(max_memory='9MiB')",
     "pipeline-plan": "svd-xt pipeline, explain_pipeline 25x576x1024, Policy(max_memory='6GiB')",
+    "ranks": "svd-xt 25x576x1024, explain ranks=4, Policy(max_memory=weights + 0.85 GiB)",
 }
 
 
@@ -66,6 +69,13 @@ def run_case(case: str) -> dict:
         kw = pipeline_inputs(pipe, steps=3)
         with torch.no_grad():
             _, total, steps = _timed(lambda: pipe(**kw))
+    elif case == "ranks":  # NOTE [A budget per rank]: what each rank of a torchrun launch searches, planned here
+        from fxstream.models import build_unet, example_inputs
+        unet = build_unet("svd-xt", device="meta", dtype=torch.float16)
+        kw = example_inputs("svd-xt", unet, frames=25)
+        weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+        policy = fxstream.Policy(max_memory=weights + int(0.85 * 2**30))
+        _, total, steps = _timed(lambda: fxstream.explain(unet, kw, policy, ranks=[4]))
     else:
         from fxstream.pipelines import build_pipeline
         pipe = build_pipeline("svd-xt", device="meta", dtype=torch.float16)
