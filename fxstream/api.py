@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 
 from .catalog import TIMESTEP_ARG
 from .distributed import LINKS, compile_policy
-from .entry import Entry, first_differing_region, plan_ranks
+from .entry import Entry, capture_module, first_differing_region, plan_ranks
 from .errors import CaptureError, FxstreamError, MemoryBudgetError, VerificationError
 from .guard import StructureGuard
 from .policy import Policy, check_policy
@@ -382,12 +382,13 @@ def explain(module: torch.nn.Module, example_kwargs: dict, policy: Policy | None
         raise ValueError(f"ranks: expected an int >= 1 or a list of them (devices to plan for), got {ranks!r}")
     if link not in LINKS:
         raise ValueError(f"link: expected one of {', '.join(repr(k) for k in LINKS)}, got {link!r}")
+    program = capture_module(module, example_kwargs)  # one capture for every compile below
     try:
-        entry = Entry(module, example_kwargs, compile_policy(policy))
+        entry = Entry(module, example_kwargs, compile_policy(policy), program=program)
     except MemoryBudgetError:  # NOTE [A budget per rank]: the ranks may meet what one device cannot; the
         if policy.max_memory is None:  # one-device figures are then the policy's without its budget
             raise
-        entry = Entry(module, example_kwargs, compile_policy(replace(policy, max_memory=None)))
+        entry = Entry(module, example_kwargs, compile_policy(replace(policy, max_memory=None)), program=program)
     plans = plan_ranks(entry, policy, counts, link)
     entry.report.ranks = plans
     return entry.report

@@ -29,7 +29,17 @@ from .region_loop import RegionLoop
 from .rehash.runtime import RehashState
 from .report import Report, build_report
 
-__all__ = ["Entry", "compile_ranks", "first_differing_region", "plan_ranks", "rank_budget", "rank_compile"]
+__all__ = ["Entry", "capture_module", "compile_ranks", "first_differing_region", "plan_ranks", "rank_budget", "rank_compile"]
+
+
+def capture_module(module: torch.nn.Module, kwargs: dict) -> torch.export.ExportedProgram:
+    """``module`` captured on ``kwargs`` (``fxstream.compiler.capture``), shown as a step of the library's progress;
+    for several :class:`Entry` made from one capture (``Entry(..., program=)``)."""
+    try:
+        with library_progress().step(f"fxstream: capturing {type(module).__name__} (torch.export)"):
+            return capture(module, kwargs)
+    finally:
+        touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): guards walk again
 
 
 class Entry:
@@ -45,14 +55,7 @@ class Entry:
         """``program``: a capture of ``module`` on inputs of this signature made before (the same module
         unchanged since: a budget's attempts under several policies share one capture); else captured now."""
         progress, name = library_progress(), type(module).__name__
-        if program is not None:
-            self.program = program
-        else:
-            try:
-                with progress.step(f"fxstream: capturing {name} (torch.export)"):
-                    self.program = capture(module, kwargs)
-            finally:
-                touched()  # export rebinds some attributes behind nn.Module.__setattr__ (lists): guards walk again
+        self.program = program if program is not None else capture_module(module, kwargs)
         gm = self.program.graph_module
         weights = weight_bytes(self.program)
         # Policy(distributed=...): the regions compiled for one process run their slices spread
