@@ -11,6 +11,7 @@ import torch
 import fxstream
 from fxstream.compiler import capture
 from fxstream.models import build_unet, example_inputs
+from fxstream.tolerance import verify_tolerance
 
 MODELS = ["unet3d-tiny", "i2vgenxl-tiny"]
 
@@ -56,7 +57,10 @@ def test_policy_nothing_is_bitwise_identical(model):
 def test_sliced_matches_original(model, policy):
     name, unet, kw, ref = model
     out, report = _run(unet, kw, policy)
-    assert (out - ref).abs().max().item() <= 1e-5
+    # float rounding, scaled by the output's magnitude (fxstream.tolerance): unet3d-tiny differs by 1.05e-5 at
+    # an output of magnitude 1.98 on one intra-op thread of some CPUs, while eager float32 itself lies 5.3e-6 from
+    # the float64 result; test_sliced_is_exact_in_float64 shows that gap is rounding, not a wrong slice
+    assert (out - ref).abs().max().item() <= verify_tolerance([ref])
     dims = {r.dim for r in report.regions}
     assert "frames" in dims, f"{name}: no spatial layer sliced along frames"
     assert dims & {"height", "width"}, f"{name}: no temporal layer sliced along space"
@@ -66,12 +70,23 @@ def test_sliced_matches_original(model, policy):
     assert report.unsliced and all(u.reason for u in report.unsliced)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_sliced_is_exact_in_float64(name):
+    """Slicing changes only the rounding: in float64 the sliced module is the original's to 1e-12."""
+    unet = build_unet(name, dtype=torch.float64)
+    kw = example_inputs(name, unet)
+    with torch.no_grad():
+        ref = unet(**kw)[0]
+    out, report = _run(unet, kw, fxstream.Policy(slices=2))
+    assert report.regions and (out - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
+
+
 def test_batch_split_has_regions_inside(model):
     """I2VGen-XL regression: ``sample.new_zeros`` takes the full-batch latent whole inside the batch region;
     the inner compile must find the sliced latent, not that one (it found no axes and sliced nothing inside)."""
     name, unet, kw, ref = model
     out, report = _run(unet, kw, fxstream.Policy(batch=2, slices=2))
-    assert (out - ref).abs().max().item() <= 1e-5
+    assert (out - ref).abs().max().item() <= verify_tolerance([ref])
     dims = {r.dim for r in report.regions}
     assert {"batch", "frames", "height"} <= dims, f"{name}: {dims}"
     inner = [r for r in report.regions if "/" in r.node]
