@@ -29,7 +29,8 @@ from .region_loop import RegionLoop
 from .rehash.runtime import RehashState
 from .report import Report, build_report
 
-__all__ = ["Entry", "capture_module", "compile_ranks", "first_differing_region", "plan_ranks", "rank_budget", "rank_compile"]
+__all__ = ["Entry", "capture_module", "compile_ranks", "first_differing_region", "plan_ranks", "rank_budget",
+           "rank_compile"]
 
 
 def capture_module(module: torch.nn.Module, kwargs: dict) -> torch.export.ExportedProgram:

@@ -25,8 +25,10 @@ files. A file that cannot be read (not JSON, another format number, a field miss
 does not belong to its key is ignored with one ``RuntimeWarning`` naming it, and the search runs again.
 
 Only budget compiles (``max_memory`` set: the video budget's search, the halo search) are cached: a policy with
-counts as given is one compile already, and replaying it would save nothing. Logged at INFO (``fxstream.plan_cache``):
-``cache hit <file>``, ``stored <file>``.
+counts as given is one compile already, and replaying it would save nothing. Under ``Policy(distributed=...)`` the
+budget per rank's search (NOTE [A budget per rank]) is cached the same way (:func:`rank_budget_cached`): its key
+adds the rank count, its entry holds the policy the search compiled with and the busiest rank's planned peak.
+Logged at INFO (``fxstream.plan_cache``): ``cache hit <file>``, ``stored <file>``.
 """
 from __future__ import annotations
 
