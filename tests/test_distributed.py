@@ -106,7 +106,7 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
     names = [k for k in results[0] if k not in ("rehash", "rehash-parts", "pipeline")]
-    assert len(names) == {"equal": 2, "equal-more": 6, "equal-small": 2, "groups": 1}[scenario]
+    assert len(names) == {"equal": 2, "equal-more": 6, "equal-small": 3, "groups": 1}[scenario]
     if scenario == "equal-more":  # NOTE [Batch splits across ranks]: 2 parts on 2 ranks, the split itself spread
         spread = results[0]["svd-tiny-cfg"]["spread"]
         assert (True, True) in spread and all(not s for nested, s in spread if not nested), spread
@@ -497,6 +497,11 @@ def test_a_budget_is_each_ranks(monkeypatch):
     with pytest.raises(fxstream.MemoryBudgetError, match="each of 2 ranks") as e:
         rank_budget(gm, fxstream.Policy(max_memory=weights + 1_000_000, slices=2), weights, 2)
     assert e.value.weight_bytes == weights and e.value.lower_bound_bytes > 1_000_000
+    # 3 ranks: the guidance halves cannot run at once on groups; run in turn, each spread over the 3 ranks, they
+    # fit (1.75 MB at one slice per rank; the plain compile plans 3.44 MB)
+    three, chosen, _ = rank_budget(gm, fxstream.Policy(max_memory=budget), weights, 3)
+    assert three == compile_policy(fxstream.Policy(slices=1, batch=2), 3)
+    assert rank_plan(chosen, 3).peak_bytes + weights <= budget
 
 
 def test_a_budget_per_rank_is_searched_once_across_processes(tmp_path, monkeypatch):
