@@ -382,13 +382,19 @@ def test_halo_regions_hold_rows_and_exchange_halos(name, ranks, one_thread):
         assert torch.equal(got[r], want), (r, (got[r] - want).abs().max())
 
 
+_CODEGEN = __import__("threading").Lock()
+
+
 def _own_regions(gm):
     """``gm`` with regions of its own (shallow copies: the same bodies and weights), so that each thread-rank
-    sets its regions' rank state apart."""
+    sets its regions' rank state apart. Made one thread at a time: the copies share ``gm``'s Graph, and torch.fx
+    generates code from a Graph by patching its nodes' names for the while (``override_node_repr``), so two
+    threads generating at once can write each other's names (seen: an UnboundLocalError in the generated code)."""
     import copy
 
     from fxstream.region_loop import RegionLoop
-    mine = torch.fx.GraphModule(gm, gm.graph)
+    with _CODEGEN:
+        mine = torch.fx.GraphModule(gm, gm.graph)
     for name, x in list(mine.named_children()):
         if isinstance(x, RegionLoop):
             setattr(mine, name, copy.copy(x))
