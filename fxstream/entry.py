@@ -231,6 +231,12 @@ def first_differing_region(entry: Entry, module, kwargs: dict, tol: float) -> st
 log = logging.getLogger(__name__)
 
 
+def _guidance_parts(ranks: int) -> set:
+    """The batch cuts :func:`guidance_split` tries on ``ranks`` ranks: in ``ranks`` parts, and in 2 on an even
+    number (the guidance halves on groups of ranks)."""
+    return {ranks, 2} if ranks % 2 == 0 else {ranks}
+
+
 def guidance_split(gm, policy: Policy, weights: int, compiled, ranks: int):
     """Under ``Policy(distributed=...)`` with no batch split asked for (``batch`` None) and no budget: the policy
     with the batch cut in ``ranks`` parts (each rank runs whole parts) or, on an even number of ranks, in 2 (the
@@ -241,7 +247,7 @@ def guidance_split(gm, policy: Policy, weights: int, compiled, ranks: int):
     if policy.batch is not None or policy.max_memory is not None or ranks < 2:
         return None
     best, fastest = None, rank_plan(compiled, ranks, "nvlink").seconds
-    for k in sorted({ranks, 2} if ranks % 2 == 0 else {ranks}, reverse=True):
+    for k in sorted(_guidance_parts(ranks), reverse=True):
         alt_policy = compile_policy(replace(policy, batch=k), ranks)
         alt, bound = compile_cached(gm, alt_policy, weights)
         spread = spread_loops(alt.graph_module, ranks)
@@ -376,7 +382,7 @@ def _parts_in_turn(gm, tried: Policy, weights: int, ranks: int):
     values alone: a memory measure, never faster. Returns (policy, compiled, bound) or None."""
     from .budget import _batch_choices
     parts = _batch_choices(gm, tried)[-1]
-    if tried.batch is not None or parts is None or parts == ranks or (ranks % 2 == 0 and parts == 2):
+    if tried.batch is not None or parts is None or parts in _guidance_parts(ranks):
         return None
     n_policy = compile_policy(replace(tried, batch=parts), ranks)
     compiled, bound = compile_cached(gm, n_policy, weights)

@@ -207,8 +207,10 @@ def _record(key: str, policy: Policy, made: MadeWith | None = None, peak: int | 
                                                  "lower_bound_bytes": error.lower_bound_bytes}}
 
 
-def _check_common(record, path: Path) -> bool:
-    """The fields every entry has checked (ValueError or TypeError saying what is wrong); True for a budget error."""
+def _check(record, path: Path, decision: str = "made_with", peak: str = "peak_bytes", parse=None) -> dict:
+    """``record`` (a file's JSON) checked field by field; ValueError or TypeError saying what is wrong. A budget's
+    entry holds its decision in ``made_with`` (made a :class:`MadeWith`) and its planned peak in ``peak_bytes``;
+    a budget-per-rank entry (:func:`_check_ranks`) its policy in ``compiled_with`` and ``rank_peak_bytes``."""
     if not isinstance(record, dict):
         raise TypeError(f"expected a JSON object, got {type(record).__name__}")
     if record.get("format") != FORMAT:
@@ -216,34 +218,22 @@ def _check_common(record, path: Path) -> bool:
     if record.get("key") != path.stem or record.get("versions") != versions():
         raise ValueError(f"written for key {record.get('key')!r} with {record.get('versions')!r}, not for this key "
                          f"with {versions()!r}")
-    if record.get("error") is None:
-        return False
-    e = record["error"]
-    if not isinstance(e, dict) or not isinstance(e.get("message"), str) or \
-            any(type(e.get(k)) is not int for k in ("max_memory", "weight_bytes", "lower_bound_bytes")):
-        raise TypeError(f"error: expected message, max_memory, weight_bytes and lower_bound_bytes, got {e!r}")
-    return True
-
-
-def _check(record, path: Path) -> dict:
-    """``record`` (a file's JSON) checked field by field; ValueError or TypeError saying what is wrong."""
-    if _check_common(record, path):
+    if record.get("error") is not None:
+        e = record["error"]
+        if not isinstance(e, dict) or not isinstance(e.get("message"), str) or \
+                any(type(e.get(k)) is not int for k in ("max_memory", "weight_bytes", "lower_bound_bytes")):
+            raise TypeError(f"error: expected message, max_memory, weight_bytes and lower_bound_bytes, got {e!r}")
         return record
-    if not isinstance(record.get("made_with"), dict) or type(record.get("peak_bytes")) is not int:
-        raise TypeError("expected made_with (an object) and peak_bytes (an int)")
-    record["made_with"] = _made_from(record["made_with"])
+    if not isinstance(record.get(decision), dict) or type(record.get(peak)) is not int:
+        raise TypeError(f"expected {decision} (an object) and {peak} (an int)")
+    record[decision] = (parse or _made_from)(record[decision])
     _optional_int(record.get("lower_bound_bytes"), "lower_bound_bytes")
     return record
 
 
 def _check_ranks(record, path: Path) -> dict:
     """A budget-per-rank entry (:func:`rank_budget_cached`) checked; its ``compiled_with`` a :class:`Policy`."""
-    if _check_common(record, path):
-        return record
-    if not isinstance(record.get("compiled_with"), dict) or type(record.get("rank_peak_bytes")) is not int:
-        raise TypeError("expected compiled_with (an object) and rank_peak_bytes (an int)")
-    record["compiled_with"] = _policy_from(record["compiled_with"])
-    return record
+    return _check(record, path, "compiled_with", "rank_peak_bytes", _policy_from)
 
 
 def _ignored(path: Path, why: str) -> None:
