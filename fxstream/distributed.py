@@ -1016,11 +1016,15 @@ class RankParts:
     slice at most, and not always the first rank's is the longest), and a region taking an argument in other parts
     holds that part while it runs; each exchange holds, on top of the parts made before it, the larger of its send
     buffer (its producer's part) and its new part, plus its receive buffer (:func:`reshard`). An output that would take over the storage of an argument held in parts gets a
-    buffer of its own (``_run_sharded``): its values keep their own storage here, which nothing else holds."""
+    buffer of its own (``_run_sharded``): its values keep their own storage here, which nothing else holds.
+    ``transit``: region node -> the largest copy its gathers hold (an output gathered through a chunk of every
+    rank's part, :func:`_loop_traffic`): made after its slices are done and their working sets freed, with its
+    whole outputs already live, so it counts at that region instead of its working set where it is larger."""
 
-    def __init__(self, shardings: list, rows: list = ()):
+    def __init__(self, shardings: list, rows: list = (), transit: dict | None = None):
         self.nodes = {}  # node -> [(storage key, bytes)] where they differ from its values' own
         self.extra = {}  # region node -> (bytes held while it runs, bytes held only during the exchange)
+        self.transit = transit or {}
         for gm, node, loop, held in rows:  # NOTE [Rows held in parts]: a halo region's outputs as spans of rows
             val = node.meta.get("val")
             if not isinstance(val, (tuple, list)):
@@ -1069,7 +1073,7 @@ class RankParts:
 
     def working(self, node, nbytes: int) -> int:
         held, exchange = self.extra.get(node, (0, 0))
-        return held + max(nbytes, exchange)
+        return held + max(nbytes, exchange, self.transit.get(node, 0))
 
 
 def rank_shardings(gm, ranks: int, spread: dict, outputs=(), given=None) -> list:
@@ -1112,11 +1116,14 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     """The plan of ``compiled`` (a :class:`~fxstream.compiler.CompiledGraph`, compiled for ``ranks``:
     :func:`compile_policy`) on ``ranks`` devices under ``Policy(distributed=...)``, made without any process
     group: see :class:`RankPlan`, NOTE [Sharded regions] and NOTE [Values held in parts] (the busiest rank's
-    planned peak, plus the largest copy of a gathered output in transit). ``one_device``: the planned peak of the
-    policy's compile for one device (default: this compile's, as one process would run it); ``one_flops``: its
+    planned peak, a gathered output's copy in transit counted at the region gathering it: ``RankParts``).
+    ``one_device``: the planned peak of the policy's compile for one device (default: this compile's, as one
+    process would run it); ``one_flops``: its
     planned FLOPs (:func:`planned_flops`; default this compile's). FLOPs count what the plan computes: a halo
     region's weighted by its planned compute, which thinner bands raise. ``outputs``: graph outputs kept in parts
     (NOTE [A cached feature held in parts])."""
+    from torch.fx import GraphModule
+
     from .analysis.cost import node_flops
     from .memory import plan_memory
     from .runtime import LoopRegion
@@ -1130,7 +1137,16 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
     spread = spread_loops(gm, ranks)
     shardings = rank_shardings(gm, ranks, spread, outputs) if ranks > 1 else []
     held = {loop: sharding for _, _, loop, sharding in shardings}  # NOTE [Values held in parts]
-    spread_flops = busiest = received = collectives = transit = 0
+    spread_flops = busiest = received = collectives = 0
+    transit: dict = {}  # region node -> the largest copy its gathers hold (RankParts)
+    caller = {id(m.get_submodule(n.target)): n for m in gm.modules() if isinstance(m, GraphModule)
+              for n in m.graph.nodes if n.op == "call_module"}
+
+    def moves(node, b, c, t):
+        nonlocal received, collectives
+        received, collectives = received + b, collectives + c
+        if t:
+            transit[node] = max(transit.get(node, 0), t)
     for node, grouped in grouped_calls(gm, "cut"):
         loop, r = gm.get_submodule(node.target), grouped.region
         f = sum(flops.get(n.name, 0) for n in r.nodes)
@@ -1150,19 +1166,16 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
                     spread_flops += f * body.spread_share
                     busiest += f * (busy - (1.0 - body.spread_share))
             if size:  # the parts' outputs gathered over the cross groups (or kept in parts: NOTE [A cached...])
-                b, c, t = _loop_traffic(loop, size, held.get(loop))
-                received, collectives, transit = received + b, collectives + c, max(transit, t)
+                moves(node, *_loop_traffic(loop, size, held.get(loop)))
             for step in steps:
                 for x in loop.bodies[step.body].modules():
                     if isinstance(x, LoopRegion) and not x.nested:
-                        b, c, t = _loop_traffic(x, m, held.get(x))
-                        received, collectives, transit = received + b, collectives + c, max(transit, t)
+                        moves(caller[id(x)], *_loop_traffic(x, m, held.get(x)))
             continue
         n = len(loop.bounds)
         spread_flops += f
         busiest += f * _busiest_share(loop.bounds, loop.length, ranks)
-        b, c, t = _loop_traffic(loop, ranks, held.get(loop))
-        received, collectives, transit = received + b, collectives + c, max(transit, t)
+        moves(node, *_loop_traffic(loop, ranks, held.get(loop)))
     rows = halo_rows(gm, ranks) if ranks > 1 else []
     in_rows = {loop: held for _, _, loop, held in rows}  # NOTE [Rows held in parts]
     for node, _ in grouped_calls(gm, "halo"):  # halo regions: each pass's slices spread, statistics gathered
@@ -1179,25 +1192,21 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
                     collectives += 1
                 continue
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            received += size * (ranks - 1) // ranks
-            transit = max(transit, size)
-            collectives += 1
+            moves(node, size * (ranks - 1) // ranks, 1, size)
         collectives += sum(1 for p in loop.passes if p.stats)
         for v in loop.region.parked:  # parked values gathered whole into host memory through a device chunk
-            val = v.meta["val"]
-            transit = max(transit, val.numel() * val.element_size())
-            received += val.numel() * val.element_size() * (ranks - 1) // ranks
-            collectives += 1
+            size = v.meta["val"].numel() * v.meta["val"].element_size()
+            moves(node, size * (ranks - 1) // ranks, 1, size)
     if ranks == 1:
-        received = collectives = transit = 0
+        received = collectives = 0
     per_rank = int(total - spread_flops + busiest)
     whole = plan_memory(gm).peak_bytes
-    peak = plan_memory(gm, parts=RankParts(shardings, rows)).peak_bytes if shardings or rows else whole
+    peak = plan_memory(gm, parts=RankParts(shardings, rows, transit)).peak_bytes if ranks > 1 else whole
     lk = LINKS[link]
     one = (total if one_flops is None else one_flops) / flops_per_s
     many = per_rank / flops_per_s + received / lk.bytes_per_s + collectives * lk.latency_s
     parts = max((len(m.bounds) for m in gm.modules() if isinstance(m, LoopRegion) and m.nested and id(m) in spread),
                 default=1)
-    return RankPlan(ranks, peak + transit, whole if one_device is None else one_device, int(total), per_rank,
+    return RankPlan(ranks, peak, whole if one_device is None else one_device, int(total), per_rank,
                     spread_flops / total if total else 0.0, int(received), collectives, lk.name, flops_per_s, one, many if ranks > 1 else one,
                     parts if ranks > 1 else 1)

@@ -292,8 +292,8 @@ def compile_ranks(gm, policy: Policy, weights: int, ranks: int, made=None) -> tu
 # NOTE [A budget per rank]
 # Under ``Policy(distributed=...)`` every other field keeps its meaning per rank, ``max_memory`` too: it is each
 # rank's budget, the weights (every rank holds them all) plus the busiest rank's planned peak (``rank_plan``: its
-# parts of the values between regions, its slices' working sets, the largest copy in transit). The one-device
-# search (``budget.compile_for``) fits the whole activations on each rank: it over-slices, and it refuses a budget
+# parts of the values between regions, its slices' working sets, a gathered output's copy where it is made). The
+# one-device search (``budget.compile_for``) fits the whole activations on each rank: it over-slices, and it refuses a budget
 # that only the ranks together can meet (full-size SVD-XT's activations on 4 GPUs). So for a graph with a video
 # axis the budget tries the policy's slices per rank at 1, 2, 4, ... up to the policy's own count (64 where it sets
 # none), compiled as ``compile_policy`` spreads them, and keeps the first whose busiest rank fits: the fewest

@@ -381,6 +381,10 @@ class HaloLoop(RegionLoop):
                         del t  # else the band outlives its slice
                     for f in free:
                         env.pop(f, None)
+            # the last slice's values and carried rows go before anything is gathered: a gather's copy is planned
+            # after the slices' working sets are freed (RankParts.transit)
+            env = fetched = None
+            tails.clear()
             if sh is not None and p.stats:
                 self._share_stats(p.stats, plans, parts, acc, device)
                 if p.park:
@@ -459,6 +463,7 @@ class HaloLoop(RegionLoop):
                 for v in vs:
                     v.copy_(chunks[at:at + v.numel()].view(v.shape))
                     at += v.numel()
+            del chunks  # before the next value's: one copy in transit at a time
 
     def _gather(self, x: Node, norms: list, acc: dict, assign: dict, env: dict) -> None:
         """Add this slice's rows of ``x`` (its assigned share, each row once) to the statistics of ``norms``:

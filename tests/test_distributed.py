@@ -123,8 +123,12 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
             assert torch.equal(res[name]["out"], want), name
             assert res[name]["regions"] > 0
             # NOTE [Values held in parts]: what a rank holds is planned (and less than one device's plan)
-            assert res[name]["peak"] <= res[name]["rank_planned"] * 1.25 + 2**20, (name, res[name])
+            assert res[name]["peak"] <= res[name]["rank_planned"] * 1.02 + 2**16, (name, res[name])
             print(name, {k: v for k, v in res[name].items() if k not in ("out", "spread")})
+        # the plan is the busiest rank's, a gathered output's copy in transit counted where the gather holds it
+        # (RankParts.transit), not on top of the peak: not pessimistic either
+        busiest = max(res[name]["peak"] for res in results)
+        assert busiest >= results[0][name]["rank_planned"] * 0.95 - 2**16, (name, busiest, results[0][name])
     if "pipeline" in results[0]:
         sys.path.insert(0, str(HERE))
         from dist_worker import run_pipeline

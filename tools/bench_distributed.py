@@ -273,7 +273,7 @@ def budget_doc(rows: list, argv) -> str:
             f"{(r0['budget'] - r0['weights']) / 2 ** 30:.2f} GiB of activations. One device: its budget search "
             "(`fxstream.explain`). N ranks: the search of NOTE [A budget per rank] (`fxstream.entry.compile_ranks`: "
             "the fewest slices per rank, the guidance split first where it plans faster, whose busiest rank fits); "
-            "'per rank': the busiest rank's planned activation peak with the largest copy in transit; 'speedup': "
+            "'per rank': the busiest rank's planned activation peak (a gathered output's copy counted at the region gathering it); 'speedup': "
             "the latency model's over one device on NVLink (NOTE [Link figures]); 'plan s': the search's wall time "
             "on 2 cores. Predictions, not measurements: no multi-GPU machine was at hand.\n\n```\n")
     doc += tabulate([(r["model"], r["size"], r["ranks"], r["chosen"], _split(r) if r["ranks"] > 1 else "-",
