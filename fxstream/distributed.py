@@ -61,7 +61,7 @@ import math
 import operator
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -515,10 +515,12 @@ class Held:
 class Reshard:
     """A region argument held by its producer as ``src`` and taken by the region as ``dst`` (another dim of the
     value): each rank sends every other rank the block of its part that the other's part holds (one
-    all-to-all)."""
+    all-to-all). ``last``: this region is the value's last reader, so its producer's part is released once the
+    exchange has sent it (NOTE [An exchange frees its source])."""
 
     src: Held
     dst: Held
+    last: bool = False
 
 
 @dataclass
@@ -563,6 +565,7 @@ def held_values(gm, ranks: int, spread, outputs=(), given=None, nested: bool = F
     from .runtime import LoopRegion
     loops = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     loops = {n: m for n, m in loops.items() if isinstance(m, LoopRegion) and (nested or not m.nested) and spread(m)}
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
     out = {m: Sharding([None] * len(m.out_cuts), [None] * len(m.in_cuts)) for m in loops.values()}
     allowed = _output_items(gm, outputs)
     for ph, src in (given or {}).items():
@@ -587,9 +590,32 @@ def held_values(gm, ranks: int, spread, outputs=(), given=None, nested: bool = F
             takes = _takes(its, src, loops, ranks, allowed)
             if takes is not None and (takes or any(item in allowed for item in its)):
                 out[loop].outs[j] = src
+                last = _last_reader(its, order) if not any(item in allowed for item in its) else None
                 for (reader, i), how in takes.items():
+                    if isinstance(how, Reshard) and last is not None and loops.get(last) is reader:
+                        how = replace(how, last=True)
                     out[reader].ins[i] = how
     return out
+
+
+# NOTE [An exchange frees its source]
+# A region taking an argument in other parts than its producer's (frames to height) gets its own part by one
+# all-to-all (``reshard``); the producer's part stays live until the graph drops it, after the region returns, so
+# while the region runs a rank held both parts of that value. Where the region is the value's last reader (no later
+# node reads it, it is not a graph output, and the region takes it in one argument only), ``_run_sharded`` releases
+# the producer's part as soon as the exchange has sent it (``fxstream.memory.release_storage``: the tensor becomes
+# empty in place, so its storage dies with it though the graph still names it; nothing later reads it). The plan
+# counts it so (``RankParts``: the region's working set less the parts
+# it frees; the exchange itself still holds them).
+def _last_reader(items: list, order: dict):
+    """The one node reading ``items`` (a value's getitems) after every other reader, in one argument only; None
+    where two readers tie (the same node reading two getitems of one value) or it reads the value twice."""
+    readers = [u for item in items for u in item.users]
+    last = max(readers, key=lambda u: order[u])
+    if sum(1 for u in readers if u is last) != 1 or sum(1 for a in last.args if a in items) != 1 or \
+            any(a in items for a in last.kwargs.values()):
+        return None
+    return last
 
 
 def _output_items(gm, outputs) -> set:
@@ -1023,7 +1049,7 @@ class RankParts:
 
     def __init__(self, shardings: list, rows: list = (), transit: dict | None = None):
         self.nodes = {}  # node -> [(storage key, bytes)] where they differ from its values' own
-        self.extra = {}  # region node -> (bytes held while it runs, bytes held only during the exchange)
+        self.extra = {}  # region node -> (bytes held while it runs, held only during the exchange, released)
         self.transit = transit or {}
         for gm, node, loop, held in rows:  # NOTE [Rows held in parts]: a halo region's outputs as spans of rows
             val = node.meta.get("val")
@@ -1042,7 +1068,7 @@ class RankParts:
             self.nodes[node] = sts
             moves = [h for h in held.outs if h is not None and h.moves()]
             if moves:  # fill_rows: its send and receive buffers, one output after another
-                self.extra[node] = (0, max(sum(h.exchange_bytes(r)) for h in moves for r in range(len(h.span))))
+                self.extra[node] = (0, max(sum(h.exchange_bytes(r)) for h in moves for r in range(len(h.span))), 0)
         for gm, node, loop, sharding in shardings:
             val = node.meta.get("val")
             if not isinstance(val, (tuple, list)):
@@ -1064,16 +1090,21 @@ class RankParts:
                 sts.append((key, nbytes))
             self.nodes[node] = sts
             moves = [h for h in sharding.ins if isinstance(h, Reshard)]
-            if moves:  # the new parts held while it runs; an exchange's buffers on top of them (reshard)
+            if moves:  # the new parts held while it runs; an exchange's buffers on top of them (reshard); the
+                # sources it releases after the exchange (NOTE [An exchange frees its source])
                 self.extra[node] = (sum(h.dst.most_bytes() for h in moves),
-                                    max(max(h.src.most_bytes(), h.dst.most_bytes()) for h in moves))
+                                    max(max(h.src.most_bytes(), h.dst.most_bytes()) for h in moves),
+                                    sum(h.src.most_bytes() for h in moves if h.last))
 
     def storages(self, node):
         return self.nodes.get(node)
 
     def working(self, node, nbytes: int) -> int:
-        held, exchange = self.extra.get(node, (0, 0))
-        return held + max(nbytes, exchange, self.transit.get(node, 0))
+        """Bytes ``node`` (a region) holds on top of the values live at it: its new parts, and the largest of its
+        exchanges, its slices' working set ``nbytes`` less the sources it has released by then, and its gathers'
+        copy in transit."""
+        held, exchange, freed = self.extra.get(node, (0, 0, 0))
+        return held + max(nbytes - freed, exchange, self.transit.get(node, 0))
 
 
 def rank_shardings(gm, ranks: int, spread: dict, outputs=(), given=None) -> list:

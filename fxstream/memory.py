@@ -234,6 +234,14 @@ def planned_peak(gm: GraphModule) -> tuple[int, str]:
     return plan.peak_bytes, plan.peak_node
 
 
+def release_storage(t: torch.Tensor) -> None:
+    """Drop ``t``'s storage now, while references to ``t`` remain (NOTE [An exchange frees its source] in
+    ``fxstream.distributed``): ``t`` becomes an empty tensor in place (``set_()``), so every reference to it sees
+    no elements, and its bytes are freed with the storage's last tensor (a :class:`MemoryTracker` counts them
+    freed then). Only for a value no later node reads."""
+    t.set_()
+
+
 class MemoryTracker(TorchDispatchMode):
     """Peak bytes of storages created while active (inputs and weights made before are not counted).
 

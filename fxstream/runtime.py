@@ -487,6 +487,7 @@ class LoopRegion(RegionLoop):
         it, except the outputs every rank keeps in parts (NOTE [Sharded regions], NOTE [Values held in parts] in
         ``fxstream.distributed``)."""
         from .distributed import block, equal_runs, rank_ranges, reshard
+        from .memory import release_storage
         sh = self.shards
         n = len(self._steps)
         run = block(n, sh.size, sh.rank)
@@ -499,6 +500,8 @@ class LoopRegion(RegionLoop):
             if how is not None:
                 if how != "part":
                     ins[i] = reshard(sh, args[i], how, f"the exchange of a region's input into {self.axis} parts")
+                    if how.last:  # NOTE [An exchange frees its source]: no later node reads the producer's part
+                        release_storage(args[i])
                 shift_in[i] = lo * self.in_cuts[i].inner
         for i, d, sizes in self._unflat_in:  # a part is already in the form the bodies take
             if i not in shift_in:

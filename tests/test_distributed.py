@@ -4,6 +4,7 @@ is the same on every rank; the failure cases end with a DistributedError naming 
 from __future__ import annotations
 
 import math
+import operator
 import os
 import socket
 import subprocess
@@ -572,3 +573,24 @@ def test_a_budget_only_the_ranks_together_meet():
         fxstream.explain(m, kw, policy)
     four = fxstream.explain(m, kw, policy, ranks=[4]).ranks[0]
     assert four.peak_bytes + weights <= policy.max_memory and four.speedup > 3.0, four
+
+
+def test_an_exchange_frees_its_source_only_at_its_last_reader():
+    """NOTE [An exchange frees its source]: the reader after every other, taking the value in one argument only,
+    is the last; a tie or a second argument leaves the producer's part to the graph."""
+    from fxstream.distributed import _last_reader
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    t = g.call_function(torch.split, (x, 1))
+    items = [g.call_function(operator.getitem, (t, 0)), g.call_function(operator.getitem, (t, 0))]
+    first = g.call_function(torch.neg, (items[0],))
+    last = g.call_function(torch.add, (items[1], first))
+    order = {n: k for k, n in enumerate(g.nodes)}
+    assert _last_reader(items, order) is last
+    twice = g.call_function(torch.add, (items[0], items[1]))  # a later reader taking it in two arguments
+    order = {n: k for k, n in enumerate(g.nodes)}
+    assert _last_reader(items, order) is None
+    g.erase_node(twice)
+    by_keyword = g.call_function(torch.add, (first,), {"other": items[0]})
+    order = {n: k for k, n in enumerate(g.nodes)}
+    assert _last_reader(items, order) is None and by_keyword.kwargs["other"] is items[0]

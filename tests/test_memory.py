@@ -190,3 +190,20 @@ def test_group_norm_copy_of_a_strided_input_as_measured(layout):
     planned = plan_memory(gm).peak_bytes
     assert abs(planned - measured) <= 256, (layout, planned, measured)  # the statistics: 2 x 2 x 8 floats
     assert planned // x.nbytes == 2  # the made input and the output; a view of the caller's: the copy and the output
+
+
+def test_a_released_storage_is_freed_and_counted_so():
+    """NOTE [An exchange frees its source]: ``release_storage`` frees a tensor's bytes while references to it
+    remain (each then sees an empty tensor); a tracker counts them freed (its peak stays)."""
+    from fxstream.memory import MemoryTracker, release_storage
+    with torch.no_grad(), MemoryTracker() as tracker:
+        a = torch.ones(1000)
+        held = (a,)  # another reference, as a region's output tuple holds its parts
+        b = torch.ones(500)
+        assert tracker.current == 6000
+        release_storage(a)
+        assert tracker.current == 2000 and tracker.peak == 6000
+        c = torch.ones(250)
+        assert tracker.current == 3000 and tracker.peak == 6000
+    assert held[0].numel() == 0 and held[0].untyped_storage().nbytes() == 0
+    assert b.sum().item() == 500 and c.numel() == 250
