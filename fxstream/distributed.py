@@ -1049,7 +1049,9 @@ class RankParts:
 
     def __init__(self, shardings: list, rows: list = (), transit: dict | None = None):
         self.nodes = {}  # node -> [(storage key, bytes)] where they differ from its values' own
-        self.extra = {}  # region node -> (bytes held while it runs, held only during the exchange, released)
+        # region node -> (bytes held while it runs, held only during the exchange, released after it, whether the
+        # exchange runs before the region allocates its outputs)
+        self.extra = {}
         self.transit = transit or {}
         for gm, node, loop, held in rows:  # NOTE [Rows held in parts]: a halo region's outputs as spans of rows
             val = node.meta.get("val")
@@ -1068,7 +1070,8 @@ class RankParts:
             self.nodes[node] = sts
             moves = [h for h in held.outs if h is not None and h.moves()]
             if moves:  # fill_rows: its send and receive buffers, one output after another
-                self.extra[node] = (0, max(sum(h.exchange_bytes(r)) for h in moves for r in range(len(h.span))), 0)
+                self.extra[node] = (0, max(sum(h.exchange_bytes(r)) for h in moves for r in range(len(h.span))), 0,
+                                    False)
         for gm, node, loop, sharding in shardings:
             val = node.meta.get("val")
             if not isinstance(val, (tuple, list)):
@@ -1090,21 +1093,23 @@ class RankParts:
                 sts.append((key, nbytes))
             self.nodes[node] = sts
             moves = [h for h in sharding.ins if isinstance(h, Reshard)]
-            if moves:  # the new parts held while it runs; an exchange's buffers on top of them (reshard); the
-                # sources it releases after the exchange (NOTE [An exchange frees its source])
+            if moves:  # the new parts held while it runs; an exchange's buffers on top of them (reshard), made
+                # before its outputs; the sources it releases after the exchange (NOTE [An exchange frees its source])
                 self.extra[node] = (sum(h.dst.most_bytes() for h in moves),
                                     max(max(h.src.most_bytes(), h.dst.most_bytes()) for h in moves),
-                                    sum(h.src.most_bytes() for h in moves if h.last))
+                                    sum(h.src.most_bytes() for h in moves if h.last), True)
 
     def storages(self, node):
         return self.nodes.get(node)
 
-    def working(self, node, nbytes: int) -> int:
-        """Bytes ``node`` (a region) holds on top of the values live at it: its new parts, and the largest of its
-        exchanges, its slices' working set ``nbytes`` less the sources it has released by then, and its gathers'
-        copy in transit."""
-        held, exchange, freed = self.extra.get(node, (0, 0, 0))
-        return held + max(nbytes - freed, exchange, self.transit.get(node, 0))
+    def working(self, node, nbytes: int, made: int = 0) -> int:
+        """Bytes ``node`` (a region) holds on top of the values live at it, ``made`` of which are its outputs
+        (allocated by itself): the largest of its exchanges (a cut region's run before it allocates its outputs,
+        ``_run_sharded``; a halo region's after its slices) with its new parts, its slices' working set
+        ``nbytes`` with its new parts less the sources it has released by then, and its gathers' copy in transit
+        (after its slices: the new parts freed, outputs made)."""
+        held, exchange, freed, first = self.extra.get(node, (0, 0, 0, False))
+        return max(held + exchange - (made if first else 0), held + nbytes - freed, self.transit.get(node, 0))
 
 
 def rank_shardings(gm, ranks: int, spread: dict, outputs=(), given=None) -> list:

@@ -145,7 +145,8 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None, parts=None) -> Me
 
     ``parts``: what one rank holds under ``Policy(distributed=...)`` where that is not the whole values of
     ``meta["val"]`` (``fxstream.distributed.RankParts``: ``storages(node)``, a node's (storage key, bytes) or None
-    for its values' own; ``working(node, bytes)``, a region's working set on this rank).
+    for its values' own; ``working(node, bytes, made)``, a region's working set on this rank, given the bytes of
+    its outputs counted live at it that it allocates itself).
     """
     nodes = list(gm.graph.nodes)
     last_use = {}
@@ -182,17 +183,19 @@ def plan_memory(gm: GraphModule, in_flight: int | None = None, parts=None) -> Me
             outs = n.meta.get("val")
             partial_sts = {next(_storages(outs[j]))[0] for j in loop.partial}
             partial = sum(b for s, b in sts if s in partial_sts and owner_count.get(s, 0) == 0)
+        made = 0  # bytes of storages this node makes (a region's outputs: allocated after its exchanges)
         for s, b in sts:
             if s in held_by_caller:
                 continue
             if owner_count.get(s, 0) == 0:
                 live += b
                 size[s] = b
+                made += b
             owner_count[s] = owner_count.get(s, 0) + 1
         extra = _working_set(loop, plans, k, partial) if plans else _transient_bytes(n) if n.op != "call_module" \
             else _working_bytes(gm.get_submodule(n.target))  # a halo region's bands
         if parts is not None and n.op == "call_module":
-            extra = parts.working(n, extra)
+            extra = parts.working(n, extra, made - partial)
         during = live - partial + extra
         if n.op == "call_module":
             plan.region_peaks[n.name] = during
@@ -277,7 +280,7 @@ class MemoryTracker(TorchDispatchMode):
         with self._lock:
             self._sweep()
             for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":  # (a meta tensor holds no bytes)
                     st = t.untyped_storage()
                     ref = StorageWeakRef(st)
                     if ref in self.live or ref in self.external or ref in self.host:

@@ -297,7 +297,8 @@ class _ThreadRanks:
         return other
 
     def all_to_all(self, out, send, out_sizes, send_sizes, what):
-        self.sent[self.rank] = (send.clone(), list(send_sizes))
+        # (no copy of the send buffer, as a real all-to-all: its sender leaves it alone until every rank has read)
+        self.sent[self.rank] = (send, list(send_sizes))
         self.barrier.wait()
         at = 0
         for q in range(self.size):
@@ -305,13 +306,21 @@ class _ThreadRanks:
             start = sum(sizes[:self.rank])
             out[at:at + out_sizes[q]] = data[start:start + sizes[self.rank]]
             at += out_sizes[q]
+        del data  # (else another rank's buffer outlives its exchange there, and its tracker counts it)
         self.barrier.wait()
+        del self.sent[self.rank]
 
     def all_gather(self, out, mine, what):
-        self.sent[self.rank] = mine.clone()
+        # (no copies either: each rank writes the others' parts into its own out only, never its own part, which
+        # the others read, and mine may be)
+        self.sent[self.rank] = mine
         self.barrier.wait()
-        out.copy_(torch.cat([self.sent[q] for q in range(self.size)]))
+        n = mine.numel()
+        for q in range(self.size):
+            if q != self.rank:
+                out[q * n:(q + 1) * n].copy_(self.sent[q])
         self.barrier.wait()
+        del self.sent[self.rank]
 
 
 @pytest.fixture
@@ -594,3 +603,67 @@ def test_an_exchange_frees_its_source_only_at_its_last_reader():
     by_keyword = g.call_function(torch.add, (first,), {"other": items[0]})
     order = {n: k for k, n in enumerate(g.nodes)}
     assert _last_reader(items, order) is None and by_keyword.kwargs["other"] is items[0]
+
+
+def test_a_region_exchanges_before_it_allocates_its_outputs(one_thread):
+    """RankParts: a cut region taking an argument in other parts runs its all-to-all before it allocates its
+    outputs, and frees the producer's part after it (NOTE [An exchange frees its source]): what each spread region
+    allocates during its call (threads as 2 ranks, each region call measured alone) is at most the plan's largest
+    phase, the exchange's buffers with the new parts, or the new parts, outputs and slices' working set, or the
+    outputs with a gather's copy; and in some region the exchange's buffers outweigh the slices' working set, where
+    allocating the outputs first would break that bound."""
+    from fxstream.distributed import RankParts, _loop_traffic, rank_shardings, shard_regions, spread_loops
+    from fxstream.entry import Entry
+    from fxstream.memory import MemoryTracker, plan_memory
+    from fxstream.runtime import LoopRegion
+    m = build_unet("svd-tiny")
+    kw = example_inputs("svd-tiny", m, frames=8)
+    entry = Entry(m, kw, compile_policy(fxstream.Policy(slices=8, batch=1), 2))
+    gm = entry.compiled.graph_module
+    seen = {}
+
+    class Seen(RankParts):
+        def working(self, node, nbytes, made=0):
+            seen[node.name] = (nbytes, made)
+            return super().working(node, nbytes, made)
+
+    parts = Seen(rank_shardings(gm, 2, spread_loops(gm, 2)))
+    plan_memory(gm, parts=parts)
+    held = {loop: s for _, _, loop, s in rank_shardings(gm, 2, spread_loops(gm, 2))}
+    transit = {n: _loop_traffic(gm.get_submodule(n.target), 2, held.get(gm.get_submodule(n.target)))[2]
+               for n in parts.extra}
+    bound = {}
+    for n in gm.graph.nodes:
+        if n in parts.extra:
+            held, exchange, _, _ = parts.extra[n]
+            nbytes, made = seen[n.name]
+            bound[n.name] = (max(held + exchange, held + nbytes + made, transit.get(n, 0) + made),
+                             held + exchange + made)  # the exchange's, were the outputs made before it
+    assert any(outputs_first > limit for limit, outputs_first in bound.values()), bound  # the case the order decides
+    flat = [*entry.weights(m), *torch.utils._pytree.tree_flatten(((), kw))[0]]
+
+    class Measure(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.name not in bound:
+                return super().run_node(n)
+            assert isinstance(self.module.get_submodule(n.target), LoopRegion)
+            with MemoryTracker() as tracker:
+                out = super().run_node(n)
+            self.peaks[n.name] = tracker.peak
+            return out
+
+    def work(sh):
+        mine = _own_regions(gm)
+        shard_regions(mine, sh)
+        interp = Measure(mine)
+        interp.peaks = {}
+        with torch.no_grad():
+            interp.run(*flat)
+        return interp.peaks
+
+    got = _on_thread_ranks(2, work)
+    for r in range(2):
+        assert set(got[r]) == set(bound)
+        for name, peak in got[r].items():
+            # (16 KiB: a GroupNorm's partial sums kept per slice until gathered, planned as one)
+            assert peak <= bound[name][0] + 2**14, (r, name, peak, bound[name])
