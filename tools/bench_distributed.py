@@ -155,8 +155,9 @@ def cpu_rows(model: str, slices: int, repeats: int, batch: int = 1) -> list:
 
 def full_rows(ranks: list) -> list:
     """Each model under ``Policy(slices=8)`` on ``ranks`` (the compile a process group of that size runs:
-    fxstream.entry.rank_compile), and under ``Policy(batch=2, slices=8)`` on 2 and 4 (the guidance halves on 2
-    ranks, or on 2 groups of 2)."""
+    fxstream.entry.rank_compile), under ``Policy(batch=2, slices=8)`` on 2 and 4 (the guidance halves on 2
+    ranks, or on 2 groups of 2), and under ``Policy(slices=16)`` on 4 and 8 (one-frame slices), each against the
+    one-device ``Policy(slices=8)`` plan."""
     import fxstream
     from fxstream.distributed import compile_policy, planned_flops, rank_plan
     from fxstream.entry import Entry, rank_compile
@@ -169,7 +170,9 @@ def full_rows(ranks: list) -> list:
         base = fxstream.Policy(slices=8)
         one_entry = Entry(unet, kw, compile_policy(base))
         one = plan_memory(one_entry.compiled.graph_module).peak_bytes  # the one-device sliced plan
-        for policy, counts in ((base, ranks), (fxstream.Policy(batch=2, slices=8), [2, 4])):
+        # and Policy(slices=16) on 4 and 8: one-frame slices per rank at 14-25 frames (NOTE [Slices per rank])
+        for policy, counts in ((base, ranks), (fxstream.Policy(batch=2, slices=8), [2, 4]),
+                               (fxstream.Policy(slices=16), [n for n in ranks if n >= 4])):
             entry = one_entry if policy == base else Entry(unet, kw, compile_policy(policy), program=one_entry.program)
             for n in counts:
                 t = time.perf_counter()
@@ -356,10 +359,14 @@ def main(argv=None) -> None:
                 "with no region floor (NOTE [No region floor across devices]) as a process group of N runs it (the "
                 "guidance batch split where that plans faster: 'batch split', each rank running whole parts, or "
                 "groups of ranks each spreading one part's regions: NOTE [Batch splits across ranks]), and "
-                "`Policy(batch=2, slices=8)` asked for on 2 and 4; the VAE decoders (random weights from the "
+                "`Policy(batch=2, slices=8)` asked for on 2 and 4, and `Policy(slices=16)` on 4 and 8 (one-frame "
+                "slices per rank at 14-25 frames); the VAE decoders (random weights from the "
                 "released configs, the latents of those videos) under `Policy(halo=8)`, cut in 8N bands on N ranks "
                 "with the one device's checkpoints (NOTE [Checkpoints across ranks]). "
-                "'one device': the one-device plan of the same policy (`Policy(slices=8)` with no region floor); 'per rank': the busiest rank's planned activation peak and its ratio to "
+                "'one device': the one-device `Policy(slices=8)` plan with no region floor (the UNets' every row; the "
+                "decoders' `Policy(halo=8)`); 'per rank': the busiest rank's planned activation peak (the region "
+                "phases as `_run_sharded` runs them: exchanges before a region's outputs, their sources freed where "
+                "it reads them last, a gather's copy after its slices: `RankParts`) and its ratio to "
                 "one device's (issue 22's target: <= 1.1/N); what a rank receives per call; the predicted speedup "
                 "over one device (the FLOPs each plan computes, a halo region's weighted by its planned compute: halo rows "
                 "and statistics passes computed again, 13.3x its ops' for SVD's decoder on one device; compute at the rate measured on one H200 for full-size SVD, 2.4e14 FLOP/s; links "
