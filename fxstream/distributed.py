@@ -605,8 +605,8 @@ def held_values(gm, ranks: int, spread, outputs=(), given=None, nested: bool = F
 # node reads it, it is not a graph output, and the region takes it in one argument only), ``_run_sharded`` releases
 # the producer's part as soon as the exchange has sent it (``fxstream.memory.release_storage``: the tensor becomes
 # empty in place, so its storage dies with it though the graph still names it; nothing later reads it). The plan
-# counts it so (``RankParts``: the region's working set less the parts
-# it frees; the exchange itself still holds them).
+# counts it so (``RankParts``: the region's working set less the parts it frees; the exchange itself still holds
+# them).
 def _last_reader(items: list, order: dict):
     """The one node reading ``items`` (a value's getitems) after every other reader, in one argument only; None
     where two readers tie (the same node reading two getitems of one value) or it reads the value twice."""
@@ -1045,14 +1045,15 @@ class RankParts:
     buffer of its own (``_run_sharded``): its values keep their own storage here, which nothing else holds.
     ``transit``: region node -> the largest copy its gathers hold (an output gathered through a chunk of every
     rank's part, :func:`_loop_traffic`): made after its slices are done and their working sets freed, with its
-    whole outputs already live, so it counts at that region instead of its working set where it is larger."""
+    whole outputs already live, so it counts at that region instead of its working set where it is larger. A halo
+    region's exchange of rows (``fill_rows``) runs then too, and counts alike."""
 
     def __init__(self, shardings: list, rows: list = (), transit: dict | None = None):
         self.nodes = {}  # node -> [(storage key, bytes)] where they differ from its values' own
-        # region node -> (bytes held while it runs, held only during the exchange, released after it, whether the
-        # exchange runs before the region allocates its outputs)
+        # cut region node -> (bytes held while it runs, held only during its exchanges, which run before it
+        # allocates its outputs, released after them)
         self.extra = {}
-        self.transit = transit or {}
+        self.transit = dict(transit or {})
         for gm, node, loop, held in rows:  # NOTE [Rows held in parts]: a halo region's outputs as spans of rows
             val = node.meta.get("val")
             if not isinstance(val, (tuple, list)):
@@ -1069,9 +1070,9 @@ class RankParts:
                 sts.append((key, nbytes))
             self.nodes[node] = sts
             moves = [h for h in held.outs if h is not None and h.moves()]
-            if moves:  # fill_rows: its send and receive buffers, one output after another
-                self.extra[node] = (0, max(sum(h.exchange_bytes(r)) for h in moves for r in range(len(h.span))), 0,
-                                    False)
+            if moves:  # fill_rows, after its slices: its send and receive buffers, one output after another
+                rows_bytes = max(sum(h.exchange_bytes(r)) for h in moves for r in range(len(h.span)))
+                self.transit[node] = max(self.transit.get(node, 0), rows_bytes)
         for gm, node, loop, sharding in shardings:
             val = node.meta.get("val")
             if not isinstance(val, (tuple, list)):
@@ -1097,19 +1098,19 @@ class RankParts:
                 # before its outputs; the sources it releases after the exchange (NOTE [An exchange frees its source])
                 self.extra[node] = (sum(h.dst.most_bytes() for h in moves),
                                     max(max(h.src.most_bytes(), h.dst.most_bytes()) for h in moves),
-                                    sum(h.src.most_bytes() for h in moves if h.last), True)
+                                    sum(h.src.most_bytes() for h in moves if h.last))
 
     def storages(self, node):
         return self.nodes.get(node)
 
     def working(self, node, nbytes: int, made: int = 0) -> int:
         """Bytes ``node`` (a region) holds on top of the values live at it, ``made`` of which are its outputs
-        (allocated by itself): the largest of its exchanges (a cut region's run before it allocates its outputs,
-        ``_run_sharded``; a halo region's after its slices) with its new parts, its slices' working set
-        ``nbytes`` with its new parts less the sources it has released by then, and its gathers' copy in transit
-        (after its slices: the new parts freed, outputs made)."""
-        held, exchange, freed, first = self.extra.get(node, (0, 0, 0, False))
-        return max(held + exchange - (made if first else 0), held + nbytes - freed, self.transit.get(node, 0))
+        (allocated by itself): the largest of its exchanges with its new parts (a cut region's run before it
+        allocates its outputs, ``_run_sharded``), its slices' working set ``nbytes`` with its new parts less the
+        sources it has released by then, and its copies after its slices (``transit``: the new parts freed,
+        outputs made)."""
+        held, exchange, freed = self.extra.get(node, (0, 0, 0))
+        return max(held + exchange - made, held + nbytes - freed, self.transit.get(node, 0))
 
 
 def rank_shardings(gm, ranks: int, spread: dict, outputs=(), given=None) -> list:

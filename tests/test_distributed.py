@@ -635,7 +635,7 @@ def test_a_region_exchanges_before_it_allocates_its_outputs(one_thread):
     bound = {}
     for n in gm.graph.nodes:
         if n in parts.extra:
-            held, exchange, _, _ = parts.extra[n]
+            held, exchange, _ = parts.extra[n]
             nbytes, made = seen[n.name]
             bound[n.name] = (max(held + exchange, held + nbytes + made, transit.get(n, 0) + made),
                              held + exchange + made)  # the exchange's, were the outputs made before it
