@@ -3,7 +3,8 @@
 1. *Floor of a structure.* Compile with every slice count at its upper limit (the policy's counts, else one
    element of the axis per slice) and plan it. Two structures are tried: the whole video batch at once, and the
    batch split into parts (each part compiled as a graph of its own, regions inside regions). The smaller floor
-   is the lower bound: no slicing the rules allow plans below it.
+   is the lower bound: no slicing of one element per slice or more plans below it (slices within one element,
+   NOTE [Slices within one element], are neither searched nor bounded here).
 2. *Fewest slices per region.* While a region runs, the bytes live are the whole values around it (they do not
    depend on slice counts) plus its working set, which grows with the slice size. The working set at the
    floor's slice size, scaled to other sizes, gives the largest slice that fits; a region that fits whole is
@@ -67,7 +68,7 @@ def _batch_choices(gm: GraphModule, policy: Policy) -> list:
 
 def floor(gm: GraphModule, policy: Policy, batch: int | None) -> Floor:
     """The structure at its upper-limit counts, one slice in flight."""
-    cg = compile_graph(gm, _caps(policy, batch), check_peak=False)
+    cg = compile_graph(gm, _caps(policy, batch), check_peak=False, cut_within=False)
     return Floor(batch, cg, plan_memory(cg.graph_module))
 
 
@@ -125,7 +126,7 @@ def choose_slicing(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[
     if budget < lowest.peak_bytes:
         raise MemoryBudgetError(
             f"Policy.max_memory={format_bytes(policy.max_memory)} cannot be met: the weights take "
-            f"{format_bytes(weight_bytes)} and no slicing the rules allow plans the activations below "
+            f"{format_bytes(weight_bytes)} and no slicing the budget searches plans the activations below "
             f"{format_bytes(lowest.peak_bytes)} (lower bound), so at least "
             f"{format_bytes(weight_bytes + lowest.peak_bytes)} is needed. Raise max_memory, or make the input "
             f"smaller (frames, resolution, batch) or the dtype narrower.",
@@ -152,9 +153,9 @@ def choose_slicing(gm: GraphModule, policy: Policy, weight_bytes: int) -> tuple[
     for attempt in range(6):
         pol = _caps(policy, f.batch, k)
         if f.batch is None:
-            cg = compile_graph(gm, pol, counts=counts[0], check_peak=False)
+            cg = compile_graph(gm, pol, counts=counts[0], check_peak=False, cut_within=False)
         else:
-            cg = compile_graph(gm, pol, inner_counts=counts, check_peak=False)
+            cg = compile_graph(gm, pol, inner_counts=counts, check_peak=False, cut_within=False)
         fitted = Floor(f.batch, cg, plan_memory(cg.graph_module))
         if fitted.peak_bytes <= budget:
             log.info("budget %s met with batch=%s after %d compiles", format_bytes(budget), f.batch, attempt + 1)

@@ -117,6 +117,8 @@ class CompiledGraph:
     halo_reasons: dict = field(default_factory=dict)  # node name -> why halo slicing left it out
     made_with: MadeWith | None = None  # the compile_graph arguments that made it (what the plan cache replays)
     recomputed: int = 0  # chains copied for attention queries (NOTE [Queries recompute what they share ...])
+    within: list = field(default_factory=list)  # (region node name, CompiledGraph) of each one-element body cut
+    # again along its own axes (NOTE [Slices within one element]), in the order of the regions
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class MadeWith:
     line_buffers: int | None = None  # the ceiling the budget set the halo loops' line buffers under (None: the
     # compile's own rule, halo_runtime.set_line_buffers)
     norms: tuple | None = None
+    cut_within: bool = True  # regions asked for more slices than elements cut their bodies again (NOTE [Slices
+    # within one element]); the budget's compiles do not
 
 
 @dataclass
@@ -168,10 +172,12 @@ class Job:
     norms: tuple | None = None  # the GroupNorms split (names), where the step searched or checked them
     split: bool = False  # cut regions where they hold too much (NOTE [Regions split where they hold too much])
     recompute: bool = False  # queries recompute what they share with keys and values (passes/recompute_queries.py)
+    cut_within: bool = True  # the compile_graph argument (NOTE [Slices within one element]), passed on to bodies
     prepared: GraphModule | None = None
     plan: SlicePlan | None = None
     planned: GraphModule | None = None  # the graph the plan was made on (a plan of the same graph is reused)
     bodies: list = field(default_factory=list)  # CompiledGraphs of the batch regions' bodies
+    within: list = field(default_factory=list)  # (region node, CompiledGraph): bodies cut within (NOTE [Slices ...])
     halo: list = field(default_factory=list)
     halo_reasons: dict = field(default_factory=dict)
 
@@ -275,19 +281,62 @@ def step_group_regions(gm: GraphModule, job: Job) -> GraphModule:
 
 
 def step_compile_bodies(gm: GraphModule, job: Job) -> GraphModule:
-    """A batch split with more slicing asked for: each batch region's body is compiled again as a graph of its
-    own, with the rest of the policy (regions inside regions)."""
+    """Regions inside regions. A batch split with more slicing asked for: each batch region's body is compiled
+    again as a graph of its own, with the rest of the policy. Otherwise a cut region asked for more slices than
+    its axis has elements: each one-element body is compiled again, cut along its own axes in the slices left
+    over (NOTE [Slices within one element])."""
     if job.inner is None:
+        _slice_within(gm, job)
         return gm
     k = 0
     for loop in _loops(gm):
         for key, body in list(loop.bodies.items()):
             inner = compile_graph(body, job.inner, (job.inner_counts or [None] * (k + 1))[k],
-                                  check_peak=job.check_peak)
+                                  check_peak=job.check_peak, cut_within=job.cut_within)
             loop.bodies[key] = inner.graph_module
             job.bodies.append(inner)
             k += 1
     return gm
+
+
+def _slice_within(gm: GraphModule, job: Job) -> None:
+    """NOTE [Slices within one element]
+    ``Policy(slices=k)`` cuts a region in ``k`` slices, but a region cut along frames has only as many slices as
+    frames: 14 at most for SVD's 14 frames, however large ``k`` (across devices ``k`` is multiplied by the ranks:
+    NOTE [Slices per rank]). A one-frame slice still holds a frame's working set: SVD's first spatial
+    transformer's feed-forward at 9,216 tokens, 0.099 GiB in fp16, which held issue 22's per-rank peaks above
+    1.1/N at 4 and 8 ranks. So where a region is asked for more slices than its axis has elements (its count
+    from the policy's axis count or the budget's per-region count, before the slicer caps it at the axis
+    length), each of its bodies (one element each) is compiled again as a graph of its own, as a batch split's
+    bodies are, under ``Policy(slices=ceil(asked / length))`` with the region floor, slices in flight and CPU
+    mode of the policy: the Feature Slicer finds the body's own axes (a frame's tokens, its height) and cuts
+    what the rules prove safe there, so the result stays exact; what they cannot cut runs whole, as it did.
+    The loop keeps ``within`` (the count asked of its bodies) and runs one slice at a time, its bodies
+    pipelining inside (``LoopRegion.in_flight``); it is no batch split (``LoopRegion.nested`` is False): across
+    devices its slices spread as any region's, and the regions inside its bodies run whole on the rank that runs
+    the slice (``distributed.spread_loops``). A body stays as it was where its compile finds nothing to cut or
+    does not plan below it (inner regions allocate their outputs whole: on a tiny frame that can cost more than
+    the frame's working set saves)."""
+    if not job.cut_within:
+        return
+    asked = job.region_counts or {}
+    for node, grouped in grouped_calls(gm, "cut"):
+        r = grouped.region
+        want = asked.get(region_id(r), job.counts.get(r.axis.name, 1))
+        loop = gm.get_submodule(node.target)
+        if want <= r.axis.length or any(n != 1 for _, n in loop.bounds):
+            continue
+        k = -(-want // r.axis.length)
+        inner_policy = Policy(slices=k, min_region_fraction=job.min_fraction, pipeline=job.in_flight,
+                              cpu_workers=job.cpu_workers)
+        from .memory import plan_memory
+        for key, body in list(loop.bodies.items()):
+            inner = compile_graph(body, inner_policy, check_peak=job.check_peak)
+            if inner.plan.regions and \
+                    plan_memory(inner.graph_module).peak_bytes < plan_memory(body).peak_bytes:
+                loop.bodies[key] = inner.graph_module
+                loop.within = k
+                job.within.append((node.name, inner))
 
 
 def step_reuse_buffers(gm: GraphModule, job: Job) -> GraphModule:
@@ -406,7 +455,7 @@ def _run(gm: GraphModule, job: Job, steps, folder, depth: int) -> GraphModule:
 # -- the driver ----------------------------------------------------------------------------------------------------
 def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, inner_counts: list | None = None,
                   halo_keep: int | None = None, check_peak: bool = True, line_buffers: bool = True,
-                  norms: tuple | None = None) -> CompiledGraph:
+                  norms: tuple | None = None, cut_within: bool = True) -> CompiledGraph:
     """Slice ``gm`` (an exported graph with fake metadata) under ``policy``. ``Policy()`` returns it unchanged.
 
     With a batch split and other slicing both asked for, the batch is split first and each batch region's body
@@ -422,10 +471,13 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
     ``line_buffers``: turn on halo loops' line buffers where they do not raise the planned peak (NOTE [Line
     buffers]); the halo budget turns it off (NOTE [Line buffers in the halo budget]). ``norms``: the GroupNorms an
     earlier compile of this graph and policy split (``MadeWith.norms``; NOTE [Split GroupNorms replayed]).
+    ``cut_within``: a region asked for more slices than its axis has elements cuts each one-element body again
+    along its own axes (NOTE [Slices within one element]); the budget's search turns it off (its counts are one
+    element per slice at most, its floor "as many slices as elements").
     """
     made_with = MadeWith(policy, dict(counts) if counts is not None else None,
                          [dict(c) if c is not None else None for c in inner_counts] if inner_counts is not None
-                         else None, halo_keep, check_peak=check_peak)
+                         else None, halo_keep, check_peak=check_peak, cut_within=cut_within)
     if not policy.slices_anything:
         return CompiledGraph(gm, SlicePlan([], {}), gm, gm, made_with=made_with)
     # a batch split: its bodies check; min_region_fraction=0 keeps every region the rules allow (tests use it)
@@ -448,7 +500,7 @@ def compile_graph(gm: GraphModule, policy: Policy, counts: dict | None = None, i
     log.info("compiled: %d regions", len(job.plan.regions))
     made_with = replace(made_with, norms=tuple(norm_log.made))
     return CompiledGraph(out, job.plan, gm, job.prepared, job.bodies, job.halo, job.halo_reasons, made_with,
-                         len(shared_chains(stripped_graph(gm))) if job.recompute else 0)
+                         len(shared_chains(stripped_graph(gm))) if job.recompute else 0, job.within)
 
 
 def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, made_with, split=False,
@@ -457,6 +509,7 @@ def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, mad
     the graph, its job, what it was made with and (with ``check``) its memory plan."""
     job = _job(policy, counts, inner_counts, halo_keep)
     job.check_peak, job.split, job.recompute, job.line_buffers = check_peak, split, recompute, line_buffers
+    job.cut_within = made_with.cut_within
     norms = _NormLog(None) if norms is None else norms
     job.norms_given = norms.given()
     out = run_steps(gm, job)
@@ -468,6 +521,7 @@ def _compile(gm, policy, counts, inner_counts, halo_keep, check_peak, check, mad
         raised = [(job.prepared, r) for r in job.plan.regions if region_id(r) in raising]
         job = _job(policy, counts, inner_counts, halo_keep)
         job.left_whole, job.check_peak, job.split, job.raised = raising, check_peak, split, raised
+        job.cut_within = made_with.cut_within
         job.recompute, job.line_buffers, job.norms_given = recompute, line_buffers, norms.given()
         out = run_steps(gm, job)
         norms.made.append(job.norms)

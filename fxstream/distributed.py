@@ -360,8 +360,9 @@ def compile_policy(policy, ranks: int = 1):
 # NOTE [Slices per rank]
 # ``Policy(slices=k)`` keeps its meaning on each rank: a rank cuts its part of each region in ``k`` slices, so a
 # compile for ``N`` ranks cuts each region in ``k * N`` (fewer where the axis is shorter) and rank ``r`` runs the
-# ``r``-th run of them. A slice's working set is then about ``1/N`` of one device's (one element of the axis at
-# least: a frame), as the parts a rank holds between regions are (NOTE [Values held in parts]). With a batch split
+# ``r``-th run of them. A slice's working set is then about ``1/N`` of one device's, as the parts a rank holds
+# between regions are (NOTE [Values held in parts]); where ``k * N`` is more than the axis has elements, each
+# element's body is cut again along its own axes (NOTE [Slices within one element]). With a batch split
 # (``batch=b``; NOTE [Batch splits across ranks]) the counts follow ``b``: where ``b`` is a multiple of ``N`` each
 # rank runs whole parts, sliced ``k`` ways as on one device; where ``N`` is a multiple of ``b`` the parts run on
 # groups of ``m = N // b`` ranks and the counts are ``k * m`` (``1/m`` of a part's working set per rank). The counts
@@ -394,7 +395,11 @@ def spread_loops(gm: torch.nn.Module, ranks: int) -> dict:
     inner regions spread over all ``ranks``); every other loop region over ``ranks``. Halo loops are always
     spread (they are not LoopRegions). Returns {id(region): ranks or groups}."""
     from .runtime import LoopRegion
-    loops = [m for m in gm.modules() if isinstance(m, LoopRegion)]
+    # the regions inside a region cut within one element run whole on the rank running its slice (NOTE [Slices
+    # within one element])
+    local = {id(x) for m in gm.modules() if isinstance(m, LoopRegion) and m.within > 1
+             for b in m.bodies.values() for x in b.modules() if isinstance(x, LoopRegion)}
+    loops = [m for m in gm.modules() if isinstance(m, LoopRegion) and id(m) not in local]
     out, inside = {}, {}
     for m in loops:
         if not m.nested:
@@ -1206,7 +1211,7 @@ def rank_plan(compiled, ranks: int, link: str = "nvlink", flops_per_s: float = H
                 moves(node, *_loop_traffic(loop, size, held.get(loop)))
             for step in steps:
                 for x in loop.bodies[step.body].modules():
-                    if isinstance(x, LoopRegion) and not x.nested:
+                    if isinstance(x, LoopRegion) and not x.nested and id(x) in spread:
                         moves(caller[id(x)], *_loop_traffic(x, m, held.get(x)))
             continue
         n = len(loop.bounds)

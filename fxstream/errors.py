@@ -17,7 +17,7 @@ class ExecutionError(FxstreamError, RuntimeError):
 
 
 class MemoryBudgetError(FxstreamError):
-    """``Policy(max_memory=...)`` is below what any slicing the rules allow can reach (weights plus the lower
+    """``Policy(max_memory=...)`` is below what any slicing the budget searches can reach (weights plus the lower
     bound of the activations); raised before any compute, with both figures."""
 
     def __init__(self, message: str, *, max_memory: int, weight_bytes: int, lower_bound_bytes: int):

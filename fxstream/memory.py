@@ -108,7 +108,7 @@ def _body_plans(gm: GraphModule, node, in_flight: int | None, parts=None) -> tup
     if not isinstance(loop, RegionLoop) or not loop.bodies:
         return {}, 1
     bodies = loop.bodies
-    k = 1 if loop.nested else loop.in_flight if in_flight is None else max(1, min(in_flight, len(loop.bounds)))
+    k = 1 if loop.holds_loops else loop.in_flight if in_flight is None else max(1, min(in_flight, len(loop.bounds)))
     return {key: plan_memory(b, in_flight, parts) for key, b in bodies.items()}, k
 
 

@@ -61,7 +61,7 @@ __all__ = ["ENV", "FORMAT", "compile_cached", "cache_folder", "plan_key", "rank_
            "store", "versions"]
 
 ENV = "FXSTREAM_CACHE_DIR"
-FORMAT = 4  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
+FORMAT = 5  # bump when the file's fields change: older files are then ignored (with a warning) and rewritten
 _NOT_KEYED = ("cache_dir", "cache_size", "verify", "distributed")  # Policy fields that do not change a compile
 _unwritable: set = set()  # folders warned about (once per process)
 
@@ -172,7 +172,7 @@ def _made_json(m: MadeWith) -> dict:
     return {"policy": _policy_json(m.policy), "counts": m.counts, "inner_counts": m.inner_counts,
             "halo_keep": m.halo_keep, "in_flight": m.in_flight, "check_peak": m.check_peak,
             "line_buffers": m.line_buffers, "norms": None if m.norms is None else [
-                None if names is None else list(names) for names in m.norms]}
+                None if names is None else list(names) for names in m.norms], "cut_within": m.cut_within}
 
 
 def _made_from(d: dict) -> MadeWith:
@@ -184,7 +184,7 @@ def _made_from(d: dict) -> MadeWith:
                     None if inner is None else [None if c is None else _counts(c, "inner_counts[...]") for c in inner],
                     _optional_int(d["halo_keep"], "halo_keep"), _optional_int(d["in_flight"], "in_flight"),
                     _bool(d["check_peak"], "check_peak"), _optional_int(d["line_buffers"], "line_buffers"),
-                    _norms(d["norms"]))
+                    _norms(d["norms"]), _bool(d["cut_within"], "cut_within"))
 
 
 def _norms(v) -> tuple | None:
@@ -294,7 +294,7 @@ def replay(gm: GraphModule, made: MadeWith) -> CompiledGraph:
     """The one compile ``made`` describes, on ``gm``."""
     cg = compile_graph(gm, made.policy, made.counts, made.inner_counts, made.halo_keep, made.check_peak,
                        line_buffers=made.line_buffers is None,  # else set under the budget's ceiling below
-                       norms=made.norms)  # NOTE [Split GroupNorms replayed]
+                       norms=made.norms, cut_within=made.cut_within)  # NOTE [Split GroupNorms replayed]
     if made.in_flight is not None:
         set_in_flight(cg.graph_module, made.in_flight, made.policy.cpu_workers)
         cg.made_with = made

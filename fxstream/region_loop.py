@@ -36,6 +36,7 @@ class RegionLoop(torch.nn.Module):
     working_bytes = 0
     in_flight = 1
     nested = False
+    holds_loops = False
 
     def __init__(self):
         super().__init__()

@@ -45,6 +45,7 @@ class RegionInfo:
     host_bytes: int = 0  # host memory its parked values take at once (halo regions; NOTE [Host checkpoints])
     host_traffic: int = 0  # bytes it copies between device and host per call
     kind: str = "cut"  # "cut" or "halo" (NOTE [One region model])
+    within: int = 1  # > 1: each one-element slice cut again about this many ways (NOTE [Slices within one element])
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ class Report:
 
     ``timeline`` holds, for ``"original"`` and ``"compiled"``, a list of
     :class:`~fxstream.memory.TimelinePoint` (node, module, bytes live after it, most bytes live while it ran).
-    ``lower_bound_bytes`` is the smallest activation peak any slicing the rules allow plans for this graph and
-    input (see :mod:`fxstream.budget`); computed on first access when the policy did not need it.
+    ``lower_bound_bytes`` is the smallest activation peak the budget's search can plan for this graph and input
+    (every region at one element per slice, see :mod:`fxstream.budget`; slices within one element can go below
+    it: NOTE [Slices within one element]); computed on first access when the policy did not need it.
     """
 
     policy: Policy
@@ -164,8 +166,10 @@ _REGION_HEADERS = ["module", "dim", "length", "slices", "in flight", "ops", "MiB
 
 
 def _region_rows(report: Report) -> list:
-    return [(r.module or "(top)", r.dim, r.length, r.slices, r.in_flight, r.ops, f"{r.saved_bytes / 2**20:.1f}",
-             f"{r.peak_bytes / 2**20:.1f}", f"{r.working_bytes / 2**20:.1f}", r.passes, f"{r.compute:.2f}x")
+    # a region cut within one element: "14 x 5" (NOTE [Slices within one element]; its inner regions follow)
+    return [(r.module or "(top)", r.dim, r.length, r.slices if r.within == 1 else f"{r.slices} x {r.within}",
+             r.in_flight, r.ops, f"{r.saved_bytes / 2**20:.1f}", f"{r.peak_bytes / 2**20:.1f}",
+             f"{r.working_bytes / 2**20:.1f}", r.passes, f"{r.compute:.2f}x")
             for r in report.regions]
 
 
@@ -175,7 +179,7 @@ def _peak_rows(report: Report, lower_bound: bool, missing: str) -> list:
              f"{report.original_peak_node} ({report.original_peak_module or 'top'})"),
             ("activations, compiled", format_bytes(report.peak_bytes),
              f"{report.peak_node} ({report.peak_module or 'top'})"),
-            ("activations, lower bound", format_bytes(report.lower_bound_bytes), "any slicing the rules allow")
+            ("activations, lower bound", format_bytes(report.lower_bound_bytes), "one element per slice")
             if lower_bound else ("activations, lower bound", "-", missing)] + \
         ([("host memory, parked", format_bytes(report.host_bytes),
            f"{format_bytes(report.host_traffic)} copied per call; {report.compute_factor:.2f}x compute")]
@@ -262,7 +266,7 @@ def _region_infos(plan, gm, mem: MemoryPlan, offset: int = 0, prefix: str = "") 
         loop = gm.get_submodule(call.target)
         out.append(RegionInfo(r.module, r.axis.name, r.axis.length, r.count, len(r.nodes), r.saved_bytes,
                               offset + mem.region_peaks.get(call.name, 0), mem.region_working_bytes.get(call.name, 0),
-                              loop.in_flight, prefix + call.name, axis=r.axis.place))
+                              loop.in_flight, prefix + call.name, axis=r.axis.place, within=loop.within))
     return out
 
 
@@ -329,6 +333,9 @@ def build_report(compiled, policy: Policy, weight_bytes: int = 0, lower_bound=No
             at = min(k // per_loop, len(around) - 1)
             regions += _region_infos(inner.plan, inner.graph_module, plan_memory(inner.graph_module), around[at],
                                      f"{loops[at]}/")
+    for name, inner in compiled.within:  # NOTE [Slices within one element]: on top of what the region holds around
+        around = mem.region_peaks[name] - mem.region_working_bytes[name]
+        regions += _region_infos(inner.plan, inner.graph_module, plan_memory(inner.graph_module), around, f"{name}/")
     halo_infos, total_flops = _halo_infos(compiled, mem)
     regions += halo_infos
     in_region = {n for r in compiled.plan.regions for n in r.nodes}

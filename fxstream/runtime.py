@@ -335,6 +335,8 @@ class LoopRegion(RegionLoop):
         self.shards = None  # a fxstream.distributed.Shards: this rank runs its block of slices (_run_sharded)
         self.sharding = None  # what a spread region holds in parts (fxstream.distributed.held_values)
         self.cpu_timing = None  # (seconds per slice serial, with workers) where measured
+        self.within = 1  # > 1: each one-element slice's body is a compiled graph of its own, cut about this many
+        # ways along its own axes (NOTE [Slices within one element]; not a batch split)
         # base views, made once per call: an argument or output cut with outer > 1 is unflattened first
         self._unflat_in = [(i, c.dim, (c.outer, length * c.inner)) for i, c in enumerate(self.in_cuts)
                            if isinstance(c, Cut) and c.outer > 1]
@@ -352,17 +354,25 @@ class LoopRegion(RegionLoop):
         return _Step(str(n), ins, outs)
 
     @property
-    def nested(self) -> bool:
-        """Whether the bodies hold loop regions of their own (a batch split around other regions)."""
+    def holds_loops(self) -> bool:
+        """Whether the bodies hold loop regions of their own: a batch split around other regions, or slices
+        within one element (:attr:`within`)."""
         return any(isinstance(m, LoopRegion) for b in self.bodies.values() for m in b.modules())
 
     @property
+    def nested(self) -> bool:
+        """Whether this is a batch split around other regions (its bodies hold loop regions of their own, and
+        it is not a region cut within one element: :attr:`within`)."""
+        return self.within == 1 and self.holds_loops
+
+    @property
     def in_flight(self) -> int:
-        """The most slices whose working sets are live at once."""
-        return 1 if self.nested else max(1, min(self.pipeline, len(self.bounds)))
+        """The most slices whose working sets are live at once (1 where the bodies pipeline inside)."""
+        return 1 if self.holds_loops else max(1, min(self.pipeline, len(self.bounds)))
 
     def extra_repr(self) -> str:
-        return f"axis={self.axis}, length={self.length}, slices={len(self.bounds)}, pipeline={self.pipeline}"
+        within = f", within={self.within}" if self.within > 1 else ""
+        return f"axis={self.axis}, length={self.length}, slices={len(self.bounds)}{within}, pipeline={self.pipeline}"
 
     def _out_buffers(self, args, device) -> list:
         outs = []

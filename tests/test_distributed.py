@@ -512,8 +512,12 @@ def test_a_budget_is_each_ranks(monkeypatch):
     assert rank_plan(unsliced, 2).peak_bytes + weights > budget  # slices=1 was tried first and did not fit
     # the margin only orders the tries: splits it leaves out are tried before the search gives up
     monkeypatch.setattr(entry_module, "SPLIT_MARGIN", 0.0)
-    late, _, _ = rank_budget(gm, fxstream.Policy(max_memory=budget, slices=4), weights, 2)
+    late, _, _ = rank_budget(gm, fxstream.Policy(max_memory=budget, slices=2), weights, 2)
     assert late == policy
+    # at 4 slices per rank the plain compile fits first: its regions cut in more slices than the frames, each
+    # frame cut again along its own axes (NOTE [Slices within one element])
+    plain, chosen, _ = rank_budget(gm, fxstream.Policy(max_memory=budget, slices=4), weights, 2)
+    assert plain == compile_policy(fxstream.Policy(slices=4), 2) and chosen.within
     with pytest.raises(fxstream.MemoryBudgetError, match="each of 2 ranks") as e:
         rank_budget(gm, fxstream.Policy(max_memory=weights + 1_000_000, slices=2), weights, 2)
     assert e.value.weight_bytes == weights and e.value.lower_bound_bytes > 1_000_000
@@ -624,7 +628,7 @@ def test_a_region_exchanges_before_it_allocates_its_outputs(one_thread):
 
     class Seen(RankParts):
         def working(self, node, nbytes, made=0):
-            seen[node.name] = (nbytes, made)
+            seen[node] = (nbytes, made)  # (by node: the bodies of regions cut within hold nodes of the same names)
             return super().working(node, nbytes, made)
 
     parts = Seen(rank_shardings(gm, 2, spread_loops(gm, 2)))
@@ -636,7 +640,7 @@ def test_a_region_exchanges_before_it_allocates_its_outputs(one_thread):
     for n in gm.graph.nodes:
         if n in parts.extra:
             held, exchange, _ = parts.extra[n]
-            nbytes, made = seen[n.name]
+            nbytes, made = seen[n]
             bound[n.name] = (max(held + exchange, held + nbytes + made, transit.get(n, 0) + made),
                              held + exchange + made)  # the exchange's, were the outputs made before it
     assert any(outputs_first > limit for limit, outputs_first in bound.values()), bound  # the case the order decides

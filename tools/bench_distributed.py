@@ -156,7 +156,7 @@ def cpu_rows(model: str, slices: int, repeats: int, batch: int = 1) -> list:
 def full_rows(ranks: list) -> list:
     """Each model under ``Policy(slices=8)`` on ``ranks`` (the compile a process group of that size runs:
     fxstream.entry.rank_compile), under ``Policy(batch=2, slices=8)`` on 2 and 4 (the guidance halves on 2
-    ranks, or on 2 groups of 2), and under ``Policy(slices=16)`` on 4 and 8 (one-frame slices), each against the
+    ranks, or on 2 groups of 2), and under ``Policy(slices=16)`` on 4 and 8 (frames cut again within: NOTE [Slices within one element]), each against the
     one-device ``Policy(slices=8)`` plan."""
     import fxstream
     from fxstream.distributed import compile_policy, planned_flops, rank_plan
@@ -170,7 +170,8 @@ def full_rows(ranks: list) -> list:
         base = fxstream.Policy(slices=8)
         one_entry = Entry(unet, kw, compile_policy(base))
         one = plan_memory(one_entry.compiled.graph_module).peak_bytes  # the one-device sliced plan
-        # and Policy(slices=16) on 4 and 8: one-frame slices per rank at 14-25 frames (NOTE [Slices per rank])
+        # and Policy(slices=16) on 4 and 8: each frame cut again where a region is asked for more slices than it has
+        # frames (NOTE [Slices per rank], NOTE [Slices within one element])
         for policy, counts in ((base, ranks), (fxstream.Policy(batch=2, slices=8), [2, 4]),
                                (fxstream.Policy(slices=16), [n for n in ranks if n >= 4])):
             entry = one_entry if policy == base else Entry(unet, kw, compile_policy(policy), program=one_entry.program)
@@ -359,8 +360,9 @@ def main(argv=None) -> None:
                 "with no region floor (NOTE [No region floor across devices]) as a process group of N runs it (the "
                 "guidance batch split where that plans faster: 'batch split', each rank running whole parts, or "
                 "groups of ranks each spreading one part's regions: NOTE [Batch splits across ranks]), and "
-                "`Policy(batch=2, slices=8)` asked for on 2 and 4, and `Policy(slices=16)` on 4 and 8 (one-frame "
-                "slices per rank at 14-25 frames); the VAE decoders (random weights from the "
+                "`Policy(batch=2, slices=8)` asked for on 2 and 4, and `Policy(slices=16)` on 4 and 8 (where a "
+                "region is asked for more slices than its frames, each frame is cut again along its tokens or "
+                "height: NOTE [Slices within one element]); the VAE decoders (random weights from the "
                 "released configs, the latents of those videos) under `Policy(halo=8)`, cut in 8N bands on N ranks "
                 "with the one device's checkpoints (NOTE [Checkpoints across ranks]). "
                 "'one device': the one-device `Policy(slices=8)` plan with no region floor (the UNets' every row; the "
