@@ -317,6 +317,7 @@ def _slice_within(gm: GraphModule, job: Job) -> None:
     the slice (``distributed.spread_loops``). A body stays as it was where its compile finds nothing to cut or
     does not plan below it (inner regions allocate their outputs whole: on a tiny frame that can cost more than
     the frame's working set saves)."""
+    from .memory import plan_memory
     if not job.cut_within:
         return
     asked = job.region_counts or {}
@@ -329,7 +330,6 @@ def _slice_within(gm: GraphModule, job: Job) -> None:
         k = -(-want // r.axis.length)
         inner_policy = Policy(slices=k, min_region_fraction=job.min_fraction, pipeline=job.in_flight,
                               cpu_workers=job.cpu_workers)
-        from .memory import plan_memory
         for key, body in list(loop.bodies.items()):
             inner = compile_graph(body, inner_policy, check_peak=job.check_peak)
             if inner.plan.regions and \
